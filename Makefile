@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KUBE_BIN ?= $(HOME)/.cache/kube-apiserver-1.20.2
+
+.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m epp.standalone_demo
+
+test: $(STAMP) kube-build
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q -x --durations=15
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+test-kube: $(STAMP) kube-build
+	$(BIN)/pytest -q tests/kube
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || true
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.pick --json
+	$(BIN)/python -m bench.proxy --json
+
+# Real kube-apiserver + etcd built from Debian's source package (cached in ~/.cache).
+kube-build:
+	COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler" OUT=$(KUBE_BIN) bash hack/kube/build-kube-apiserver.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Endpoint picker for LLM inference gateways."""

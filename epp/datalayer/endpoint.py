@@ -1,0 +1,135 @@
+"""One model-server endpoint (pod:port) and the live signals we keep about it.
+
+Everything here is plain data mutated on the event loop thread; no locks are needed
+because the EPP is single-threaded asyncio. Hot fields are slotted attributes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+ROLE_BOTH = "both"
+UNASSIGNED_BUSINESS = "unassigned"
+
+# Values other projects use for the same roles (llm-d: `llm-d.ai/role`).
+_ROLE_ALIASES = {
+    "prefill": ROLE_PREFILL,
+    "decode": ROLE_DECODE,
+    "both": ROLE_BOTH,
+    "prefill-decode": ROLE_BOTH,
+    "prefill_decode": ROLE_BOTH,
+    "": ROLE_DECODE,
+}
+
+
+def normalize_role(value: str | None) -> str:
+    """Map a role label value to prefill / decode / both; unlabelled pods decode."""
+    if value is None:
+        return ROLE_DECODE
+    return _ROLE_ALIASES.get(value.strip().lower(), ROLE_DECODE)
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    """Scraped model-server signals. `updated_at` is a monotonic timestamp (0 = never)."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0  # 0..1
+    block_size: int = 0
+    num_blocks: int = 0
+    running_loras: tuple[str, ...] = ()
+    updated_at: float = 0.0
+    scrape_errors: int = 0
+
+    def age(self, now: float | None = None) -> float:
+        if self.updated_at == 0.0:
+            return float("inf")
+        return (now if now is not None else time.monotonic()) - self.updated_at
+
+
+@dataclass(slots=True)
+class InFlight:
+    """EPP-local accounting, updated at pick time and released at response end."""
+
+    requests: int = 0
+    tokens: int = 0  # estimated prompt + expected decode tokens of requests in flight
+    prefill_requests: int = 0  # requests for which this endpoint is the prefill hop
+    prefill_tokens: int = 0
+
+
+@dataclass(slots=True)
+class LatencyStats:
+    """Online estimates learned from observed responses (EWMA, milliseconds)."""
+
+    prefill_ms_per_token: float = 0.0  # 0 = no observation yet
+    ttft_base_ms: float = 0.0
+    tpot_ms: float = 0.0
+    tpot_per_seq_ms: float = 0.0
+    samples: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """A model-server target: one pod IP and one target port."""
+
+    address: str
+    port: int
+    name: str = ""  # pod name (or a name from the endpoints file)
+    namespace: str = ""
+    model: str = ""  # label `model`; "" = serves whatever the request names
+    business: str = UNASSIGNED_BUSINESS
+    role: str = ROLE_DECODE
+    engine: str = "vllm"  # vllm | sglang | sim
+    labels: dict[str, str] = field(default_factory=dict)
+    ready: bool = True
+    metrics_port: int = 0  # 0 = same as port
+    key: str = ""  # "ip:port", the value Envoy routes on
+    metrics: EngineMetrics = field(default_factory=EngineMetrics)
+    inflight: InFlight = field(default_factory=InFlight)
+    latency: LatencyStats = field(default_factory=LatencyStats)
+    served_models: frozenset[str] = frozenset()  # from /v1/models or labels; empty = unknown
+
+    def __post_init__(self) -> None:
+        self.key = format_hostport(self.address, self.port)
+        self.role = normalize_role(self.role)
+
+    @property
+    def metrics_url(self) -> str:
+        port = self.metrics_port or self.port
+        return f"http://{format_hostport(self.address, port)}/metrics"
+
+    def can_decode(self) -> bool:
+        return self.role != ROLE_PREFILL
+
+    def can_prefill(self) -> bool:
+        return self.role in (ROLE_PREFILL, ROLE_BOTH)
+
+    def serves(self, model: str) -> bool:
+        if self.served_models:
+            return model in self.served_models
+        return not self.model or self.model == model
+
+    def identity(self) -> tuple[object, ...]:
+        """What a source controls; two endpoints with the same identity need no update."""
+        return (
+            self.name,
+            self.namespace,
+            self.model,
+            self.business,
+            self.role,
+            self.engine,
+            self.ready,
+            self.metrics_port,
+            tuple(sorted(self.labels.items())),
+            self.served_models,
+        )
+
+
+def format_hostport(address: str, port: int) -> str:
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
