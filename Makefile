@@ -46,5 +46,13 @@ bench: $(STAMP)
 kube-build:
 	COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler" OUT=$(KUBE_BIN) bash hack/kube/build-kube-apiserver.sh
 
+# A long-lived dev cluster (etcd, apiserver, controllers, fake kubelet) in $(KUBE_DIR).
+KUBE_DIR ?= /tmp/epp-kube
+kube-up: $(STAMP) kube-build
+	KUBE_BIN=$(KUBE_BIN) $(BIN)/python -m hack.kube.cluster up --workdir $(KUBE_DIR)
+
+kube-down: $(STAMP)
+	$(BIN)/python -m hack.kube.cluster down --workdir $(KUBE_DIR)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
