@@ -160,9 +160,6 @@ class SimServer:
         if self.cfg.error_rate > 0 and self._rng.random() < self.cfg.error_rate:
             self.stats.requests_error += 1
             return _error("injected failure", 500, "InternalServerError", h)
-        if self.cfg.max_waiting and self.engine.num_waiting >= self.cfg.max_waiting:
-            self.stats.requests_error += 1
-            return _error("waiting queue is full", 429, "RateLimitError", h)
 
         ids = encode(text)
         kvp = body.get("kv_transfer_params") or {}
@@ -185,6 +182,9 @@ class SimServer:
             remote_prefilled=remote_prefilled,
             arrival=arrival,
         )
+        if self.cfg.max_waiting and self.engine.num_waiting >= self.cfg.max_waiting:
+            self.stats.requests_error += 1
+            return _error("waiting queue is full", 429, "RateLimitError", h)
         try:
             self.engine.add(req)
         except EngineError as e:
