@@ -12,14 +12,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from epp.datalayer.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
 
-class Criticality(str, Enum):
+class Criticality(StrEnum):
     CRITICAL = "Critical"
     STANDARD = "Standard"
     SHEDDABLE = "Sheddable"

@@ -59,6 +59,10 @@ class InFlight:
     tokens: int = 0  # estimated prompt + expected decode tokens of requests in flight
     prefill_requests: int = 0  # requests for which this endpoint is the prefill hop
     prefill_tokens: int = 0
+    # Requests sent but whose first byte has not come back yet, and the uncached prompt
+    # tokens they still have to prefill: the engine's prefill queue as the EPP sees it.
+    pending_requests: int = 0
+    pending_prefill_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -1,0 +1,196 @@
+"""Parse an OpenAI-style request body once into an `InferenceRequest`.
+
+The body is decoded with orjson and the prompt serialised into prefix-stable bytes for
+prefix hashing: the messages of a chat are joined role by role so that turn N+1 of a
+conversation starts with exactly the bytes of turn N.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from epp.requestcontrol.errors import bad_request
+from epp.scheduling.request import CHARS_PER_TOKEN, InferenceRequest
+
+_SEP = b"\x1e"  # between messages / prompt parts
+_ROLE_SEP = b"\x1f"
+
+# path suffix -> api kind
+_APIS = (
+    ("/chat/completions", "chat"),
+    ("/completions", "completions"),
+    ("/embeddings", "embeddings"),
+    ("/responses", "responses"),
+)
+
+
+def api_of(path: str) -> str:
+    p = path.split("?", 1)[0].rstrip("/")
+    for suffix, kind in _APIS:
+        if p.endswith(suffix):
+            return kind
+    return "other"
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise bad_request("Request body is empty; expected a JSON object.", "invalid_body")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise bad_request(f"Request body is not valid JSON: {e}", "invalid_json") from e
+    if not isinstance(data, dict):
+        raise bad_request("Request body must be a JSON object.", "invalid_body")
+    return data
+
+
+def _text_of_content(content: Any, field: str) -> bytes:
+    if content is None:
+        return b""
+    if isinstance(content, str):
+        return content.encode()
+    if isinstance(content, list):
+        parts: list[bytes] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part.encode())
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text.encode())
+                elif part.get("type") in ("text", "input_text", "output_text"):
+                    raise bad_request(f"'{field}' text part must have a string 'text'.")
+                else:  # images, audio, files: hash their serialisation for affinity
+                    parts.append(orjson.dumps(part, option=orjson.OPT_SORT_KEYS))
+            else:
+                raise bad_request(f"'{field}' parts must be strings or objects.")
+        return _SEP.join(parts)
+    raise bad_request(f"'{field}' must be a string or an array of content parts.")
+
+
+def _chat_prompt(messages: Any) -> bytes:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array.", "invalid_messages")
+    out: list[bytes] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad_request(f"'messages[{i}]' must be an object.", "invalid_messages")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise bad_request(f"'messages[{i}].role' must be a string.", "invalid_messages")
+        out.append(
+            role.encode() + _ROLE_SEP + _text_of_content(m.get("content"), f"messages[{i}].content")
+        )
+    return _SEP.join(out) + _SEP
+
+
+def _completion_prompt(prompt: Any, field: str = "prompt") -> bytes:
+    if isinstance(prompt, str):
+        return prompt.encode()
+    if isinstance(prompt, list):
+        if not prompt:
+            raise bad_request(f"'{field}' must not be empty.")
+        first = prompt[0]
+        if isinstance(first, str):
+            if not all(isinstance(p, str) for p in prompt):
+                raise bad_request(f"'{field}' must be a string or an array of strings or tokens.")
+            return _SEP.join(p.encode() for p in prompt)
+        if isinstance(first, int):  # token ids
+            if not all(isinstance(t, int) for t in prompt):
+                raise bad_request(f"'{field}' token array must contain only integers.")
+            return b",".join(str(t).encode() for t in prompt)
+        if isinstance(first, list):
+            return _SEP.join(_completion_prompt(p, field) for p in prompt)
+    raise bad_request(f"'{field}' must be a string or an array of strings or tokens.")
+
+
+def _responses_prompt(data: dict[str, Any]) -> bytes:
+    parts: list[bytes] = []
+    instructions = data.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise bad_request("'instructions' must be a string.")
+        parts.append(instructions.encode())
+    inp = data.get("input")
+    if isinstance(inp, str):
+        parts.append(inp.encode())
+    elif isinstance(inp, list):
+        for i, item in enumerate(inp):
+            if isinstance(item, dict):
+                role = item.get("role", "")
+                parts.append(
+                    str(role).encode()
+                    + _ROLE_SEP
+                    + _text_of_content(item.get("content"), f"input[{i}].content")
+                )
+            elif isinstance(item, str):
+                parts.append(item.encode())
+            else:
+                raise bad_request(f"'input[{i}]' must be a string or an object.")
+    elif inp is None:
+        raise bad_request("'input' is required.", "missing_input")
+    else:
+        raise bad_request("'input' must be a string or an array.")
+    return _SEP.join(parts)
+
+
+def _int_field(data: dict[str, Any], *names: str) -> int:
+    for name in names:
+        v = data.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad_request(f"'{name}' must be an integer.", "invalid_type")
+        if v < 0:
+            raise bad_request(f"'{name}' must not be negative.", "invalid_value")
+        return int(v)
+    return 0
+
+
+def build_request(
+    request_id: str, api: str, data: dict[str, Any], headers: dict[str, str]
+) -> InferenceRequest:
+    """Validate the fields the picker needs; unknown fields pass through untouched."""
+    model = data.get("model")
+    if model is None:
+        raise bad_request("'model' is required.", "missing_model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' must be a non-empty string.", "invalid_model")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", "invalid_type")
+    if api == "chat":
+        prompt = _chat_prompt(data.get("messages"))
+        max_tokens = _int_field(data, "max_completion_tokens", "max_tokens")
+    elif api == "completions":
+        if "prompt" not in data:
+            raise bad_request("'prompt' is required.", "missing_prompt")
+        prompt = _completion_prompt(data["prompt"])
+        max_tokens = _int_field(data, "max_tokens")
+    elif api == "embeddings":
+        if "input" not in data:
+            raise bad_request("'input' is required.", "missing_input")
+        prompt = _completion_prompt(data["input"], "input")
+        max_tokens = 0
+    elif api == "responses":
+        prompt = _responses_prompt(data)
+        max_tokens = _int_field(data, "max_output_tokens")
+    else:
+        prompt = b""
+        max_tokens = _int_field(data, "max_tokens")
+    user = data.get("user")
+    return InferenceRequest(
+        request_id=request_id,
+        model=model,
+        api=api,
+        prompt=prompt,
+        prompt_tokens=max(1, len(prompt) // CHARS_PER_TOKEN),
+        max_tokens=max_tokens,
+        stream=stream,
+        session_key=user if isinstance(user, str) and user else None,
+        headers=headers,
+    )

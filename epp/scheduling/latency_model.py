@@ -1,0 +1,76 @@
+"""Per-endpoint latency model: predicted TTFT and TPOT, learned online.
+
+TTFT ≈ base + rate × (uncached prompt tokens of this request + prefill work already queued
+on the endpoint). TPOT ≈ base + per_seq × decode batch size. The per-endpoint coefficients
+live on `Endpoint.latency` and are fitted by EWMA from what the EPP observes (first byte,
+end of stream, usage). Priors are an 8B model on one H100; they are replaced by
+observations after a few requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from epp.datalayer.endpoint import Endpoint
+
+
+@dataclass(slots=True)
+class LatencyPriors:
+    ttft_base_ms: float = 30.0
+    prefill_ms_per_token: float = 0.25
+    tpot_ms: float = 12.0
+    tpot_per_seq_ms: float = 0.15
+    unknown_queue_tokens: int = 512  # prompt tokens assumed per request we did not send
+
+
+class LatencyModel:
+    def __init__(self, priors: LatencyPriors | None = None, alpha: float = 0.2) -> None:
+        self.priors = priors or LatencyPriors()
+        self.alpha = alpha
+
+    # ---- prediction (hot path) ------------------------------------------------------------
+    def queued_prefill_tokens(self, ep: Endpoint) -> int:
+        inf = ep.inflight
+        queued = inf.pending_prefill_tokens + inf.prefill_tokens
+        extra = ep.metrics.waiting - inf.pending_requests
+        if extra > 0:  # waiting requests the engine reports that we did not send
+            queued += int(extra) * self.priors.unknown_queue_tokens
+        return queued
+
+    def predict_ttft_ms(self, ep: Endpoint, uncached_tokens: int) -> float:
+        lat = ep.latency
+        rate = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
+        base = lat.ttft_base_ms or self.priors.ttft_base_ms
+        return base + rate * (uncached_tokens + self.queued_prefill_tokens(ep))
+
+    def batch_size(self, ep: Endpoint) -> float:
+        return max(float(ep.inflight.requests), ep.metrics.running)
+
+    def predict_tpot_ms(self, ep: Endpoint, extra_seqs: int = 1) -> float:
+        lat = ep.latency
+        base = lat.tpot_ms or self.priors.tpot_ms
+        per_seq = lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms
+        return base + per_seq * (self.batch_size(ep) + extra_seqs)
+
+    # ---- learning ----------------------------------------------------------------------------
+    def observe_ttft(self, ep: Endpoint, ttft_ms: float, prefill_tokens: int) -> None:
+        """`prefill_tokens`: this request's uncached tokens plus the work queued ahead of it."""
+        lat = ep.latency
+        a = self.alpha
+        base = lat.ttft_base_ms or self.priors.ttft_base_ms
+        if prefill_tokens >= 256:
+            rate = max(1e-4, (ttft_ms - base) / prefill_tokens)
+            cur = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
+            lat.prefill_ms_per_token = cur + a * (rate - cur)
+        else:
+            rate = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
+            sample = max(0.1, ttft_ms - rate * prefill_tokens)
+            lat.ttft_base_ms = base + a * (sample - base)
+        lat.samples += 1
+
+    def observe_tpot(self, ep: Endpoint, tpot_ms: float, batch: float) -> None:
+        lat = ep.latency
+        per_seq = lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms
+        base = lat.tpot_ms or self.priors.tpot_ms
+        sample = max(0.05, tpot_ms - per_seq * batch)
+        lat.tpot_ms = base + self.alpha * (sample - base)

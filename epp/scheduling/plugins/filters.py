@@ -1,0 +1,139 @@
+"""Filters: business label, role, health/staleness. Model filtering is done by candidates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from epp.datalayer.endpoint import (
+    ROLE_BOTH,
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    UNASSIGNED_BUSINESS,
+    Endpoint,
+)
+from epp.scheduling.framework import Filter
+from epp.scheduling.request import CycleState, InferenceRequest
+from epp.scheduling.services import Services
+
+
+class BusinessFilter(Filter):
+    """Keep endpoints whose `business` label matches the request's business.
+
+    Parameters: `unassignedPolicy`: `strict` (default: a request for business X only goes to
+    pods labelled X) or `overflow` (when no X pod is eligible, use `unassigned` pods).
+    `requireBusiness`: when true, requests without a business only use `unassigned` pods;
+    by default they may use any pod.
+    """
+
+    type_name = "business-filter"
+
+    def __init__(
+        self,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+    ) -> None:
+        super().__init__(name, params, services)
+        policy = str(self.params.get("unassignedPolicy", "strict"))
+        if policy not in ("strict", "overflow"):
+            raise ValueError(
+                f"business-filter: unassignedPolicy must be strict or overflow, not {policy!r}"
+            )
+        self.overflow = policy == "overflow"
+        self.require_business = bool(self.params.get("requireBusiness", False))
+
+    def filter(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> list[Endpoint]:
+        business = request.business
+        if not business:
+            if self.require_business:
+                return [ep for ep in endpoints if ep.business == UNASSIGNED_BUSINESS]
+            return endpoints
+        kept = [ep for ep in endpoints if ep.business == business]
+        if not kept and self.overflow:
+            kept = [ep for ep in endpoints if ep.business == UNASSIGNED_BUSINESS]
+        return kept
+
+
+class RoleFilter(Filter):
+    """Keep endpoints able to play `role`: decode (decode, both, unlabelled) or prefill."""
+
+    type_name = "role-filter"
+
+    def __init__(
+        self,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+    ) -> None:
+        super().__init__(name, params, services)
+        role = str(self.params.get("role", ROLE_DECODE))
+        if role not in (ROLE_DECODE, ROLE_PREFILL, ROLE_BOTH):
+            raise ValueError(f"role-filter: role must be decode, prefill or both, not {role!r}")
+        self.role = role
+
+    def filter(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> list[Endpoint]:
+        if self.role == ROLE_PREFILL:
+            return [ep for ep in endpoints if ep.can_prefill()]
+        if self.role == ROLE_DECODE:
+            return [ep for ep in endpoints if ep.can_decode()]
+        return [ep for ep in endpoints if ep.role == ROLE_BOTH]
+
+
+class DecodeFilter(RoleFilter):
+    type_name = "decode-filter"
+
+    def __init__(
+        self,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+    ) -> None:
+        super().__init__(name, {"role": ROLE_DECODE}, services)
+
+
+class PrefillFilter(RoleFilter):
+    type_name = "prefill-filter"
+
+    def __init__(
+        self,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+    ) -> None:
+        super().__init__(name, {"role": ROLE_PREFILL}, services)
+
+
+class HealthFilter(Filter):
+    """Drop endpoints that are not ready, and those whose metrics have gone stale while
+    others are fresh (a pod that stopped answering its /metrics is probably in trouble).
+    Never filters everything out for staleness alone."""
+
+    type_name = "health-filter"
+
+    def __init__(
+        self,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+    ) -> None:
+        super().__init__(name, params, services)
+        self.stale_after = float(self.params.get("staleAfterSeconds", 2.0))
+        self.min_errors = int(self.params.get("minScrapeErrors", 3))
+
+    def filter(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> list[Endpoint]:
+        ready = [ep for ep in endpoints if ep.ready]
+        now = time.monotonic()
+        fresh = [
+            ep
+            for ep in ready
+            if ep.metrics.scrape_errors < self.min_errors or ep.metrics.age(now) <= self.stale_after
+        ]
+        return fresh or ready

@@ -1,0 +1,85 @@
+"""Pickers: max-score with random tie-break, weighted-random, random.
+
+`maxNumOfEndpoints` (default 1) is how many endpoints are returned: the target first, then
+fallbacks Envoy may try in order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.framework import Picker
+from epp.scheduling.request import CycleState, InferenceRequest
+from epp.scheduling.services import Services
+
+
+class _CountedPicker(Picker):
+    def __init__(
+        self,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        services: Services | None = None,
+    ) -> None:
+        super().__init__(name, params, services)
+        self.count = max(1, int(self.params.get("maxNumOfEndpoints", 1)))
+        self.rng = random.Random(self.params.get("seed"))
+
+
+class MaxScorePicker(_CountedPicker):
+    type_name = "max-score-picker"
+
+    def pick(
+        self,
+        cycle: CycleState,
+        request: InferenceRequest,
+        endpoints: Sequence[Endpoint],
+        scores: Sequence[float],
+    ) -> list[Endpoint]:
+        if not endpoints:
+            return []
+        if self.count == 1:
+            best = max(scores)
+            ties = [ep for ep, s in zip(endpoints, scores, strict=True) if s >= best - 1e-9]
+            return [ties[0] if len(ties) == 1 else self.rng.choice(ties)]
+        # Random keys break ties among equal scores.
+        order = sorted(range(len(endpoints)), key=lambda i: (-scores[i], self.rng.random()))
+        return [endpoints[i] for i in order[: self.count]]
+
+
+class WeightedRandomPicker(_CountedPicker):
+    """Samples without replacement with probability proportional to score."""
+
+    type_name = "weighted-random-picker"
+
+    def pick(
+        self,
+        cycle: CycleState,
+        request: InferenceRequest,
+        endpoints: Sequence[Endpoint],
+        scores: Sequence[float],
+    ) -> list[Endpoint]:
+        if not endpoints:
+            return []
+        rng = self.rng
+        # Efraimidis–Spirakis: key = u^(1/w); zero weights get a tiny floor so all stay eligible.
+        keyed = sorted(
+            ((rng.random() ** (1.0 / max(s, 1e-6)), i) for i, s in enumerate(scores)),
+            reverse=True,
+        )
+        return [endpoints[i] for _, i in keyed[: self.count]]
+
+
+class RandomPicker(_CountedPicker):
+    type_name = "random-picker"
+
+    def pick(
+        self,
+        cycle: CycleState,
+        request: InferenceRequest,
+        endpoints: Sequence[Endpoint],
+        scores: Sequence[float],
+    ) -> list[Endpoint]:
+        return self.rng.sample(list(endpoints), min(self.count, len(endpoints)))

@@ -1,0 +1,149 @@
+"""Approximate prefix-cache index: which endpoint probably holds which prompt blocks.
+
+A prompt is cut into blocks of `block_bytes` UTF-8 bytes (≈ `block_bytes / 4` tokens) and
+hashed as a chain (each block's hash seeds the next), so a block hash identifies the whole
+prefix up to and including that block. Each endpoint has an LRU of the block hashes it was
+sent, sized from the engine's reported KV capacity. Blocks are inserted last-to-first so
+that, like the engines, the tail of a prefix is evicted before its head.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import xxhash
+
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.request import CHARS_PER_TOKEN
+
+_hash = xxhash.xxh3_64_intdigest
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    hashes: list[int]
+    matched_blocks: dict[str, int]  # endpoint key -> blocks of the prompt it holds
+
+    def matched_tokens(self, key: str, block_tokens: int) -> int:
+        return self.matched_blocks.get(key, 0) * block_tokens
+
+
+class PrefixIndex:
+    def __init__(
+        self,
+        block_bytes: int = 256,
+        max_blocks: int = 4096,
+        default_capacity_blocks: int = 31250,
+    ) -> None:
+        self.block_bytes = block_bytes
+        self.block_tokens = max(1, block_bytes // CHARS_PER_TOKEN)
+        self.max_blocks = max_blocks
+        self.default_capacity_blocks = default_capacity_blocks
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._holders: dict[int, set[str]] = {}
+
+    # ---- hashing --------------------------------------------------------------------------
+    def hash_prompt(self, model: str, prompt: bytes) -> list[int]:
+        """Chained hashes of the prompt's full blocks (a partial last block is not cached)."""
+        bc = self.block_bytes
+        n = min(len(prompt) // bc, self.max_blocks)
+        h = _hash(model.encode())
+        view = memoryview(prompt)
+        out = [0] * n
+        for i in range(n):
+            h = _hash(view[i * bc : (i + 1) * bc], h)
+            out[i] = h
+        return out
+
+    # ---- lookup ---------------------------------------------------------------------------
+    def match(self, hashes: list[int]) -> dict[str, int]:
+        """Longest run of leading blocks each endpoint holds."""
+        holders = self._holders
+        if not hashes:
+            return {}
+        first = holders.get(hashes[0])
+        if not first:
+            return {}
+        current = set(first)
+        matched = dict.fromkeys(current, 1)
+        for i in range(1, len(hashes)):
+            hs = holders.get(hashes[i])
+            if not hs:
+                break
+            if not current <= hs:
+                current &= hs
+                if not current:
+                    break
+            for key in current:
+                matched[key] = i + 1
+        return matched
+
+    def matched_blocks_for(self, key: str, hashes: list[int]) -> int:
+        """Blocks of the prompt one endpoint holds (binary search on its LRU)."""
+        lru = self._lru.get(key)
+        if not lru or not hashes or hashes[0] not in lru:
+            return 0
+        lo, hi = 1, len(hashes)  # invariant: the first `lo` blocks are held
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in lru:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # ---- updates --------------------------------------------------------------------------
+    def capacity_for(self, ep: Endpoint) -> int:
+        m = ep.metrics
+        if m.num_blocks > 0 and m.block_size > 0:
+            return max(1, (m.num_blocks * m.block_size) // self.block_tokens)
+        return self.default_capacity_blocks
+
+    def insert(self, ep: Endpoint, hashes: list[int]) -> None:
+        if not hashes:
+            return
+        key = ep.key
+        lru = self._lru.get(key)
+        if lru is None:
+            lru = self._lru[key] = OrderedDict()
+        holders = self._holders
+        for h in reversed(hashes):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                hs = holders.get(h)
+                if hs is None:
+                    holders[h] = {key}
+                else:
+                    hs.add(key)
+        cap = self.capacity_for(ep)
+        while len(lru) > cap:
+            old, _ = lru.popitem(last=False)
+            self._drop_holder(old, key)
+
+    def remove_blocks(self, key: str, hashes: list[int]) -> None:
+        lru = self._lru.get(key)
+        if lru is None:
+            return
+        for h in hashes:
+            if lru.pop(h, 0) is None:
+                self._drop_holder(h, key)
+
+    def remove_endpoint(self, key: str) -> None:
+        lru = self._lru.pop(key, None)
+        if lru:
+            for h in lru:
+                self._drop_holder(h, key)
+
+    def _drop_holder(self, h: int, key: str) -> None:
+        hs = self._holders.get(h)
+        if hs is not None:
+            hs.discard(key)
+            if not hs:
+                del self._holders[h]
+
+    def blocks_held(self, key: str) -> int:
+        lru = self._lru.get(key)
+        return len(lru) if lru else 0

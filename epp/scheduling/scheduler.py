@@ -1,0 +1,138 @@
+"""Runs scheduling profiles (filters → weighted scorers → picker) under a ProfileHandler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import perf_counter
+
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.framework import (
+    Filter,
+    Picker,
+    Plugin,
+    ProfileHandler,
+    ProfileResult,
+    ProfileRunner,
+    SchedulingError,
+    SchedulingResult,
+    WeightedScorer,
+)
+from epp.scheduling.plugins.common import prefix_match
+from epp.scheduling.request import CycleState, InferenceRequest
+from epp.scheduling.services import Services
+
+# (plugin kind, plugin name, seconds) — observability hooks in here without an import.
+PluginTimer = Callable[[str, str, float], None]
+
+
+@dataclass(slots=True)
+class Profile:
+    name: str
+    filters: list[Filter] = field(default_factory=list)
+    scorers: list[WeightedScorer] = field(default_factory=list)
+    picker: Picker | None = None
+
+
+class Scheduler(ProfileRunner):
+    def __init__(
+        self,
+        profiles: dict[str, Profile],
+        handler: ProfileHandler,
+        plugins: list[Plugin],
+        services: Services,
+        *,
+        timer: PluginTimer | None = None,
+        debug: bool = False,
+    ) -> None:
+        if not profiles:
+            raise ValueError("a scheduler needs at least one profile")
+        self.profiles = profiles
+        self.handler = handler
+        self.services = services
+        self.timer = timer
+        self.debug = debug
+        self._first = next(iter(profiles))
+        self._post_pick = [p for p in plugins if type(p).on_picked is not Plugin.on_picked]
+
+    # ---- ProfileRunner ---------------------------------------------------------------------
+    def has_profile(self, profile: str) -> bool:
+        return profile in self.profiles
+
+    def default_profile(self) -> str:
+        return self._first
+
+    def run(
+        self,
+        profile: str,
+        cycle: CycleState,
+        request: InferenceRequest,
+        candidates: list[Endpoint],
+    ) -> ProfileResult | None:
+        prof = self.profiles.get(profile)
+        if prof is None:
+            return None
+        timer = self.timer
+        eps = candidates
+        for f in prof.filters:
+            t0 = perf_counter()
+            eps = f.filter(cycle, request, eps)
+            if timer:
+                timer("filter", f.name, perf_counter() - t0)
+            if not eps:
+                return None
+        n = len(eps)
+        totals = [0.0] * n
+        per_plugin: dict[str, list[float]] | None = {} if self.debug else None
+        for ws in prof.scorers:
+            t0 = perf_counter()
+            scores = ws.scorer.score(cycle, request, eps)
+            if timer:
+                timer("scorer", ws.scorer.name, perf_counter() - t0)
+            w = ws.weight
+            for i in range(n):
+                totals[i] += w * scores[i]
+            if per_plugin is not None:
+                per_plugin[ws.scorer.name] = scores
+        picker = prof.picker
+        assert picker is not None  # the loader guarantees one picker per profile
+        t0 = perf_counter()
+        ranked = picker.pick(cycle, request, eps, totals)
+        if timer:
+            timer("picker", picker.name, perf_counter() - t0)
+        return ProfileResult(
+            profile=profile,
+            ranked=ranked,
+            scores={ep.key: s for ep, s in zip(eps, totals, strict=True)} if self.debug else {},
+            per_plugin=per_plugin,
+        )
+
+    # ---- entry point -------------------------------------------------------------------------
+    def schedule(self, request: InferenceRequest, candidates: list[Endpoint]) -> SchedulingResult:
+        if not candidates:
+            raise SchedulingError("no candidate endpoints")
+        cycle = CycleState()
+        result = self.handler.schedule(self, cycle, request, candidates)
+        if result is None or not result.primary:
+            raise SchedulingError("no endpoint passed the filters")
+        result.prefix_hashes = prefix_match(cycle, self.services, request).hashes
+        self._record_prediction(cycle, request, result)
+        for plugin in self._post_pick:
+            plugin.on_picked(cycle, request, result)
+        return result
+
+    def _record_prediction(
+        self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult
+    ) -> None:
+        model = self.services.latency
+        pick = result.prefill or result.target
+        result.predicted_ttft_ms = model.predict_ttft_ms(pick, result.uncached_tokens)
+        result.predicted_tpot_ms = model.predict_tpot_ms(result.target)
+        if request.slo_ttft_ms is None and request.slo_tpot_ms is None:
+            return
+        met = True
+        if request.slo_ttft_ms is not None:
+            met = result.predicted_ttft_ms <= request.slo_ttft_ms
+        if request.slo_tpot_ms is not None:
+            met = met and result.predicted_tpot_ms <= request.slo_tpot_ms
+        result.slo_met = met
