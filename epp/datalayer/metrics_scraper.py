@@ -1,0 +1,189 @@
+"""Scrape every endpoint's `/metrics` page into `Endpoint.metrics`.
+
+One task per endpoint (started and stopped by the datastore's add/remove listeners), one
+shared aiohttp session, a semaphore bounding concurrent scrapes. Each task scrapes every
+`interval` seconds; after consecutive failures it backs off exponentially (up to
+`max_backoff`). Failures never escape the loop: they increment
+`EngineMetrics.scrape_errors`, which counts *consecutive* failures and is reset by the next
+good scrape (the process-wide totals are `MetricsScraper.scrapes_total` / `errors_total`).
+A failed scrape keeps the previous values; consumers judge freshness with `is_stale`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import aiohttp
+
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.endpoint import Endpoint, EngineMetrics
+from epp.datalayer.prom_parse import ParsedMetrics, parse_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STALE_AFTER = 1.0
+_HEADERS = {"Accept": "text/plain", "Accept-Encoding": "identity"}
+
+
+def is_stale(
+    ep: Endpoint, now: float | None = None, stale_after: float = DEFAULT_STALE_AFTER
+) -> bool:
+    """True if `ep` has no scraped metrics younger than `stale_after` seconds (monotonic)."""
+    return ep.metrics.age(now) > stale_after
+
+
+def apply_metrics(m: EngineMetrics, p: ParsedMetrics, now: float) -> None:
+    """Copy what the page carried; signals the page lacks keep their previous value."""
+    if p.waiting is not None:
+        m.waiting = p.waiting
+    if p.running is not None:
+        m.running = p.running
+    if p.kv_usage is not None:
+        m.kv_usage = p.kv_usage
+    if p.block_size is not None:
+        m.block_size = p.block_size
+    if p.num_blocks is not None:
+        m.num_blocks = p.num_blocks
+    if p.running_loras is not None:
+        m.running_loras = p.running_loras
+    m.updated_at = now
+    m.scrape_errors = 0
+
+
+class ScrapeError(Exception):
+    pass
+
+
+class MetricsScraper:
+    def __init__(
+        self,
+        datastore: Datastore,
+        *,
+        interval: float = 0.05,
+        timeout: float = 0.5,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        max_concurrency: int = 64,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._ds = datastore
+        self.interval = interval
+        self.timeout = timeout
+        self.stale_after = stale_after
+        self.max_backoff = max(max_backoff, interval)
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+        self._listening = False
+        self.scrapes_total = 0
+        self.errors_total = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers=_HEADERS,
+        )
+        self._running = True
+        if not self._listening:  # the datastore has no unsubscribe; subscribe once
+            self._ds.on_endpoint_added(self._on_added)
+            self._ds.on_endpoint_removed(self._on_removed)
+            self._listening = True
+        for ep in self._ds.endpoints():
+            self._spawn(ep)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def is_stale(self, ep: Endpoint, now: float | None = None) -> bool:
+        return is_stale(ep, now, self.stale_after)
+
+    @property
+    def scraping(self) -> frozenset[str]:
+        """Keys of the endpoints that currently have a scrape task."""
+        return frozenset(self._tasks)
+
+    # ---- datastore listeners ---------------------------------------------------------------
+    def _on_added(self, ep: Endpoint) -> None:
+        if self._running:
+            self._spawn(ep)
+
+    def _on_removed(self, ep: Endpoint) -> None:
+        task = self._tasks.pop(ep.key, None)
+        if task is not None:
+            task.cancel()
+
+    def _spawn(self, ep: Endpoint) -> None:
+        old = self._tasks.pop(ep.key, None)
+        if old is not None:
+            old.cancel()
+        self._tasks[ep.key] = asyncio.create_task(self._run(ep), name=f"scrape {ep.key}")
+
+    # ---- scraping ---------------------------------------------------------------------------
+    async def _run(self, ep: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(random.uniform(0.0, self.interval))  # spread the first scrapes
+        failures = 0
+        while True:
+            started = loop.time()
+            if await self.scrape_once(ep):
+                failures = 0
+                delay = self.interval
+            else:
+                failures += 1
+                delay = min(self.max_backoff, self.interval * 2.0 ** min(failures, 20))
+                delay *= random.uniform(0.8, 1.0)
+            await asyncio.sleep(max(0.0, delay - (loop.time() - started)))
+
+    async def scrape_once(self, ep: Endpoint) -> bool:
+        """Scrape `ep` once and update its metrics. Never raises (except cancellation)."""
+        session = self._session
+        if session is None:
+            return False
+        self.scrapes_total += 1
+        url = ep.metrics_url
+        try:
+            async with self._sem, session.get(url) as resp:
+                if resp.status != 200:
+                    raise ScrapeError(f"HTTP {resp.status}")
+                body = await resp.read()
+            parsed = parse_metrics(body, ep.engine)
+            if parsed.empty:
+                raise ScrapeError("no known queue/running/KV metric on the page")
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ScrapeError) as e:
+            self._failed(ep, url, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            return False
+        except Exception as e:  # a parser bug must not kill the loop
+            log.exception("scrape %s: unexpected error", url)
+            self._failed(ep, url, repr(e), logged=True)
+            return False
+        if ep.metrics.scrape_errors:
+            log.info("scrape %s: recovered after %d failures", url, ep.metrics.scrape_errors)
+        apply_metrics(ep.metrics, parsed, time.monotonic())
+        return True
+
+    def _failed(self, ep: Endpoint, url: str, why: str, *, logged: bool = False) -> None:
+        self.errors_total += 1
+        m = ep.metrics
+        m.scrape_errors += 1
+        if m.scrape_errors == 1 and not logged:  # log transitions, not every 50 ms failure
+            log.warning("scrape %s failed: %s", url, why)
