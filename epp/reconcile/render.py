@@ -128,6 +128,16 @@ def _role_override(spec: RoleSpec) -> dict[str, Any]:
     return {"nodeSelector": dict(spec.accelerator_selector), "containers": containers}
 
 
+def _quantities_as_strings(pod_spec: dict[str, Any]) -> None:
+    """Server-side apply wants resource quantities as strings (`2`, not 2)."""
+    for key in ("containers", "initContainers"):
+        for c in pod_spec.get(key) or []:
+            for section in ("requests", "limits"):
+                values = (c.get("resources") or {}).get(section)
+                if values:
+                    c["resources"][section] = {k: str(v) for k, v in values.items()}
+
+
 def deployment(
     pool: ModelPool, role: str, spec: RoleSpec, base: dict[str, Any] | None, owner: bool = True
 ) -> dict[str, Any]:
@@ -145,6 +155,7 @@ def deployment(
     pod_spec: dict[str, Any] = {"containers": [engine], "volumes": [art.volume]}
     pod_spec = merge(pod_spec, tpl_pod.get("spec") or {})
     pod_spec = merge(pod_spec, _role_override(spec))
+    _quantities_as_strings(pod_spec)
 
     pod_labels = {
         **((tpl_pod.get("metadata") or {}).get("labels") or {}),

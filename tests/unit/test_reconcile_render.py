@@ -205,7 +205,7 @@ spec:
     assert eng["image"] == "custom:vllm"
     assert {"name": "P", "value": "org/m"} in eng["env"]  # empty override kept template value
     assert {"name": "Q", "value": "${NOT_A_VAR}"} in eng["env"]
-    assert eng["resources"]["limits"] == {"gpu": 2, "cpu": "8"}
+    assert eng["resources"]["limits"] == {"gpu": "2", "cpu": "8"}
     assert eng["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert podspec["nodeSelector"] == {"gpu": "h100"}
     assert podspec["containers"][1]["args"] == ["--pod=$(POD_NAME)"]
