@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import inspect
 import os
 import shutil
 import signal
@@ -252,10 +253,16 @@ async def _launch_epp(spec: RouterSpec, pool: Sequence[SimConfig], port: int) ->
             raise RouterUnavailable(f"no EPP config variant {spec.variant!r} ({path})")
         config_text = path.read_text()
     endpoints = [
-        {"address": c.host, "port": c.port, "model": c.model, "role": c.role,
-         "labels": {"model": c.model, "role": c.role, **c.labels}}
+        {
+            "address": c.host,
+            "port": c.port,
+            "name": f"sim-{c.host}-{c.port}",
+            "labels": {"model": c.model, "role": c.role, "engine-type": c.engine, **c.labels},
+        }
         for c in pool
     ]
     gw = start_gateway(endpoints, listen_port=port, config_text=config_text)
+    if inspect.isawaitable(gw):
+        gw = await gw
     async with gw as handle:
         yield str(handle.url).rstrip("/")
