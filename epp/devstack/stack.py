@@ -1,0 +1,155 @@
+"""A standalone gateway on loopback: `epp serve` (endpoints file) + Envoy in front of it.
+
+Used by `make run`, the integration tests and the benchmarks:
+
+    async with start_gateway([{"address": "127.0.0.2", "port": 8000}]) as gw:
+        ... send requests to gw.url ...
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import yaml
+
+from epp.devstack.envoy import EnvoyOptions, render_envoy_config, start_envoy
+from epp.devstack.procs import free_port, stop_process, wait_http
+
+
+@dataclass
+class GatewayHandle:
+    workdir: Path
+    listen_port: int
+    admin_port: int
+    epp_ports: list[int]
+    metrics_ports: list[int]
+    endpoints_file: Path
+    epp_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    envoy: subprocess.Popen[bytes] | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_ports[0]}/metrics"
+
+    def write_endpoints(self, endpoints: Sequence[dict[str, Any]]) -> None:
+        """Replace the endpoints file atomically (the EPP reloads it)."""
+        tmp = self.endpoints_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"endpoints": list(endpoints)}))
+        tmp.replace(self.endpoints_file)
+
+    async def metrics_text(self, index: int = 0) -> str:
+        async with aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{self.metrics_ports[index]}/metrics"
+            async with s.get(url) as r:
+                return await r.text()
+
+    def close(self) -> None:
+        stop_process(self.envoy)
+        for p in self.epp_procs:
+            stop_process(p)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    async def __aenter__(self) -> GatewayHandle:
+        return self
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+async def start_gateway(
+    endpoints: Sequence[dict[str, Any]],
+    *,
+    listen_port: int = 0,
+    config_text: str | None = None,
+    body_mode: str = "FULL_DUPLEX_STREAMED",
+    response_body: bool = False,
+    epp_args: Sequence[str] = (),
+    epp_processes: int = 1,
+    envoy_concurrency: int = 1,
+    workdir: str | None = None,
+    scrape_interval: float = 0.05,
+) -> GatewayHandle:
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="epp-gw-")
+        workdir = tmp.name
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    gw = GatewayHandle(
+        workdir=wd,
+        listen_port=listen_port or free_port(),
+        admin_port=free_port(),
+        epp_ports=[free_port() for _ in range(epp_processes)],
+        metrics_ports=[free_port() for _ in range(epp_processes)],
+        endpoints_file=wd / "endpoints.yaml",
+        _tmp=tmp,
+    )
+    gw.write_endpoints(endpoints)
+    try:
+        for i, (port, mport) in enumerate(zip(gw.epp_ports, gw.metrics_ports, strict=True)):
+            cmd = [
+                sys.executable,
+                "-m",
+                "epp.cli",
+                "serve",
+                "--grpc-port",
+                str(port),
+                "--grpc-health-port",
+                str(free_port()),
+                "--metrics-port",
+                str(mport),
+                "--endpoints-file",
+                str(gw.endpoints_file),
+                "--body-mode",
+                body_mode,
+                "--scrape-interval",
+                str(scrape_interval),
+            ]
+            if config_text is not None:
+                cmd += ["--config-text", config_text]
+            cmd += list(epp_args)
+            log = open(wd / f"epp-{i}.log", "wb")  # noqa: SIM115 (lives as long as the process)
+            gw.epp_procs.append(
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+        for proc, mport in zip(gw.epp_procs, gw.metrics_ports, strict=True):
+            await wait_http(f"http://127.0.0.1:{mport}/readyz", proc=proc)
+        opts = EnvoyOptions(
+            listen_port=gw.listen_port,
+            admin_port=gw.admin_port,
+            epp_ports=gw.epp_ports,
+            body_mode=body_mode,
+            response_body=response_body,
+        )
+        gw.envoy = start_envoy(render_envoy_config(opts), wd, concurrency=envoy_concurrency)
+        await wait_http(f"{gw.admin_url}/ready", proc=gw.envoy)
+    except BaseException:
+        for p in wd.glob("*.log"):
+            sys.stderr.write(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}\n")
+        gw.close()
+        raise
+    return gw

@@ -1,0 +1,145 @@
+"""Builders for ext_proc protobuf responses. Knows Envoy; knows nothing about scheduling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+LB_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Largest body chunk echoed in one gRPC message (Envoy's default gRPC limits are 4 MiB).
+ECHO_CHUNK = 1 << 20
+
+
+def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=OVERWRITE,
+    )
+
+
+def header_mutation(set_headers: dict[str, str], remove: Iterable[str]) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[header_option(k, v) for k, v in set_headers.items()],
+        remove_headers=list(remove),
+    )
+
+
+def destination_metadata(key: str, value: str) -> struct_pb2.Struct:
+    md = struct_pb2.Struct()
+    md.fields[LB_NAMESPACE].struct_value.fields[key].string_value = value
+    return md
+
+
+def headers_continue() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+def headers_response(
+    mutation: pb.HeaderMutation | None, metadata: struct_pb2.Struct | None
+) -> pb.ProcessingResponse:
+    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=mutation is not None)
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
+    )
+
+
+def buffered_body_response(
+    mutation: pb.HeaderMutation,
+    metadata: struct_pb2.Struct,
+    new_body: bytes | None,
+) -> pb.ProcessingResponse:
+    """BUFFERED mode: headers are still held, so the mutation rides on the body response."""
+    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+    if new_body is not None:
+        common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
+        common.body_mutation.body = new_body
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata
+    )
+
+
+def streamed_body(body: bytes, end_of_stream: bool = True) -> Iterator[pb.ProcessingResponse]:
+    """FULL_DUPLEX_STREAMED mode: the EPP owns the body and sends it back in chunks."""
+    if len(body) <= ECHO_CHUNK:
+        yield _streamed_chunk(body, end_of_stream)
+        return
+    view = memoryview(body)
+    for start in range(0, len(body), ECHO_CHUNK):
+        chunk = view[start : start + ECHO_CHUNK]
+        last = start + ECHO_CHUNK >= len(body)
+        yield _streamed_chunk(bytes(chunk), end_of_stream and last)
+
+
+def _streamed_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    mutation = pb.BodyMutation(
+        streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+    )
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+    )
+
+
+def request_trailers_continue() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+
+
+def response_headers_continue() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+
+
+def response_body_continue() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def response_trailers_continue() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def immediate(status: int, body: bytes, details: str) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=pb.HeaderMutation(
+                set_headers=[header_option("content-type", "application/json")]
+            ),
+            body=body,
+            details=details,
+        )
+    )
+
+
+def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def subset_hint(msg: pb.ProcessingRequest) -> frozenset[str] | None:
+    fm = msg.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in fm:
+        return None
+    field = fm[SUBSET_NAMESPACE].fields.get(SUBSET_KEY)
+    if field is None:
+        return None
+    if field.HasField("list_value"):
+        return frozenset(v.string_value for v in field.list_value.values)
+    if field.HasField("string_value"):
+        return frozenset(s.strip() for s in field.string_value.split(",") if s.strip())
+    return frozenset()
+
+
+def served_endpoint(msg: pb.ProcessingRequest) -> str:
+    fm = msg.metadata_context.filter_metadata
+    if LB_NAMESPACE not in fm:
+        return ""
+    field = fm[LB_NAMESPACE].fields.get(SERVED_KEY)
+    return field.string_value if field is not None else ""

@@ -1,0 +1,322 @@
+"""The Envoy ext_proc servicer: protocol phases ↔ request control.
+
+One gRPC stream per HTTP request. Request headers → (body) → decision; the decision is
+answered as a header mutation (`x-gateway-destination-endpoint`, `x-prefiller-host-port`,
+control headers removed) plus `envoy.lb` dynamic metadata. Body modes:
+
+* BUFFERED: Envoy waits for our headers response, then sends the whole body; the header
+  mutation rides on the body response and the body is not echoed.
+* FULL_DUPLEX_STREAMED: we hold the headers response until the body's end of stream,
+  then send it followed by the body (unchanged unless the model was rewritten).
+
+The mode comes from `protocol_config` in the first message (Envoy ≥ 1.32), else the
+configured default. Whatever happens on the stream, the decision's in-flight charge is
+released exactly once when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import orjson
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.extproc import messages as m
+from epp.observability.metrics import EppMetrics
+from epp.requestcontrol.director import Decision, Director
+from epp.requestcontrol.errors import RequestError, too_large
+from epp.requestcontrol.parse import api_of, build_request, parse_body
+
+log = logging.getLogger(__name__)
+
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+_MODE_NAMES = {"BUFFERED": BUFFERED, "FULL_DUPLEX_STREAMED": FULL_DUPLEX}
+
+_USAGE_RE = {
+    "prompt": re.compile(rb'"prompt_tokens"\s*:\s*(\d+)'),
+    "completion": re.compile(rb'"completion_tokens"\s*:\s*(\d+)'),
+    "cached": re.compile(rb'"cached_tokens"\s*:\s*(\d+)'),
+}
+
+
+@dataclass(slots=True)
+class ExtProcSettings:
+    default_body_mode: str = "FULL_DUPLEX_STREAMED"  # used when Envoy sends no protocol_config
+    max_body_bytes: int = 16 << 20
+    debug_decisions: bool = False
+
+    def mode(self) -> int:
+        return int(_MODE_NAMES[self.default_body_mode])
+
+
+@dataclass(slots=True)
+class _Stream:
+    started: float
+    mode: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    headers_at: float = 0.0
+    subset: frozenset[str] | None = None
+    decision: Decision | None = None
+    model: str = ""
+    answered: bool = False  # an immediate response ended the request
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, director: Director, metrics: EppMetrics, settings: ExtProcSettings) -> None:
+        self.director = director
+        self.metrics = metrics
+        self.settings = settings
+        h = director.settings.headers
+        self.dest_header = h.destination
+        self.prefill_header = h.prefiller
+        self.remove_always = h.control_headers()
+        self.remove_no_prefill = (*h.control_headers(), h.prefiller)
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        st = _Stream(started=time.perf_counter())
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                if kind == "request_body":
+                    for out in self._on_body(st, msg.request_body):
+                        yield out
+                elif kind == "request_headers":
+                    for out in self._on_headers(st, msg):
+                        yield out
+                elif kind == "response_headers":
+                    self._on_response_headers(st, msg)
+                    yield m.response_headers_continue()
+                elif kind == "response_body":
+                    self._on_response_body(st, msg.response_body)
+                    yield m.response_body_continue()
+                elif kind == "request_trailers":
+                    # Trailers end the request body in FULL_DUPLEX_STREAMED mode.
+                    if st.mode == FULL_DUPLEX and st.decision is None and not st.answered:
+                        for out in self._decide(st, trailers=True):
+                            yield out
+                    yield m.request_trailers_continue()
+                elif kind == "response_trailers":
+                    self._finish(st)
+                    yield m.response_trailers_continue()
+                if st.answered:
+                    return
+        finally:
+            self._finish(st)
+
+    # ---- request path ---------------------------------------------------------------------
+    def _on_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        st.headers_at = time.perf_counter()
+        self.metrics.phase("header_wait", st.headers_at - st.started)
+        hdrs = msg.request_headers
+        st.headers = m.headers_of(hdrs)
+        st.path = st.headers.get(":path", "")
+        if msg.HasField("protocol_config"):
+            st.mode = msg.protocol_config.request_body_mode
+        else:
+            st.mode = self.settings.mode()
+        st.subset = m.subset_hint(msg)
+        if hdrs.end_of_stream:
+            return self._header_only(st)
+        length = st.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return [self._error(st, too_large(int(length), self.settings.max_body_bytes))]
+        if st.mode == FULL_DUPLEX:
+            return []  # the headers response waits for the body
+        if st.mode == BUFFERED:
+            return [m.headers_continue()]
+        return [
+            self._error(
+                st,
+                RequestError(
+                    500,
+                    "ext_proc body mode must be BUFFERED or FULL_DUPLEX_STREAMED",
+                    "misconfigured_gateway",
+                ),
+            )
+        ]
+
+    def _header_only(self, st: _Stream) -> list[pb.ProcessingResponse]:
+        """GET /v1/models and friends: any ready endpoint, least loaded first."""
+        try:
+            ep = self.director.pick_any(st.headers.get("x-request-id", ""))
+        except RequestError as e:
+            return [self._error(st, e)]
+        mutation = m.header_mutation({self.dest_header: ep.key}, self.remove_no_prefill)
+        return [m.headers_response(mutation, m.destination_metadata(self.dest_header, ep.key))]
+
+    def _on_body(self, st: _Stream, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if st.decision is not None or st.answered:
+            return []
+        if body.body:
+            st.chunks.append(body.body)
+            st.size += len(body.body)
+            if st.size > self.settings.max_body_bytes:
+                return [self._error(st, too_large(st.size, self.settings.max_body_bytes))]
+        if not body.end_of_stream:
+            return []
+        return self._decide(st)
+
+    def _decide(self, st: _Stream, trailers: bool = False) -> list[pb.ProcessingResponse]:
+        t_body = time.perf_counter()
+        self.metrics.phase("body_receive", t_body - st.headers_at)
+        body = st.chunks[0] if len(st.chunks) == 1 else b"".join(st.chunks)
+        st.chunks = []
+        try:
+            data = parse_body(body)
+            headers = st.headers
+            request_id = headers.get("x-request-id") or uuid.uuid4().hex
+            req = build_request(request_id, api_of(st.path), data, headers)
+            st.model = req.model
+            self.director.apply_headers(req, headers)
+            req.subset = st.subset
+            t_parsed = time.perf_counter()
+            self.metrics.phase("parse", t_parsed - t_body)
+            decision = self.director.admit(req)
+        except RequestError as e:
+            return [self._error(st, e)]
+        except Exception:  # never crash the stream on a bug: answer 500 and log it
+            log.exception("unexpected error while picking an endpoint")
+            return [
+                self._error(
+                    st, RequestError(500, "internal error in the endpoint picker", "internal_error")
+                )
+            ]
+        t_sched = time.perf_counter()
+        self.metrics.phase("schedule", t_sched - t_parsed)
+        self.metrics.scheduler_e2e.observe(t_sched - t_parsed)
+        st.decision = decision
+        new_body = self._rewrite(data, decision)
+        out = self._answer(st, decision, body, new_body, trailers)
+        self.metrics.phase("respond", time.perf_counter() - t_sched)
+        self._record(decision)
+        return out
+
+    def _rewrite(self, data: dict[str, object], d: Decision) -> bytes | None:
+        if d.rewritten_model is None:
+            return None
+        data["model"] = d.rewritten_model
+        return orjson.dumps(data)
+
+    def _answer(
+        self,
+        st: _Stream,
+        d: Decision,
+        body: bytes,
+        new_body: bytes | None,
+        trailers: bool,
+    ) -> list[pb.ProcessingResponse]:
+        res = d.result
+        dest = ",".join(ep.key for ep in res.primary)
+        set_headers = {self.dest_header: dest}
+        if res.prefill is not None:
+            set_headers[self.prefill_header] = res.prefill.key
+            remove = self.remove_always
+        else:
+            remove = self.remove_no_prefill
+        if new_body is not None:
+            set_headers["content-length"] = str(len(new_body))
+        mutation = m.header_mutation(set_headers, remove)
+        metadata = m.destination_metadata(self.dest_header, dest)
+        if st.mode == BUFFERED:
+            return [m.buffered_body_response(mutation, metadata, new_body)]
+        out = [m.headers_response(mutation, metadata)]
+        out.extend(m.streamed_body(new_body if new_body is not None else body, not trailers))
+        return out
+
+    def _error(self, st: _Stream, e: RequestError) -> pb.ProcessingResponse:
+        st.answered = True
+        self.metrics.request_errors.labels(st.model, st.model, e.reason).inc()
+        if e.status >= 500:
+            log.warning("request failed: %s", e.message, extra={"status": e.status})
+        return m.immediate(e.status, e.body(), f"epp_{e.code}")
+
+    def _record(self, d: Decision) -> None:
+        req, res = d.request, d.result
+        mt = self.metrics
+        mt.requests.labels(req.model, req.routed_model).inc()
+        mt.picks.labels(res.target.key, "decode").inc()
+        if res.prefill is not None:
+            mt.picks.labels(res.prefill.key, "prefill").inc()
+        if req.prompt_tokens:
+            mt.prefix_hits.observe(1.0 - min(1.0, res.uncached_tokens / req.prompt_tokens))
+        if res.slo_met is not None:
+            mt.slo_predictions.labels("true" if res.slo_met else "false").inc()
+        if self.settings.debug_decisions:
+            log.info(
+                "decision",
+                extra={
+                    "request_id": req.request_id,
+                    "model": req.routed_model,
+                    "target": res.target.key,
+                    "prefill": res.prefill.key if res.prefill else None,
+                    "uncached_tokens": res.uncached_tokens,
+                    "predicted_ttft_ms": res.predicted_ttft_ms,
+                    "slo_met": res.slo_met,
+                    "scores": {
+                        name: {"total": p.scores, "plugins": p.per_plugin}
+                        for name, p in res.profiles.items()
+                    },
+                },
+            )
+
+    # ---- response path --------------------------------------------------------------------
+    def _on_response_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> None:
+        d = st.decision
+        if d is None:
+            return
+        now = time.monotonic()
+        self.director.first_byte(d, now)
+        self.metrics.ttft.labels(d.request.model).observe(now - d.started)
+        d.served = m.served_endpoint(msg)
+        for h in msg.response_headers.headers.headers:
+            if h.key == ":status":
+                raw = h.raw_value or h.value.encode()
+                d.status = int(raw) if raw.isdigit() else 0
+                break
+        if msg.response_headers.end_of_stream:
+            self._finish(st)
+
+    def _on_response_body(self, st: _Stream, body: pb.HttpBody) -> None:
+        d = st.decision
+        if d is None:
+            return
+        chunk = body.body
+        if b'"usage"' in chunk:
+            usage = {k: rx.findall(chunk) for k, rx in _USAGE_RE.items()}
+            model = d.request.model
+            if usage["completion"]:
+                out_tokens = int(usage["completion"][-1])
+                self.metrics.output_tokens.labels(model).inc(out_tokens)
+                self.director.complete(d, out_tokens)
+            if usage["prompt"]:
+                self.metrics.input_tokens.labels(model).inc(int(usage["prompt"][-1]))
+            if usage["cached"]:
+                self.metrics.cached_tokens.labels(model).inc(int(usage["cached"][-1]))
+        if body.end_of_stream:
+            self._finish(st)
+
+    def _finish(self, st: _Stream) -> None:
+        d = st.decision
+        if d is None or d.released:
+            return
+        self.director.release(d)
+        self.metrics.request_duration.labels(d.request.model, d.request.routed_model).observe(
+            time.monotonic() - d.started
+        )

@@ -1,0 +1,174 @@
+"""Prometheus metrics. Names follow the Gateway API Inference Extension EPP where it has one.
+
+Hot-path children (`.labels(...)`) are cached so a request costs a few dict lookups. Pool and
+per-endpoint gauges are computed at scrape time by a collector reading the datastore, so
+they cost the request path nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from epp.datalayer.datastore import Datastore
+
+_LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+_REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+PHASES = ("header_wait", "body_receive", "parse", "schedule", "respond")
+
+
+class EppMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, pool_name: str = "") -> None:
+        self.registry = registry or CollectorRegistry()
+        self.pool_name = pool_name
+        r = self.registry
+        self.requests = Counter(
+            "inference_objective_request_total",
+            "Requests per model.",
+            ["model_name", "target_model_name"],
+            registry=r,
+        )
+        self.request_errors = Counter(
+            "inference_objective_request_error_total",
+            "Requests the EPP answered with an error, per model and error code.",
+            ["model_name", "target_model_name", "error_code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "End-to-end request latency seen by the EPP (pick to response end).",
+            ["model_name", "target_model_name"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "inference_objective_time_to_first_byte_seconds",
+            "Time from pick to the response headers of the model server.",
+            ["model_name"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Counter(
+            "inference_objective_input_tokens_total",
+            "Prompt tokens reported in response usage.",
+            ["model_name"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "inference_objective_cached_tokens_total",
+            "Cached prompt tokens reported in response usage.",
+            ["model_name"],
+            registry=r,
+        )
+        self.output_tokens = Counter(
+            "inference_objective_output_tokens_total",
+            "Completion tokens reported in response usage.",
+            ["model_name"],
+            registry=r,
+        )
+        self.scheduler_e2e = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Scheduling cycle duration.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.plugin_duration = Histogram(
+            "inference_extension_scheduler_plugin_duration_seconds",
+            "Per-plugin processing time.",
+            ["extension_point", "plugin_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "epp_overhead_seconds",
+            "Time the EPP spends per request, by phase.",
+            ["phase"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.picks = Counter(
+            "epp_endpoint_picks_total",
+            "Requests sent to each endpoint, by role in the decision.",
+            ["endpoint", "role"],
+            registry=r,
+        )
+        self.prefix_hits = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Share of the prompt the picked endpoint is expected to have cached.",
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
+        self.slo_predictions = Counter(
+            "epp_slo_predicted_total",
+            "Requests with SLO headers, by whether the pick was predicted to meet them.",
+            ["met"],
+            registry=r,
+        )
+        self._phase = {p: self.overhead.labels(p) for p in PHASES}
+        self._plugin_children: dict[tuple[str, str], Any] = {}
+
+    def phase(self, name: str, seconds: float) -> None:
+        self._phase[name].observe(seconds)
+
+    def plugin_timer(self, kind: str, name: str, seconds: float) -> None:
+        child = self._plugin_children.get((kind, name))
+        if child is None:
+            child = self._plugin_children[(kind, name)] = self.plugin_duration.labels(kind, name)
+        child.observe(seconds)
+
+    def attach_datastore(self, datastore: Datastore) -> None:
+        self.registry.register(_PoolCollector(datastore, self.pool_name))
+
+
+class _PoolCollector(Collector):
+    def __init__(self, datastore: Datastore, pool_name: str) -> None:
+        self.datastore = datastore
+        self.pool_name = pool_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        eps = self.datastore.endpoints()
+        ready = [ep for ep in eps if ep.ready]
+        name = self.pool_name
+        pool_ready = GaugeMetricFamily(
+            "inference_pool_ready_pods", "Ready endpoints in the pool.", labels=["name"]
+        )
+        pool_ready.add_metric([name], len(ready))
+        kv = GaugeMetricFamily(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache utilisation of ready endpoints.",
+            labels=["name"],
+        )
+        kv.add_metric([name], sum(e.metrics.kv_usage for e in ready) / len(ready) if ready else 0.0)
+        queue = GaugeMetricFamily(
+            "inference_pool_average_queue_size",
+            "Mean waiting queue of ready endpoints.",
+            labels=["name"],
+        )
+        queue.add_metric([name], sum(e.metrics.waiting for e in ready) / len(ready) if ready else 0)
+        per_pod_queue = GaugeMetricFamily(
+            "inference_pool_per_pod_queue_size",
+            "Waiting queue per endpoint.",
+            labels=["name", "model_server_pod"],
+        )
+        inflight = GaugeMetricFamily(
+            "epp_inflight_requests",
+            "Requests the EPP has in flight per endpoint.",
+            labels=["endpoint", "business", "role"],
+        )
+        inflight_tokens = GaugeMetricFamily(
+            "epp_inflight_tokens",
+            "Estimated tokens the EPP has in flight per endpoint.",
+            labels=["endpoint"],
+        )
+        for ep in eps:
+            per_pod_queue.add_metric([name, ep.name or ep.key], ep.metrics.waiting)
+            inflight.add_metric([ep.key, ep.business, ep.role], ep.inflight.requests)
+            inflight_tokens.add_metric([ep.key], ep.inflight.tokens)
+        yield from (pool_ready, kv, queue, per_pod_queue, inflight, inflight_tokens)

@@ -1,0 +1,285 @@
+"""`epp serve`: the endpoint picker process.
+
+ext_proc gRPC on --grpc-port (9002), gRPC health on --grpc-health-port (9003), Prometheus
+/metrics and /healthz on --metrics-port (9090). Endpoints come from Kubernetes
+(--pool-name) or, standalone, from --endpoints-file / --endpoint flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.config import ConfigFileError, load_models_file, load_picker_config_text
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.labels import LabelKeys
+from epp.extproc.server import ExtProcServicer, ExtProcSettings
+from epp.observability.health import Health, metrics_app
+from epp.observability.logging import setup_logging
+from epp.observability.metrics import EppMetrics
+from epp.requestcontrol.admission import SaturationPolicy
+from epp.requestcontrol.director import Director, DirectorSettings, HeaderNames
+from epp.scheduling.config import ConfigError, build_scheduler
+from epp.scheduling.services import Services
+
+log = logging.getLogger("epp.serve")
+
+
+class _Lifecycle(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ports")
+    g.add_argument(
+        "--bind-address", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)"
+    )
+    g.add_argument("--grpc-port", type=int, default=9002)
+    g.add_argument("--grpc-health-port", type=int, default=9003)
+    g.add_argument("--metrics-port", type=int, default=9090)
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--config-file", help="EndpointPickerConfig YAML file")
+    g.add_argument("--config-text", help="EndpointPickerConfig YAML inline")
+    g.add_argument("--models-file", help="standalone models/objectives YAML (see docs)")
+    g.add_argument("--business-header", default="x-business")
+    g.add_argument(
+        "--no-model-passthrough",
+        action="store_true",
+        help="with model definitions, answer 404 for models none of them names",
+    )
+    g.add_argument(
+        "--max-inflight-per-endpoint",
+        type=int,
+        default=0,
+        help="EPP-side saturation limit per endpoint (0 = none)",
+    )
+    g.add_argument("--queue-threshold", type=float, default=5.0)
+    g.add_argument("--kv-threshold", type=float, default=0.8)
+    g = p.add_argument_group("discovery")
+    g.add_argument("--pool-name", help="InferencePool to watch (Kubernetes mode)")
+    g.add_argument("--pool-namespace", default="default")
+    g.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster or ~/.kube)")
+    g.add_argument("--endpoints-file", help="standalone: YAML list of endpoints, reloaded")
+    g.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        help="standalone: ip:port or ip:port1,port2 (repeatable)",
+    )
+    g.add_argument("--endpoint-labels", default="", help="labels for --endpoint entries, k=v,k=v")
+    g.add_argument("--label-model", default="model")
+    g.add_argument("--label-business", default="business")
+    g.add_argument("--label-role", default="role")
+    g.add_argument("--label-engine", default="engine-type")
+    g.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=0.05,
+        help="model-server /metrics scrape period in seconds (0 = off)",
+    )
+    g.add_argument("--metrics-stale-after", type=float, default=1.0)
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--body-mode",
+        choices=["BUFFERED", "FULL_DUPLEX_STREAMED"],
+        default="FULL_DUPLEX_STREAMED",
+        help="assumed request body mode when Envoy sends no protocol_config",
+    )
+    g.add_argument("--max-body-bytes", type=int, default=16 << 20)
+    g.add_argument("--drain-timeout", type=float, default=30.0)
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", default="info")
+    g.add_argument("--log-format", choices=["json", "text"], default="json")
+    g.add_argument(
+        "--debug-decisions",
+        action="store_true",
+        help="log one line per decision with the scores of every plugin",
+    )
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in part:
+            raise ConfigFileError(f"--endpoint-labels: {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+@dataclass
+class App:
+    """Everything `epp serve` runs; also used in-process by tests and benchmarks."""
+
+    args: argparse.Namespace
+    datastore: Datastore = field(default_factory=Datastore)
+    health: Health = field(default_factory=Health)
+    components: list[_Lifecycle] = field(default_factory=list)
+    grpc_server: grpc.aio.Server | None = None
+    health_server: grpc.aio.Server | None = None
+    http_runner: web.AppRunner | None = None
+    metrics: EppMetrics | None = None
+    director: Director | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        a = self.args
+        self.metrics = EppMetrics(pool_name=a.pool_name or "standalone")
+        self.metrics.attach_datastore(self.datastore)
+        scheduler = build_scheduler(
+            load_picker_config_text(a.config_file, a.config_text),
+            services=Services(),
+            timer=self.metrics.plugin_timer,
+            debug=a.debug_decisions,
+        )
+        settings = DirectorSettings(
+            headers=HeaderNames(business=a.business_header.lower()),
+            saturation=SaturationPolicy(
+                queue_threshold=a.queue_threshold,
+                kv_threshold=a.kv_threshold,
+                metrics_stale_after=max(0.2, a.metrics_stale_after),
+                max_inflight_per_endpoint=a.max_inflight_per_endpoint,
+            ),
+            model_passthrough=not a.no_model_passthrough,
+        )
+        self.director = Director(self.datastore, scheduler, settings)
+        if a.models_file:
+            mf = load_models_file(a.models_file)
+            self.datastore.replace_models("models-file", mf.model_infos())
+            self.datastore.replace_objectives(mf.objective_list())
+        self._make_sources()
+
+        servicer = ExtProcServicer(
+            self.director,
+            self.metrics,
+            ExtProcSettings(a.body_mode, a.max_body_bytes, a.debug_decisions),
+        )
+        opts = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc_server = grpc.aio.server(options=opts)
+        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self.grpc_server)
+        self.ports["grpc"] = self.grpc_server.add_insecure_port(f"{a.bind_address}:{a.grpc_port}")
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.health.add_to(self.health_server)
+        self.ports["health"] = self.health_server.add_insecure_port(
+            f"{a.bind_address}:{a.grpc_health_port}"
+        )
+        await self.health.set(live=True, ready=False)
+        await self.health_server.start()
+        self.http_runner = web.AppRunner(
+            metrics_app(self.metrics.registry, self.health), access_log=None
+        )
+        await self.http_runner.setup()
+        site = web.TCPSite(self.http_runner, a.bind_address, a.metrics_port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.ports["metrics"] = server.sockets[0].getsockname()[1]
+        for c in self.components:
+            await c.start()
+        await self.grpc_server.start()
+        asyncio.get_running_loop().create_task(self._ready_when_synced())
+        log.info("epp serving", extra={"ports": self.ports, "bind": a.bind_address})
+
+    def _make_sources(self) -> None:
+        a = self.args
+        keys = LabelKeys(
+            model=a.label_model,
+            business=a.label_business,
+            role=a.label_role,
+            engine=a.label_engine,
+        )
+        if a.pool_name:
+            from epp.datalayer.kube_source import KubeSource
+
+            self.components.append(
+                KubeSource(
+                    self.datastore,
+                    a.pool_name,
+                    a.pool_namespace,
+                    kubeconfig=a.kubeconfig,
+                    label_keys=keys,
+                )
+            )
+        if a.endpoints_file or a.endpoint:
+            from epp.datalayer.static_source import StaticSource
+
+            self.components.append(
+                StaticSource(
+                    self.datastore,
+                    endpoints_file=a.endpoints_file,
+                    endpoints=a.endpoint,
+                    default_labels=_parse_labels(a.endpoint_labels),
+                    label_keys=keys,
+                )
+            )
+        if not self.components:
+            raise ConfigFileError(
+                "no endpoint source: give --pool-name (Kubernetes) or --endpoints-file/--endpoint"
+            )
+        if a.scrape_interval > 0:
+            from epp.datalayer.metrics_scraper import MetricsScraper
+
+            self.components.append(
+                MetricsScraper(
+                    self.datastore, interval=a.scrape_interval, stale_after=a.metrics_stale_after
+                )
+            )
+
+    async def _ready_when_synced(self) -> None:
+        await self.datastore.wait_synced()
+        await self.health.set(live=True, ready=True)
+        log.info("datastore synced; ready", extra={"endpoints": len(self.datastore.endpoints())})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new streams, let open ones finish (up to `grace`), then tear down."""
+        await self.health.set(live=True, ready=False)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.args.drain_timeout if grace is None else grace)
+        for c in reversed(self.components):
+            with contextlib.suppress(Exception):
+                await c.stop()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    app = App(args)
+    try:
+        await app.start()
+    except (ConfigError, ConfigFileError) as e:
+        log.error("configuration error: %s", e)
+        await app.stop(0)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining open streams", extra={"grace_s": args.drain_timeout})
+    await app.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_format == "json")
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_serve(args))
+    return uvloop.run(_serve(args))
