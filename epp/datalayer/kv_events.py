@@ -1,0 +1,399 @@
+"""Optional subscriber to vLLM KV-cache events over ZMQ (REFERENCE.md §4).
+
+Wire format (vLLM `--kv-events-config`, publisher = ZMQ PUB):
+    frames  [topic, seq (8-byte big-endian), payload (msgpack)]
+    topic   `kv@<ip>:<port>@<model>` (any other topic is allowed; see "keys" below)
+    payload [ts, events, dp_rank?]
+    events  ["BlockStored", block_hashes, parent_hash|nil, token_ids, block_size, lora_id?,
+             medium?, ...] | ["BlockRemoved", block_hashes, medium?] | ["AllBlocksCleared"]
+Block hashes are integers (older vLLM) or bytes (newer); they are passed through unchanged.
+
+Two ways to receive:
+- connect: one SUB socket per model server, connected to its publisher (e.g. tcp://ip:5557);
+- bind: one SUB socket bound on `bind=` that the publishers connect to (llm-d style).
+
+Keys (the `endpoint_key` given to `on_event`): a key configured for a connection wins;
+otherwise the `ip:port` from a `kv@ip:port@model` topic; otherwise (connect mode) the
+publisher's address. Messages on a bound socket without a parsable topic are dropped.
+
+The subscriber only decodes and forwards; the scheduling layer's prefix index consumes the
+events. Sequence gaps (lost messages) and publisher restarts are counted and reported to the
+optional `on_gap(endpoint_key, missed)` callback (missed = -1 for a restart), so the index
+can distrust that endpoint's state. vLLM's replay socket is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+BlockHash = int | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    block_hashes: tuple[BlockHash, ...]
+    parent_hash: BlockHash | None
+    token_ids: tuple[int, ...]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    block_hashes: tuple[BlockHash, ...]
+    medium: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+OnEvent = Callable[[str, KVEvent], None]
+OnGap = Callable[[str, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    ts: float
+    events: tuple[KVEvent, ...]
+    dp_rank: int | None = None
+    skipped: int = 0  # events that were malformed or of an unknown kind
+
+
+class KVEventDecodeError(ValueError):
+    pass
+
+
+# ---- decoding (pure) ----------------------------------------------------------------------
+def _hashes(v: object) -> tuple[BlockHash, ...]:
+    if not isinstance(v, tuple | list) or not all(isinstance(h, int | bytes) for h in v):
+        raise KVEventDecodeError("block hashes must be a list of ints or bytes")
+    return tuple(v)
+
+
+def _opt(ev: tuple[Any, ...], i: int) -> Any:
+    return ev[i] if len(ev) > i else None
+
+
+def decode_event(ev: object) -> KVEvent | None:
+    """One tagged event array -> dataclass; None for an unknown kind. Raises if malformed."""
+    if not isinstance(ev, tuple | list) or not ev:
+        raise KVEventDecodeError(f"event must be a tagged array, got {type(ev).__name__}")
+    ev = tuple(ev)
+    tag = ev[0]
+    if isinstance(tag, bytes):
+        tag = tag.decode("utf-8", "replace")
+    if tag == "BlockStored":
+        if len(ev) < 5:
+            raise KVEventDecodeError("BlockStored needs hashes, parent, tokens, block_size")
+        parent = ev[2]
+        tokens = ev[3]
+        if parent is not None and not isinstance(parent, int | bytes):
+            raise KVEventDecodeError("BlockStored parent hash must be int, bytes or nil")
+        if not isinstance(tokens, tuple | list) or not isinstance(ev[4], int):
+            raise KVEventDecodeError("BlockStored token_ids / block_size have wrong types")
+        lora, medium = _opt(ev, 5), _opt(ev, 6)
+        return BlockStored(
+            block_hashes=_hashes(ev[1]),
+            parent_hash=parent,
+            token_ids=tuple(tokens),
+            block_size=ev[4],
+            lora_id=lora if isinstance(lora, int) else None,
+            medium=medium if isinstance(medium, str) else None,
+        )
+    if tag == "BlockRemoved":
+        if len(ev) < 2:
+            raise KVEventDecodeError("BlockRemoved needs block hashes")
+        medium = _opt(ev, 2)
+        return BlockRemoved(_hashes(ev[1]), medium if isinstance(medium, str) else None)
+    if tag == "AllBlocksCleared":
+        return AllBlocksCleared()
+    return None
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """Decode one msgpack payload `[ts, events, dp_rank?]`. Raises `KVEventDecodeError`."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise KVEventDecodeError(f"not msgpack: {e}") from None
+    if not isinstance(obj, tuple) or len(obj) < 2 or not isinstance(obj[1], tuple):
+        raise KVEventDecodeError("payload must be [ts, events, dp_rank?]")
+    ts = obj[0] if isinstance(obj[0], int | float) else 0.0
+    dp_rank = obj[2] if len(obj) > 2 and isinstance(obj[2], int) else None
+    events: list[KVEvent] = []
+    skipped = 0
+    for raw in obj[1]:
+        try:
+            ev = decode_event(raw)
+        except KVEventDecodeError:
+            ev = None
+        if ev is None:
+            skipped += 1
+        else:
+            events.append(ev)
+    return EventBatch(float(ts), tuple(events), dp_rank, skipped)
+
+
+def parse_topic(topic: bytes | str) -> tuple[str, str] | None:
+    """`kv@<ip>:<port>@<model>` -> ("ip:port", model); None if the topic has another shape."""
+    text = topic.decode("utf-8", "replace") if isinstance(topic, bytes) else topic
+    parts = text.split("@", 2)
+    if len(parts) < 2 or parts[0] != "kv" or ":" not in parts[1]:
+        return None
+    return parts[1], parts[2] if len(parts) > 2 else ""
+
+
+def encode_batch(events: Iterable[KVEvent], ts: float = 0.0, dp_rank: int | None = None) -> bytes:
+    """The inverse of `decode_batch` (vLLM's layout); used by the simulator and tests."""
+    out: list[list[Any]] = []
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            item: list[Any] = [
+                "BlockStored",
+                list(ev.block_hashes),
+                ev.parent_hash,
+                list(ev.token_ids),
+                ev.block_size,
+            ]
+            if ev.lora_id is not None or ev.medium is not None:
+                item += [ev.lora_id, ev.medium]
+            out.append(item)
+        elif isinstance(ev, BlockRemoved):
+            out.append(["BlockRemoved", list(ev.block_hashes)] + ([ev.medium] if ev.medium else []))
+        else:
+            out.append(["AllBlocksCleared"])
+    batch: list[Any] = [ts, out] + ([dp_rank] if dp_rank is not None else [])
+    data: bytes = msgpack.packb(batch, use_bin_type=True)
+    return data
+
+
+# ---- the subscriber -----------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Stream:
+    address: str
+    key: str | None  # configured endpoint key, if any
+    bind: bool
+    socket: zmq.asyncio.Socket | None = None
+    task: asyncio.Task[None] | None = None
+
+
+class KVEventSubscriber:
+    """Receives KV events from many publishers and calls `on_event(endpoint_key, event)`.
+
+    `endpoints` is a list of ZMQ addresses (keys from topics) or a mapping
+    `{endpoint_key: zmq_address}`. `follow(datastore, address_for)` instead tracks the
+    datastore: every endpoint for which `address_for(ep)` returns an address is subscribed
+    to while it exists. `bind` additionally binds one SUB socket publishers connect to.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[str] | Mapping[str, str] = (),
+        on_event: OnEvent | None = None,
+        *,
+        bind: str | None = None,
+        topic: str = "",
+        on_gap: OnGap | None = None,
+        rcvhwm: int = 100_000,
+    ) -> None:
+        if on_event is None:
+            raise TypeError("on_event is required")
+        self._on_event = on_event
+        self._on_gap = on_gap
+        self._topic = topic.encode()
+        self._rcvhwm = rcvhwm
+        self._streams: dict[str, _Stream] = {}  # by stream id (key or address)
+        self._last_seq: dict[str, int] = {}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._running = False
+        if isinstance(endpoints, Mapping):
+            for key, address in endpoints.items():
+                self._streams[key] = _Stream(address, key, False)
+        else:
+            for address in endpoints:
+                self._streams[address] = _Stream(address, None, False)
+        if bind is not None:
+            self._streams[f"bind:{bind}"] = _Stream(bind, None, True)
+        self.batches = 0
+        self.events = 0
+        self.dropped = 0  # malformed frames / payloads / events, unattributable messages
+        self.gaps = 0
+        self.callback_errors = 0
+
+    # ---- configuration ------------------------------------------------------------------------
+    def add(self, endpoint_key: str, address: str) -> None:
+        """Subscribe to `address` and attribute its events to `endpoint_key`."""
+        cur = self._streams.get(endpoint_key)
+        if cur is not None and cur.address == address:
+            return
+        self.remove(endpoint_key)
+        stream = _Stream(address, endpoint_key, False)
+        self._streams[endpoint_key] = stream
+        if self._running:
+            self._open(endpoint_key, stream)
+
+    def remove(self, endpoint_key: str) -> None:
+        stream = self._streams.pop(endpoint_key, None)
+        self._last_seq.pop(endpoint_key, None)
+        if stream is not None:
+            self._close(stream)
+
+    def follow(self, datastore: Datastore, address_for: Callable[[Endpoint], str | None]) -> None:
+        """Subscribe to every datastore endpoint `address_for` maps to a ZMQ address."""
+
+        def added(ep: Endpoint) -> None:
+            address = address_for(ep)
+            if address:
+                self.add(ep.key, address)
+
+        def removed(ep: Endpoint) -> None:
+            if ep.key in self._streams:
+                self.remove(ep.key)
+
+        datastore.on_endpoint_added(added)
+        datastore.on_endpoint_removed(removed)
+        for ep in datastore.endpoints():
+            added(ep)
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {sid: s.address for sid, s in self._streams.items()}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._ctx = zmq.asyncio.Context()
+        self._running = True
+        for sid, stream in list(self._streams.items()):
+            self._open(sid, stream)
+
+    async def stop(self) -> None:
+        self._running = False
+        streams = list(self._streams.values())
+        tasks = [s.task for s in streams if s.task is not None]
+        for s in streams:
+            self._close(s)
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def _open(self, sid: str, stream: _Stream) -> None:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        try:
+            if stream.bind:
+                sock.bind(stream.address)
+            else:
+                sock.connect(stream.address)
+        except zmq.ZMQError as e:
+            sock.close()
+            log.error(
+                "kv events: cannot %s %s: %s",
+                "bind" if stream.bind else "connect",
+                stream.address,
+                e,
+            )
+            return
+        stream.socket = sock
+        stream.task = asyncio.create_task(self._recv_loop(sid, stream), name=f"kv-events {sid}")
+
+    def _close(self, stream: _Stream) -> None:
+        if stream.task is not None:
+            stream.task.cancel()
+            stream.task = None
+        if stream.socket is not None:
+            stream.socket.close(linger=0)
+            stream.socket = None
+
+    async def _recv_loop(self, sid: str, stream: _Stream) -> None:
+        sock = stream.socket
+        assert sock is not None
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as e:
+                if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                log.warning("kv events %s: receive failed: %s", stream.address, e)
+                await asyncio.sleep(0.1)
+                continue
+            self.handle_frames(frames, stream.key, default_key=None if stream.bind else sid)
+
+    # ---- message handling (sync; public so other transports/tests can feed frames) -------------
+    def handle_frames(
+        self, frames: list[bytes], key: str | None = None, default_key: str | None = None
+    ) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.dropped += 1
+            return
+        topic, seq_b, payload = frames
+        if key is None:
+            parsed = parse_topic(topic)
+            key = parsed[0] if parsed is not None else default_key
+        if key is None:
+            self.dropped += 1
+            return
+        self._check_seq(key, int.from_bytes(seq_b, "big"))
+        try:
+            batch = decode_batch(payload)
+        except KVEventDecodeError as e:
+            self.dropped += 1
+            log.debug("kv events from %s: %s", key, e)
+            return
+        self.batches += 1
+        self.dropped += batch.skipped
+        on_event = self._on_event
+        for ev in batch.events:
+            self.events += 1
+            try:
+                on_event(key, ev)
+            except Exception:
+                self.callback_errors += 1
+                log.exception("kv events: on_event callback failed for %s", key)
+
+    def _check_seq(self, key: str, seq: int) -> None:
+        last = self._last_seq.get(key)
+        self._last_seq[key] = seq
+        if last is None or seq == last + 1:
+            return
+        missed = seq - last - 1 if seq > last else -1  # -1: the publisher restarted
+        self.gaps += 1
+        log.warning(
+            "kv events from %s: sequence %d after %d (%s)",
+            key,
+            seq,
+            last,
+            "publisher restarted" if missed < 0 else f"{missed} batches lost",
+        )
+        if self._on_gap is not None:
+            try:
+                self._on_gap(key, missed)
+            except Exception:
+                log.exception("kv events: on_gap callback failed for %s", key)
