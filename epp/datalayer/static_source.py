@@ -145,8 +145,7 @@ def _parse_entry(raw: object, index: int) -> list[EndpointSpec]:
     unknown = set(raw) - _ENTRY_KEYS
     if unknown:
         raise EndpointsFileError(
-            f"{where}: unknown key(s) {sorted(map(str, unknown))}; "
-            f"allowed: {sorted(_ENTRY_KEYS)}"
+            f"{where}: unknown key(s) {sorted(map(str, unknown))}; allowed: {sorted(_ENTRY_KEYS)}"
         )
     address = _check_address(raw.get("address"), where)
     if ("port" in raw) == ("ports" in raw):
