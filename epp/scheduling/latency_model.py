@@ -24,9 +24,14 @@ class LatencyPriors:
 
 
 class LatencyModel:
+    """`priors` start as the static defaults and then follow the fleet: every observation
+    also moves them, so an endpoint with no observations of its own is predicted like the
+    average endpoint, not like an H100 (which would bias picks toward observed endpoints)."""
+
     def __init__(self, priors: LatencyPriors | None = None, alpha: float = 0.2) -> None:
         self.priors = priors or LatencyPriors()
         self.alpha = alpha
+        self.fleet_alpha = alpha / 4
 
     # ---- prediction (hot path) ------------------------------------------------------------
     def queued_prefill_tokens(self, ep: Endpoint) -> int:
@@ -58,14 +63,18 @@ class LatencyModel:
         lat = ep.latency
         a = self.alpha
         base = lat.ttft_base_ms or self.priors.ttft_base_ms
+        pr = self.priors
+        fa = self.fleet_alpha
         if prefill_tokens >= 256:
             rate = max(1e-4, (ttft_ms - base) / prefill_tokens)
-            cur = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
+            cur = lat.prefill_ms_per_token or pr.prefill_ms_per_token
             lat.prefill_ms_per_token = cur + a * (rate - cur)
+            pr.prefill_ms_per_token += fa * (rate - pr.prefill_ms_per_token)
         else:
-            rate = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
+            rate = lat.prefill_ms_per_token or pr.prefill_ms_per_token
             sample = max(0.1, ttft_ms - rate * prefill_tokens)
             lat.ttft_base_ms = base + a * (sample - base)
+            pr.ttft_base_ms += fa * (sample - pr.ttft_base_ms)
         lat.samples += 1
 
     def observe_tpot(self, ep: Endpoint, tpot_ms: float, batch: float) -> None:
@@ -74,3 +83,4 @@ class LatencyModel:
         base = lat.tpot_ms or self.priors.tpot_ms
         sample = max(0.05, tpot_ms - per_seq * batch)
         lat.tpot_ms = base + self.alpha * (sample - base)
+        self.priors.tpot_ms += self.fleet_alpha * (sample - self.priors.tpot_ms)

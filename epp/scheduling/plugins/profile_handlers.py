@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.endpoint import ROLE_DECODE, Endpoint
 from epp.scheduling.framework import ProfileHandler, ProfileRunner, SchedulingResult
 from epp.scheduling.plugins.common import uncached_tokens
 from epp.scheduling.request import CycleState, InferenceRequest
@@ -95,8 +95,10 @@ class PDProfileHandler(ProfileHandler):
         )
         local_ms = model.predict_ttft_ms(target, local_uncached)
         rate = target.latency.prefill_ms_per_token or model.priors.prefill_ms_per_token
-        # Prefilling locally stalls the decode batch running there for as long as it takes.
-        busy = model.batch_size(target) > 0
+        # Prefilling locally stalls the decode batch running there for as long as it takes;
+        # on a dedicated decode pod count it even when idle, since the decodes that arrive
+        # meanwhile are what the pod is for.
+        busy = model.batch_size(target) > 0 or target.role == ROLE_DECODE
         stall_ms = self.stall_weight * rate * local_uncached if busy else 0.0
         if remote_ms < local_ms + stall_ms:
             result.prefill = pf
