@@ -25,7 +25,7 @@ async def test_picked_endpoint_serves_and_body_arrives_intact(
     picks_before = metric_samples(await gw.metrics_text(), "epp_endpoint_picks_total")
     assert not picks_before
     body = orjson.dumps({"model": "m", "prompt": "hello " * 50, "max_tokens": 3})
-    status, headers, raw = await post(gw, body)
+    status, _headers, raw = await post(gw, body)
     assert status == 200, raw
     info = orjson.loads(raw)
     assert info["body_sha256"] == hashlib.sha256(body).hexdigest()
