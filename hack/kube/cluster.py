@@ -182,13 +182,34 @@ class Cluster:
         self.wait_ready()
 
     def stop_apiserver(self) -> None:
-        self._kill("apiserver")
+        # A graceful apiserver shutdown waits for open watches (up to a minute): 2 s is
+        # enough for etcd writes in flight, then SIGKILL (a crash is a fair test too).
+        self._kill("apiserver", timeout=2)
 
     def restart_apiserver(self, down_for: float = 0.0) -> None:
         self.stop_apiserver()
         if down_for:
             time.sleep(down_for)
         self.start_apiserver()
+
+    def second_apiserver(self, name: str, extra_args: Sequence[str] = ()) -> Cluster:
+        """Another kube-apiserver on the same etcd (own port, own kubeconfig), e.g. with
+        `--watch-cache-sizes=pods#0`. Stop it with `.stop_apiserver()`."""
+        workdir = self.workdir / name
+        (workdir / "certs").mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        args = [a for a in self.apiserver_args
+                if not a.startswith(("--secure-port=", "--cert-dir="))]
+        args += [f"--secure-port={port}", f"--cert-dir={workdir / 'certs'}", *extra_args]
+        doc = yaml.safe_load(self.kubeconfig.read_text())
+        api_url = f"https://127.0.0.1:{port}"
+        doc["clusters"][0]["cluster"]["server"] = api_url
+        kubeconfig = workdir / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(doc))
+        other = Cluster(workdir=workdir, kubeconfig=kubeconfig, api_url=api_url,
+                        etcd_url=self.etcd_url, apiserver_args=args, bin_dir=self.bin_dir)
+        other.start_apiserver()
+        return other
 
     def compact_etcd(self) -> int:
         """Compact etcd at its current revision (old resourceVersions then get 410 Gone)."""
@@ -203,8 +224,10 @@ class Cluster:
     def stop(self) -> None:
         if not self.managed:
             return
-        for name in ("fake-kubelet", "scheduler", "controller-manager", "apiserver", "etcd"):
+        for name in ("fake-kubelet", "scheduler", "controller-manager"):
             self._kill(name)
+        self.stop_apiserver()
+        self._kill("etcd")
 
 
 def start(workdir: Path, *, bin_dir: Path = KUBE_BIN, extra_apiserver_args: Sequence[str] = (),
