@@ -43,7 +43,7 @@ class Scenario:
             self,
             rates=rates,
             requests_per_rate=max(20, self.requests_per_rate // 4),
-            max_phase_s=min(self.max_phase_s, 25.0),
+            max_phase_s=min(self.max_phase_s, 45.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
