@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from epp.api.names import model_label_value as model_label_value
+
 GROUP = "epp.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -231,8 +233,11 @@ class ModelPoolSpec(_Model):
         if dup:
             raise ValueError(f"duplicate business names: {sorted(dup)}")
         matches = [
-            (tuple(sorted(b.match.hostnames)), b.match.path,
-             tuple(sorted((h.name.lower(), h.value) for h in b.match.headers)))
+            (
+                tuple(sorted(b.match.hostnames)),
+                b.match.path,
+                tuple(sorted((h.name.lower(), h.value) for h in b.match.headers)),
+            )
             for b in self.businesses
         ]
         if len(set(matches)) != len(matches):
@@ -290,10 +295,3 @@ class ModelPool(BaseModel):
 
     def epp_service(self) -> str:
         return self.spec.epp.service_name or f"{self.name}-epp"
-
-
-def model_label_value(model_name: str) -> str:
-    """A valid label value for a model name: `org/model` -> `org--model`, max 63 chars."""
-    v = model_name.replace("/", "--")
-    v = re.sub(r"[^A-Za-z0-9._-]", "-", v)[:63]
-    return v.strip("-_.") or "model"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from epp.api.names import model_label_value
 from epp.datalayer.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,13 @@ class Datastore:
         snap = self._snapshot()
         hit = snap.by_model.get(model)
         if hit is None:
+            # Label values cannot hold every model name (`org/model`): the reconciler labels
+            # pods with model_label_value(name), so accept either spelling.
+            alias = model_label_value(model)
             labelled = tuple(
-                ep for ep in snap.all if (ep.model or ep.served_models) and ep.serves(model)
+                ep
+                for ep in snap.all
+                if (ep.model or ep.served_models) and (ep.serves(model) or ep.serves(alias))
             )
             hit = labelled + snap.any_model if snap.any_model else labelled
             snap.by_model[model] = hit

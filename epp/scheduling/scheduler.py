@@ -90,8 +90,7 @@ class Scheduler(ProfileRunner):
             if timer:
                 timer("scorer", ws.scorer.name, perf_counter() - t0)
             w = ws.weight
-            for i in range(n):
-                totals[i] += w * scores[i]
+            totals = [t + w * s for t, s in zip(totals, scores, strict=True)]
             if per_plugin is not None:
                 per_plugin[ws.scorer.name] = scores
         picker = prof.picker

@@ -16,8 +16,6 @@ from epp.scheduling.framework import Scorer
 from epp.scheduling.plugins.common import prefix_match
 from epp.scheduling.request import CycleState, InferenceRequest
 
-PREDICTIONS_KEY = "latency-predictions"
-
 
 def _headroom(slo: float, predicted: float) -> float:
     if predicted <= slo:
@@ -36,19 +34,28 @@ class LatencyScorer(Scorer):
         block_tokens = self.services.prefix_index.block_tokens
         blocks = match.matched_blocks
         prompt = request.prompt_tokens
-        ttft = [
-            model.predict_ttft_ms(ep, max(0, prompt - blocks.get(ep.key, 0) * block_tokens))
-            for ep in endpoints
-        ]
-        predictions: dict[str, tuple[float, float]] = cycle.get(PREDICTIONS_KEY) or {}
+        pr = model.priors
+        prior_rate, prior_base, unknown = (
+            pr.prefill_ms_per_token, pr.ttft_base_ms, pr.unknown_queue_tokens
+        )
+        # The hot loop of the picker on big pools: LatencyModel.predict_ttft_ms, inlined.
+        ttft = []
+        for ep in endpoints:
+            lat, inf = ep.latency, ep.inflight
+            queued = inf.pending_prefill_tokens + inf.prefill_tokens
+            extra = ep.metrics.waiting - inf.pending_requests
+            if extra > 0:
+                queued += int(extra) * unknown
+            uncached = prompt - blocks.get(ep.key, 0) * block_tokens if blocks else prompt
+            ttft.append(
+                (lat.ttft_base_ms or prior_base)
+                + (lat.prefill_ms_per_token or prior_rate) * (max(0, uncached) + queued)
+            )
         slo_ttft, slo_tpot = request.slo_ttft_ms, request.slo_tpot_ms
-        tpot = [model.predict_tpot_ms(ep) for ep in endpoints]
-        for ep, t, p in zip(endpoints, ttft, tpot, strict=True):
-            predictions[ep.key] = (t, p)
-        cycle.set(PREDICTIONS_KEY, predictions)
         if slo_ttft is None and slo_tpot is None:
             best = min(ttft)
             return [best / t if t > 0 else 1.0 for t in ttft]
+        tpot = [model.predict_tpot_ms(ep) for ep in endpoints]
         scores = []
         for t, p in zip(ttft, tpot, strict=True):
             parts = []
