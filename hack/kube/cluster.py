@@ -123,10 +123,16 @@ class Cluster:
         raise TimeoutError(f"apiserver at {self.api_url} not ready; see {self.workdir}")
 
     def install_crds(self, crd_dir: Path = REPO / "manifests" / "crds") -> list[str]:
-        files = sorted(crd_dir.glob("*.yaml"))
-        if not files:
+        """Apply the project's CRDs, plus the test-only ones (crds/testing/) that the
+        cluster does not serve yet (a real Gateway API install is never replaced)."""
+        docs = downlevel([str(f) for f in sorted(crd_dir.glob("*.yaml"))])
+        testing = sorted((crd_dir / "testing").glob("*.yaml"))
+        if testing:
+            present = self.kubectl("get", "crd", "-o", "name", check=False)
+            docs += [d for d in downlevel([str(f) for f in testing])
+                     if f"/{d['metadata']['name']}" not in present]
+        if not docs:
             return []
-        docs = downlevel([str(f) for f in files])
         names = [d["metadata"]["name"] for d in docs if d.get("kind") == "CustomResourceDefinition"]
         self.apply(yaml.safe_dump_all(docs, sort_keys=False))
         if names:
