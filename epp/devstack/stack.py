@@ -8,6 +8,8 @@ Used by `make run`, the integration tests and the benchmarks:
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -93,6 +95,10 @@ async def start_gateway(
     workdir: str | None = None,
     scrape_interval: float = 0.05,
 ) -> GatewayHandle:
+    # Debugging hooks for runs driven by other tools (bench.run): keep the logs in a fixed
+    # folder and pass extra flags to `epp serve`.
+    workdir = workdir or os.environ.get("EPP_DEVSTACK_WORKDIR") or None
+    epp_args = [*epp_args, *shlex.split(os.environ.get("EPP_DEVSTACK_ARGS", ""))]
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="epp-gw-")

@@ -16,6 +16,7 @@ released exactly once when it ends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -72,6 +73,7 @@ class _Stream:
     decision: Decision | None = None
     model: str = ""
     answered: bool = False  # an immediate response ended the request
+    prefill_timer: asyncio.TimerHandle | None = None
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -282,8 +284,20 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if d is None:
             return
         now = time.monotonic()
-        self.director.first_byte(d, now)
         self.metrics.ttft.labels(d.request.model).observe(now - d.started)
+        if d.request.stream:
+            # Engines send a stream's headers before its first token: wait for the first
+            # body chunk if Envoy sends the body; else assume the prefill ends when predicted.
+            remaining = (d.result.predicted_ttft_ms or 0.0) / 1000.0 - (now - d.started)
+            if remaining > 0:
+                st.prefill_timer = asyncio.get_running_loop().call_later(
+                    remaining, self.director.prefill_elapsed, d
+                )
+            else:
+                self.director.prefill_elapsed(d)
+        else:
+            # Headers of a non-streamed answer come at its end: not a TTFT to learn from.
+            self.director.first_byte(d, now, learn=False)
         d.served = m.served_endpoint(msg)
         for h in msg.response_headers.headers.headers:
             if h.key == ":status":
@@ -298,6 +312,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if d is None:
             return
         chunk = body.body
+        if d.request.stream and not d.first_byte_at and chunk:
+            self._cancel_timer(st)
+            self.director.first_byte(d, time.monotonic(), learn=True)
         if b'"usage"' in chunk:
             usage = {k: rx.findall(chunk) for k, rx in _USAGE_RE.items()}
             model = d.request.model
@@ -312,7 +329,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if body.end_of_stream:
             self._finish(st)
 
+    @staticmethod
+    def _cancel_timer(st: _Stream) -> None:
+        if st.prefill_timer is not None:
+            st.prefill_timer.cancel()
+            st.prefill_timer = None
+
     def _finish(self, st: _Stream) -> None:
+        self._cancel_timer(st)
         d = st.decision
         if d is None or d.released:
             return

@@ -2,7 +2,8 @@
 
 `admit` turns a parsed request into a `Decision` (model resolution and rewrite, candidate
 endpoints, admission, scheduling) and charges the chosen endpoints *at pick time* so a
-burst never sees stale load. `first_byte`, `complete` and `release` feed the latency model
+burst never sees stale load. `first_byte`, `prefill_elapsed`, `complete` and `release`
+feed the latency model
 and give back what was charged; `release` is idempotent and is always called (stream end,
 error or reset), so in-flight counters cannot leak.
 """
@@ -75,6 +76,7 @@ class Decision:
     pending_tokens: int = 0  # uncached tokens charged as pending prefill on the prefill hop
     queued_ahead: int = 0  # prefill tokens queued on the prefilling endpoint at pick time
     first_byte_at: float = 0.0
+    prefill_settled: bool = False
     released: bool = False
     status: int = 0
     served: str = ""  # endpoint Envoy reports it actually used
@@ -200,7 +202,10 @@ class Director:
         self.prefix_index.insert(target, hashes)
 
     def _settle_prefill(self, d: Decision) -> None:
-        """The first byte came (or the request ended): the prefill work is done."""
+        """The first token came (or the request ended): the prefill work is done."""
+        if d.prefill_settled:
+            return
+        d.prefill_settled = True
         res = d.result
         if res.prefill is not None:
             pf = res.prefill.inflight
@@ -210,13 +215,24 @@ class Director:
             res.target.inflight.pending_prefill_tokens -= d.pending_tokens
         res.target.inflight.pending_requests -= 1
 
-    def first_byte(self, d: Decision, now: float | None = None) -> None:
+    def first_byte(self, d: Decision, now: float | None = None, *, learn: bool = True) -> None:
+        """The first token is back: the prefill work is done. With `learn`, the time is a
+        true TTFT and trains the latency model (a stream's first body chunk; not response
+        headers, which engines send before the first token)."""
         if d.first_byte_at or d.released:
             return
         d.first_byte_at = now if now is not None else time.monotonic()
-        ep = d.result.prefill or d.target
-        ttft_ms = (d.first_byte_at - d.started) * 1000.0
-        self.latency.observe_ttft(ep, ttft_ms, d.pending_tokens + d.queued_ahead)
+        if learn:
+            ep = d.result.prefill or d.target
+            ttft_ms = (d.first_byte_at - d.started) * 1000.0
+            self.latency.observe_ttft(ep, ttft_ms, d.pending_tokens + d.queued_ahead)
+        self._settle_prefill(d)
+
+    def prefill_elapsed(self, d: Decision) -> None:
+        """No first-token signal, but the predicted TTFT has passed: stop counting this
+        request's prefill as queued work."""
+        if d.first_byte_at or d.released or d.prefill_settled:
+            return
         self._settle_prefill(d)
 
     def complete(self, d: Decision, output_tokens: int, now: float | None = None) -> None:
@@ -230,8 +246,7 @@ class Director:
     def release(self, d: Decision | None) -> None:
         if d is None or d.released:
             return
-        if not d.first_byte_at:
-            self._settle_prefill(d)
+        self._settle_prefill(d)
         d.released = True
         inf = d.target.inflight
         inf.requests -= 1
