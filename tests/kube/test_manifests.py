@@ -112,6 +112,7 @@ def test_chart_args_and_config_accepted_by_epp_serve(helm: str) -> None:
     assert (ns.pool_name, ns.label_business, ns.grpc_port) == ("vllm-pool", "tenant", 9002)
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["epp-config.yaml"]
     build_scheduler(config)  # raises on an unknown plugin or a bad profile
+    assert "business-filter" in config  # relabelling a pod must move its traffic
 
 
 def _manifest_docs(version: str) -> list[dict[str, Any]]:
@@ -139,6 +140,7 @@ def test_plain_manifests_accepted_by_the_api_server(kube_cluster: Cluster,
     _serve_parser().parse_args(args[1:])
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["epp-config.yaml"]
     build_scheduler(config)
+    assert "business-filter" in config
 
 
 def test_server_rejects_an_invalid_pool(kube_cluster: Cluster, kube_ns: str) -> None:
