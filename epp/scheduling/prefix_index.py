@@ -80,18 +80,19 @@ class PrefixIndex:
         return matched
 
     def matched_blocks_for(self, key: str, hashes: list[int]) -> int:
-        """Blocks of the prompt one endpoint holds (binary search on its LRU)."""
+        """Leading blocks of the prompt one endpoint holds (same answer as `match`).
+
+        A linear scan: `remove_blocks` can leave holes in a held chain, which a binary
+        search would jump over."""
         lru = self._lru.get(key)
-        if not lru or not hashes or hashes[0] not in lru:
+        if not lru:
             return 0
-        lo, hi = 1, len(hashes)  # invariant: the first `lo` blocks are held
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in lru:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        n = 0
+        for h in hashes:
+            if h not in lru:
+                break
+            n += 1
+        return n
 
     # ---- updates --------------------------------------------------------------------------
     def capacity_for(self, ep: Endpoint) -> int:
