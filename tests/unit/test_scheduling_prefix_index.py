@@ -154,9 +154,7 @@ def test_matched_blocks_for_agrees_with_match() -> None:
     idx = PrefixIndex(block_bytes=BLOCK)
     eps = [ep(i, num_blocks=rng.choice([0, 6, 10]), block_size=4) for i in range(1, 6)]
     vocab = "abc"
-    prompts = [
-        blocks(*(rng.choice(vocab) for _ in range(rng.randint(1, 8)))) for _ in range(60)
-    ]
+    prompts = [blocks(*(rng.choice(vocab) for _ in range(rng.randint(1, 8)))) for _ in range(60)]
     for p in prompts:
         idx.insert(rng.choice(eps), idx.hash_prompt("m", p))
     checked = 0
