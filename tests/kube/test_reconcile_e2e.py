@@ -282,7 +282,7 @@ async def test_distribute_moves_traffic_between_businesses_without_failures(
 
         early = [o for o in outcomes if o.started < distribute["start"]]
         late = [o for o in outcomes if o.started > distribute["done"] + SETTLE]
-        assert len(early) >= 20 and len(late) >= 20, (len(early), len(late))
+        assert len(early) >= 20 and len(late) >= 10, (len(early), len(late))
         assert not [o for o in early if wrong(o, before)], "routed outside its business"
         assert not [o for o in late if wrong(o, after)], [o for o in late if wrong(o, after)]
         lag = max((o.started - distribute["done"] for o in outcomes
