@@ -86,7 +86,20 @@ def _chat_prompt(messages: Any) -> bytes:
     return _SEP.join(out) + _SEP
 
 
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)  # JSON true is not a token id
+
+
+def _token_prompt(tokens: list[Any], field: str) -> bytes:
+    if not tokens:
+        raise bad_request(f"'{field}' must not be empty.")
+    if not all(_is_token(t) for t in tokens):
+        raise bad_request(f"'{field}' token array must contain only integers.")
+    return b",".join(str(t).encode() for t in tokens)
+
+
 def _completion_prompt(prompt: Any, field: str = "prompt") -> bytes:
+    """A string, an array of strings, an array of token ids, or an array of token arrays."""
     if isinstance(prompt, str):
         return prompt.encode()
     if isinstance(prompt, list):
@@ -97,12 +110,12 @@ def _completion_prompt(prompt: Any, field: str = "prompt") -> bytes:
             if not all(isinstance(p, str) for p in prompt):
                 raise bad_request(f"'{field}' must be a string or an array of strings or tokens.")
             return _SEP.join(p.encode() for p in prompt)
-        if isinstance(first, int):  # token ids
-            if not all(isinstance(t, int) for t in prompt):
-                raise bad_request(f"'{field}' token array must contain only integers.")
-            return b",".join(str(t).encode() for t in prompt)
+        if _is_token(first):
+            return _token_prompt(prompt, field)
         if isinstance(first, list):
-            return _SEP.join(_completion_prompt(p, field) for p in prompt)
+            if not all(isinstance(p, list) for p in prompt):
+                raise bad_request(f"'{field}' batch must contain only token arrays.")
+            return _SEP.join(_token_prompt(p, field) for p in prompt)
     raise bad_request(f"'{field}' must be a string or an array of strings or tokens.")
 
 
