@@ -143,6 +143,26 @@ def test_service_account_gets_exactly_what_the_reconciler_calls(rbac_cluster: Cl
         api.close()  # type: ignore[no-untyped-call]
 
 
+def test_pool_operator_role_covers_epp_pool_commands_only(rbac_cluster: Cluster,
+                                                         kube_ns: str) -> None:
+    """`epp-pool-operator` bound in one namespace: what `epp pool status|assign|distribute`
+    call there, nothing elsewhere."""
+    rbac_cluster.kubectl("create", "rolebinding", "ops", "-n", kube_ns,
+                         "--clusterrole=epp-pool-operator", "--user=alice")
+    api, authz = _authz(rbac_cluster)
+    try:
+        granted = {
+            (verb, group, resource, sub)
+            for verb, (group, resource, sub) in itertools.product(VERBS, RESOURCES)
+            if _allowed(authz, verb, group, resource, sub, namespace=kube_ns, user="alice")
+        }
+        assert granted == {*((v, "epp.dev", "modelpools", "") for v in ("get", "list", "patch")),
+                           *((v, "", "pods", "") for v in ("get", "list", "patch"))}
+        assert not _allowed(authz, "patch", "", "pods", namespace="default", user="alice")
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
 def test_impersonated_service_account_is_refused_secrets_and_namespace_deletion(
         rbac_cluster: Cluster, kube_ns: str) -> None:
     """The same answer from the real request path (the admin may impersonate)."""
