@@ -5,7 +5,8 @@ binds to one of them:
 - sets phase Running, a distinct loopback podIP (127.0.0.10, .11, ... then 127.0.1.10 ...)
   and conditions Ready / ContainersReady / Initialized / PodScheduled;
 - honours the annotation `fake-kubelet.epp.dev/ready: "false"` (pod Running, Ready=False),
-  so tests can flip readiness;
+  and `spec.readinessGates` (Ready only once each gate's condition is True, as a real
+  kubelet does: tests that flip gate conditions run on kind/real clusters too);
 - finishes deletions: a pod with a deletionTimestamp is deleted with grace period 0
   (what a kubelet does once containers have stopped).
 
@@ -33,6 +34,7 @@ log = logging.getLogger("fake-kubelet")
 READY_ANNOTATION = "fake-kubelet.epp.dev/ready"
 FIRST_HOST = 10  # 127.0.0.10 is the first pod IP
 HOSTS_PER_NET = 245  # .10 .. .254
+_KUBELET_CONDITIONS = ("Initialized", "PodScheduled", "ContainersReady", "Ready")
 
 
 def pod_ip(index: int) -> str:
@@ -172,16 +174,23 @@ class FakeKubelet:
         status_obj = pod.get("status") or {}
         if status_obj.get("phase") in ("Succeeded", "Failed"):
             return
-        want_ready = (meta.get("annotations") or {}).get(READY_ANNOTATION, "true") != "false"
+        containers_ready = (meta.get("annotations") or {}).get(READY_ANNOTATION, "true") != "false"
         ip = self._assign_ip(uid, status_obj.get("podIP"))
-        conds = {c["type"]: c.get("status") for c in status_obj.get("conditions") or []}
+        old_conds = list(status_obj.get("conditions") or [])
+        conds = {c["type"]: c.get("status") for c in old_conds}
+        # Readiness gates (spec.readinessGates) work as with a real kubelet: Ready needs
+        # each gate's condition (set by someone else on pods/status) to be True.
+        gates = [g.get("conditionType") for g in pod.get("spec", {}).get("readinessGates") or []]
+        want_ready = containers_ready and all(conds.get(g) == "True" for g in gates)
         ready_s = "True" if want_ready else "False"
+        cready_s = "True" if containers_ready else "False"
         if (status_obj.get("phase") == "Running" and status_obj.get("podIP") == ip
-                and conds.get("Ready") == ready_s and conds.get("ContainersReady") == ready_s):
+                and conds.get("Ready") == ready_s and conds.get("ContainersReady") == cready_s):
             return
         now = _now()
         containers = [
-            {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": want_ready,
+            {"name": c["name"], "image": c.get("image", ""), "imageID": "",
+             "ready": containers_ready,
              "restartCount": 0, "started": True, "containerID": f"fake://{uid}/{c['name']}",
              "state": {"running": {"startedAt": now}}}
             for c in pod.get("spec", {}).get("containers", [])
@@ -195,8 +204,8 @@ class FakeKubelet:
             "conditions": [
                 {"type": t, "status": s, "lastTransitionTime": now}
                 for t, s in (("Initialized", "True"), ("PodScheduled", "True"),
-                             ("ContainersReady", ready_s), ("Ready", ready_s))
-            ],
+                             ("ContainersReady", cready_s), ("Ready", ready_s))
+            ] + [c for c in old_conds if c.get("type") not in _KUBELET_CONDITIONS],
             "containerStatuses": containers,
         }}
         status, body = await self._request("PATCH", base + "/status", patch,

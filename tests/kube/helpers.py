@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -12,6 +14,11 @@ from epp.datalayer.endpoint import Endpoint
 from hack.kube.cluster import Cluster
 
 T = TypeVar("T")
+
+# Any image works with the fake kubelet; on kind / real clusters (KUBECONFIG_E2E) pods must
+# really run: pause has no probes, so it is Ready once started.
+POD_IMAGE = os.environ.get("KUBE_TEST_IMAGE", "registry.k8s.io/pause:3.9")
+READY_GATE = "epp.dev/ready"
 
 
 async def until(cond: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.01,
@@ -53,20 +60,29 @@ spec:
 """
 
 
-def pod_yaml(name: str, ns: str, labels: dict[str, str], ready: bool = True) -> str:
+def pod_yaml(name: str, ns: str, labels: dict[str, str], gated: bool = False) -> str:
+    """A pod; `gated` pods carry a readiness gate and stay not Ready until `open_gate`."""
     lab = "".join(f"\n    {k}: \"{v}\"" for k, v in labels.items())
-    ann = "" if ready else '\n  annotations: {fake-kubelet.epp.dev/ready: "false"}'
+    gate = f"\n  readinessGates: [{{conditionType: {READY_GATE}}}]" if gated else ""
     return f"""
 apiVersion: v1
 kind: Pod
 metadata:
   name: {name}
-  namespace: {ns}{ann}
+  namespace: {ns}
   labels:{lab}
 spec:
-  terminationGracePeriodSeconds: 1
-  containers: [{{name: engine, image: fake}}]
+  terminationGracePeriodSeconds: 1{gate}
+  containers: [{{name: engine, image: {POD_IMAGE}}}]
 """
+
+
+async def open_gate(cluster: Cluster, ns: str, pod: str, ready: bool = True) -> None:
+    """Set the readiness-gate condition of a `gated` pod (the kubelet then updates Ready)."""
+    cond = {"type": READY_GATE, "status": "True" if ready else "False"}
+    patch = json.dumps({"status": {"conditions": [cond]}})
+    await kubectl(cluster, "patch", "pod", pod, "-n", ns, "--subresource=status",
+                  "--type=strategic", "-p", patch)
 
 
 def deployment_yaml(name: str, ns: str, replicas: int, labels: dict[str, str]) -> str:
@@ -85,7 +101,7 @@ spec:
       labels:{lab}
     spec:
       terminationGracePeriodSeconds: 1
-      containers: [{{name: engine, image: fake}}]
+      containers: [{{name: engine, image: {POD_IMAGE}}}]
 """
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from hack.kube.cluster import Cluster
 from tests.kube.conftest import wait_for
+from tests.kube.helpers import POD_IMAGE
 
 DEPLOY = """
 apiVersion: apps/v1
@@ -18,7 +19,7 @@ spec:
   template:
     metadata: {labels: {app: web}}
     spec:
-      containers: [{name: c, image: fake}]
+      containers: [{name: c, image: %(image)s}]
 """
 
 
@@ -34,7 +35,7 @@ def _ready(pod: dict[str, Any]) -> bool:
 def test_deployment_pods_become_ready_with_distinct_loopback_ips(
     kube_cluster: Cluster, kube_ns: str
 ) -> None:
-    kube_cluster.apply(DEPLOY % {"ns": kube_ns})
+    kube_cluster.apply(DEPLOY % {"ns": kube_ns, "image": POD_IMAGE})
     def three_ready() -> list[dict[str, Any]] | None:
         pods = _pods(kube_cluster, kube_ns)
         return pods if len(pods) == 3 and all(_ready(p) for p in pods) else None
@@ -49,10 +50,9 @@ def test_deployment_pods_become_ready_with_distinct_loopback_ips(
     wait_for(lambda: len(_pods(kube_cluster, kube_ns)) == 1, timeout=30, what="scale down")
 
 
-def test_ready_annotation_flips_readiness(kube_cluster: Cluster, kube_ns: str) -> None:
-    if not kube_cluster.managed:
-        return
-    kube_cluster.kubectl("run", "p", "-n", kube_ns, "--image=fake", "--restart=Never")
+def test_ready_annotation_flips_readiness(managed_cluster: Cluster, kube_ns: str) -> None:
+    kube_cluster = managed_cluster
+    kube_cluster.kubectl("run", "p", "-n", kube_ns, f"--image={POD_IMAGE}", "--restart=Never")
     wait_for(lambda: _ready(_pods(kube_cluster, kube_ns)[0]), timeout=20, what="ready")
     kube_cluster.kubectl("annotate", "pod/p", "-n", kube_ns, "fake-kubelet.epp.dev/ready=false")
     wait_for(lambda: not _ready(_pods(kube_cluster, kube_ns)[0]), timeout=10, what="not ready")

@@ -18,6 +18,7 @@ from tests.kube.helpers import (
     deployment_yaml,
     kubectl,
     model_yaml,
+    open_gate,
     pod_yaml,
     pool_yaml,
     until,
@@ -71,7 +72,7 @@ async def test_pods_appear_become_ready_and_disappear(
 
     await kubectl(kube_cluster, "apply", "-f", "-",
                   input=pod_yaml("a", kube_ns, LABELS)
-                  + "---" + pod_yaml("b", kube_ns, {**LABELS, "role": "prefill"}, ready=False))
+                  + "---" + pod_yaml("b", kube_ns, {**LABELS, "role": "prefill"}, gated=True))
 
     def both() -> dict[str, list[Endpoint]] | None:
         m = by_name(ds)
@@ -86,8 +87,7 @@ async def test_pods_appear_become_ready_and_disappear(
 
     # b becomes ready; the same Endpoint objects are updated in place.
     b0 = ds.get(b[0].key)
-    await kubectl(kube_cluster, "annotate", "pod/b", "-n", kube_ns, "--overwrite",
-                  "fake-kubelet.epp.dev/ready=true")
+    await open_gate(kube_cluster, kube_ns, "b")
     await until(lambda: all(e.ready for e in by_name(ds)["b"]), what="b ready")
     assert ds.get(b[0].key) is b0
 

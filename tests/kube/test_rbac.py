@@ -28,6 +28,8 @@ RESOURCES = (  # (group, resource, subresource)
     ("inference.networking.x-k8s.io", "inferenceobjectives", ""),
     ("epp.dev", "modelpools", ""),
 )
+pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request")
+
 EXPECTED = {
     (verb, group, resource, "")
     for verb in ("get", "list", "watch")
