@@ -6,6 +6,7 @@ fallbacks Envoy may try in order.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -64,9 +65,11 @@ class WeightedRandomPicker(_CountedPicker):
         if not endpoints:
             return []
         rng = self.rng
-        # Efraimidis–Spirakis: key = u^(1/w); zero weights get a tiny floor so all stay eligible.
+        # Efraimidis–Spirakis: key = u^(1/w), compared as log(u)/w so that small weights do
+        # not underflow every key to 0.0 (which made ties go to the last endpoint); zero
+        # weights get a tiny floor so all stay eligible. 1 - random() is in (0, 1].
         keyed = sorted(
-            ((rng.random() ** (1.0 / max(s, 1e-6)), i) for i, s in enumerate(scores)),
+            ((math.log(1.0 - rng.random()) / max(s, 1e-6), i) for i, s in enumerate(scores)),
             reverse=True,
         )
         return [endpoints[i] for _, i in keyed[: self.count]]
