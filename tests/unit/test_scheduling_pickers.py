@@ -112,3 +112,22 @@ def test_random_picker_distinct_and_spread() -> None:
         assert len(got) == 2 and got[0] is not got[1]
         counts[got[0].key] += 1
     assert min(counts.values()) > 60
+
+
+@pytest.mark.parametrize("level", [0.0, 1e-4, 0.01])
+def test_weighted_random_uniform_when_all_scores_equal_and_tiny(level: float) -> None:
+    """Equal (even zero or tiny) scores must still spread, not fall to the last endpoint."""
+    e = eps(4)
+    p = picker(WeightedRandomPicker, seed=13)
+    n = 2000
+    counts = Counter(p.pick(CycleState(), REQ, e, [level] * 4)[0].key for _ in range(n))
+    for ep_ in e:
+        assert counts[ep_.key] / n == pytest.approx(0.25, abs=0.04), counts
+
+
+def test_weighted_random_proportional_for_small_scores() -> None:
+    e = eps(2)
+    p = picker(WeightedRandomPicker, seed=17)
+    n = 4000
+    counts = Counter(p.pick(CycleState(), REQ, e, [0.002, 0.006])[0].key for _ in range(n))
+    assert counts[e[1].key] / n == pytest.approx(0.75, abs=0.03)
