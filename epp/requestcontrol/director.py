@@ -120,6 +120,7 @@ class Director:
             objective = self.datastore.objective(objective_name)
             if objective is not None:
                 req.priority = objective.priority
+                req.objective = objective.name
 
     def _resolve_model(self, req: InferenceRequest) -> str | None:
         """Apply the InferenceModel for `req.model`; returns the rewritten name if any."""
@@ -128,7 +129,7 @@ class Director:
             if self.datastore.has_model_definitions and not self.settings.model_passthrough:
                 raise model_not_found(req.model)
             return req.target_model or None
-        if not req.priority:
+        if not req.priority and req.objective is None:  # an objective wins, even at 0
             req.priority = _CRITICALITY_PRIORITY[info.criticality]
         if req.target_model or not info.target_models:
             return req.target_model or None

@@ -21,6 +21,7 @@ class InferenceRequest:
     stream: bool = False
     business: str | None = None
     priority: int = 0  # < 0 = sheddable
+    objective: str | None = None  # the InferenceObjective that set `priority`, if any
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     session_key: str | None = None
