@@ -405,3 +405,19 @@ def test_pick_any_prefers_least_loaded_decode_capable_ready() -> None:
     only_bad = [ep(1, role="prefill"), ep(2, ready=False)]
     d2, _ = make(only_bad)
     assert status_of(lambda: d2.pick_any("r")) == 503
+
+
+def test_objective_with_priority_zero_is_not_replaced_by_criticality() -> None:
+    """An explicit objective wins even when its priority is 0 (Standard)."""
+    pool = [ep(1)]
+    d, ds = make(pool)
+    ds.replace_objectives([Objective("standard", 0)])
+    ds.replace_models("test", [ModelInfo("m", Criticality.SHEDDABLE)])
+    _saturate(pool[0])
+    r = req()
+    d.apply_headers(r, {"x-gateway-inference-objective": "standard"})
+    dec = d.admit(r)  # not shed: the objective says Standard
+    assert r.priority == 0
+    d.release(dec)
+    # without the header the model's criticality applies
+    assert status_of(lambda: d.admit(req())) == 429
