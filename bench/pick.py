@@ -47,8 +47,9 @@ def _datastore(n: int, rng: random.Random) -> Datastore:
     ds.register_source("bench")
     eps = []
     for i in range(n):
-        ep = Endpoint(f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 8000, name=f"pod-{i}",
-                      model=MODEL)
+        ep = Endpoint(
+            f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 8000, name=f"pod-{i}", model=MODEL
+        )
         m = ep.metrics
         m.waiting = rng.randint(0, 4)
         m.running = rng.randint(0, 64)
@@ -61,7 +62,9 @@ def _datastore(n: int, rng: random.Random) -> Datastore:
     return ds
 
 
-def run_case(n_endpoints: int, prompt_tokens: int, iterations: int, seed: int = 1) -> dict[str, Any]:
+def run_case(
+    n_endpoints: int, prompt_tokens: int, iterations: int, seed: int = 1
+) -> dict[str, Any]:
     rng = random.Random(seed)
     ds = _datastore(n_endpoints, rng)
     director = Director(ds, build_scheduler(), rng=random.Random(seed))

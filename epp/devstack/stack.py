@@ -88,6 +88,7 @@ async def start_gateway(
     listen_port: int = 0,
     config_text: str | None = None,
     body_mode: str = "FULL_DUPLEX_STREAMED",
+    response_headers: bool = True,
     response_body: bool = False,
     epp_args: Sequence[str] = (),
     epp_processes: int = 1,
@@ -149,6 +150,7 @@ async def start_gateway(
             admin_port=gw.admin_port,
             epp_ports=gw.epp_ports,
             body_mode=body_mode,
+            response_headers=response_headers,
             response_body=response_body,
         )
         gw.envoy = start_envoy(render_envoy_config(opts), wd, concurrency=envoy_concurrency)

@@ -204,6 +204,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.metrics.phase("schedule", t_sched - t_parsed)
         self.metrics.scheduler_e2e.observe(t_sched - t_parsed)
         st.decision = decision
+        # Until a first-token signal says otherwise (a stream's first body chunk, when Envoy
+        # sends response bodies), the prefill is assumed done when predicted.
+        st.prefill_timer = asyncio.get_running_loop().call_later(
+            (decision.result.predicted_ttft_ms or 0.0) / 1000.0,
+            self.director.prefill_elapsed,
+            decision,
+        )
         new_body = self._rewrite(data, decision)
         out = self._answer(st, decision, body, new_body, trailers)
         self.metrics.phase("respond", time.perf_counter() - t_sched)
@@ -285,18 +292,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         now = time.monotonic()
         self.metrics.ttft.labels(d.request.model).observe(now - d.started)
-        if d.request.stream:
-            # Engines send a stream's headers before its first token: wait for the first
-            # body chunk if Envoy sends the body; else assume the prefill ends when predicted.
-            remaining = (d.result.predicted_ttft_ms or 0.0) / 1000.0 - (now - d.started)
-            if remaining > 0:
-                st.prefill_timer = asyncio.get_running_loop().call_later(
-                    remaining, self.director.prefill_elapsed, d
-                )
-            else:
-                self.director.prefill_elapsed(d)
-        else:
+        if not d.request.stream:
             # Headers of a non-streamed answer come at its end: not a TTFT to learn from.
+            # (A stream's headers come before its first token: they say nothing.)
+            self._cancel_timer(st)
             self.director.first_byte(d, now, learn=False)
         d.served = m.served_endpoint(msg)
         for h in msg.response_headers.headers.headers:

@@ -1,0 +1,244 @@
+"""Proxy-overhead benchmark: plain Envoy round-robin vs Envoy + EPP, same backends, same run.
+
+    python -m bench.proxy [--json] [--duration S] [--connections N] [--epp-processes N]
+
+Backends are near-instant (an Envoy answering every POST with a fixed completion via
+`direct_response`, on four loopback IPs) so the figures are the routers' own cost. Load is
+`wrk` (Debian package; installed by `make bench` if missing). Prints one JSON object:
+
+* plain_envoy_rps / epp_rps / ratio: throughput at `--connections` concurrency;
+* added_p50_ms_c1: p50 latency added by the EPP with one connection (small body);
+* large_body_added_ms: the same for a 220 KB prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from epp.devstack.envoy import render_round_robin_config, start_envoy
+from epp.devstack.procs import free_port, stop_process, wait_http
+from epp.devstack.stack import start_gateway
+
+BACKEND_IPS = ["127.0.4.2", "127.0.4.3", "127.0.4.4", "127.0.4.5"]
+COMPLETION = orjson.dumps(
+    {
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "model": "bench",
+        "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }
+).decode()
+
+WRK_SCRIPT = """
+local f = io.open(os.getenv("WRK_BODY_FILE"), "rb")
+wrk.body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def backend_config(port: int, admin_port: int) -> dict[str, Any]:
+    listeners = []
+    for i, ip in enumerate(BACKEND_IPS):
+        hcm = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+            "http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": f"backend{i}",
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                "direct_response": {
+                                    "status": 200,
+                                    "body": {"inline_string": COMPLETION},
+                                },
+                                "response_headers_to_add": [
+                                    {
+                                        "header": {
+                                            "key": "content-type",
+                                            "value": "application/json",
+                                        }
+                                    },
+                                    {"header": {"key": "x-served-by", "value": f"{ip}:{port}"}},
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                    },
+                }
+            ],
+        }
+        listeners.append(
+            {
+                "name": f"backend{i}",
+                "address": {"socket_address": {"address": ip, "port_value": port}},
+                "per_connection_buffer_limit_bytes": 32 << 20,
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.http_connection_manager",
+                                "typed_config": hcm,
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "static_resources": {"listeners": listeners},
+    }
+
+
+def wrk(
+    url: str, body_file: Path, script: Path, connections: int, duration: float
+) -> dict[str, float]:
+    env = {**os.environ, "WRK_BODY_FILE": str(body_file)}
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=duration + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _latency_ms(re.search(r"50%\s+([\d.]+)(us|ms|s)", out))  # type: ignore[arg-type]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": p50, "non2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def _latency_ms(m: re.Match[str]) -> float:
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000.0 if unit == "us" else value * 1000.0 if unit == "s" else value
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: `apt-get install wrk` (make bench does it)")
+    work = Path(tempfile.mkdtemp(prefix="epp-proxy-bench-"))
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    small = work / "small.json"
+    small.write_text(
+        orjson.dumps({"model": "bench", "prompt": "Say hi.", "max_tokens": 8}).decode()
+    )
+    large = work / "large.json"
+    large.write_text(orjson.dumps({"model": "bench", "prompt": "lorem ipsum " * 18_500}).decode())
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        backend = start_envoy(backend_config(port, free_port()), work / "backend", concurrency=1)
+        procs.append(backend)
+        for ip in BACKEND_IPS:
+            await wait_http(f"http://{ip}:{port}/health", proc=backend)
+        rr_port = free_port()
+        rr = start_envoy(
+            render_round_robin_config(rr_port, free_port(), [(ip, port) for ip in BACKEND_IPS]),
+            work / "rr",
+            concurrency=1,
+        )
+        procs.append(rr)
+        await wait_http(f"http://127.0.0.1:{rr_port}/health", proc=rr)
+        rr_url = f"http://127.0.0.1:{rr_port}/v1/completions"
+        endpoints = [{"address": ip, "port": port} for ip in BACKEND_IPS]
+        gw = await start_gateway(
+            endpoints,
+            epp_processes=args.epp_processes,
+            scrape_interval=0,  # the backends have no /metrics; EPP-local load signals only
+            response_headers=args.response_headers,
+            workdir=str(work / "gw"),
+        )
+        try:
+            epp_url = f"{gw.url}/v1/completions"
+            wrk(epp_url, small, script, 4, 1)  # warm-up
+            wrk(rr_url, small, script, 4, 1)
+            d, c = args.duration, args.connections
+            plain = wrk(rr_url, small, script, c, d)
+            epp = wrk(epp_url, small, script, c, d)
+            plain_c1 = wrk(rr_url, small, script, 1, d / 2)
+            epp_c1 = wrk(epp_url, small, script, 1, d / 2)
+            plain_large = wrk(rr_url, large, script, 1, d / 2)
+            epp_large = wrk(epp_url, large, script, 1, d / 2)
+        finally:
+            gw.close()
+        errors = sum(r["non2xx"] for r in (plain, epp, plain_c1, epp_c1, plain_large, epp_large))
+        return {
+            "plain_envoy_rps": round(plain["rps"], 1),
+            "epp_rps": round(epp["rps"], 1),
+            "ratio": round(epp["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
+            "added_p50_ms_c1": round(epp_c1["p50_ms"] - plain_c1["p50_ms"], 3),
+            "large_body_added_ms": round(epp_large["p50_ms"] - plain_large["p50_ms"], 3),
+            "plain_p50_ms_c1": plain_c1["p50_ms"],
+            "epp_p50_ms_c1": epp_c1["p50_ms"],
+            "connections": c,
+            "epp_processes": args.epp_processes,
+            "response_headers": args.response_headers,
+            "non2xx": errors,
+        }
+    finally:
+        for p in procs:
+            stop_process(p)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--epp-processes", type=int, default=1)
+    p.add_argument(
+        "--response-headers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also send response headers to the EPP (status, TTFT metrics)",
+    )
+    a = p.parse_args(argv)
+    res = asyncio.run(run(a))
+    if a.json:
+        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+    else:
+        for k, v in res.items():
+            sys.stdout.write(f"{k:>22}: {v}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
