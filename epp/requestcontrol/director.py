@@ -11,6 +11,7 @@ error or reset), so in-flight counters cannot leak.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -262,4 +263,4 @@ def _float_header(headers: dict[str, str], name: str) -> float | None:
         f = float(v)
     except ValueError:
         return None
-    return f if f > 0 else None
+    return f if 0 < f < math.inf else None  # inf would make SLO scores NaN
