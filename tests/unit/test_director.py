@@ -421,3 +421,16 @@ def test_objective_with_priority_zero_is_not_replaced_by_criticality() -> None:
     d.release(dec)
     # without the header the model's criticality applies
     assert status_of(lambda: d.admit(req())) == 429
+
+
+def test_non_finite_slo_headers_are_ignored() -> None:
+    """`x-slo-ttft-ms: inf` from a client must not turn scores into NaN (it made the picker
+    fail and the request a 500)."""
+    pool = [ep(1), ep(2)]
+    d, _ = make(pool)
+    for value in ("inf", "Infinity", "1e999", "nan"):
+        r = req()
+        d.apply_headers(r, {"x-slo-ttft-ms": value, "x-slo-tpot-ms": value})
+        assert (r.slo_ttft_ms, r.slo_tpot_ms) == (None, None), value
+        d.release(d.admit(r))
+    all_zero(pool)
