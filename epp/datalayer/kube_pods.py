@@ -32,6 +32,17 @@ def pod_ready(pod: Pod) -> bool:
     return False
 
 
+def slim_pod(pod: Pod) -> Pod:
+    """Only what `pod_endpoints` reads (a cached pod without managedFields, spec, ...)."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "deletionTimestamp")
+                     if k in meta},
+        "status": {k: status[k] for k in ("podIP", "phase", "conditions") if k in status},
+    }
+
+
 def pod_key(pod: Pod) -> str:
     meta = pod.get("metadata") or {}
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"

@@ -43,7 +43,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from epp.api import inference as api
 from epp.datalayer.datastore import Criticality, Datastore, ModelInfo, Objective, TargetModel
 from epp.datalayer.endpoint import Endpoint
-from epp.datalayer.kube_pods import Pod, pod_endpoints, pod_key
+from epp.datalayer.kube_pods import Pod, pod_endpoints, pod_key, slim_pod
 from epp.datalayer.kube_watch import ListCall, Obj, Reflector, WatchStats
 from epp.datalayer.labels import DEFAULT_LABEL_KEYS, LabelKeys
 
@@ -133,12 +133,13 @@ class KubeSource:
             "inferencemodels",
             functools.partial(custom.list_namespaced_custom_object, api.X_GROUP, api.X_VERSION,
                               self.namespace, api.MODEL_PLURAL),
-            self._on_model_list, self._on_model_event, **self._reflector_opts()))
+            self._on_model_list, self._on_model_event, optional=True, **self._reflector_opts()))
         self._start(Reflector(
             "inferenceobjectives",
             functools.partial(custom.list_namespaced_custom_object, api.X_GROUP, api.X_VERSION,
                               self.namespace, api.OBJECTIVE_PLURAL),
-            self._on_objective_list, self._on_objective_event, **self._reflector_opts()))
+            self._on_objective_list, self._on_objective_event, optional=True,
+            **self._reflector_opts()))
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -239,7 +240,7 @@ class KubeSource:
     def _on_pod_list(self, gen: int, items: list[Obj]) -> None:
         if gen != self._pod_gen:
             return
-        self._pods = {pod_key(p): p for p in items}
+        self._pods = {pod_key(p): slim_pod(p) for p in items}
         self._rebuild_endpoints()
         if self._done["pool"]:
             self._part_done("pods")
@@ -253,7 +254,7 @@ class KubeSource:
             self._pods.pop(key, None)
             self._drop_pod_endpoints(key, set())
             return
-        self._pods[key] = pod
+        self._pods[key] = slim_pod(pod)
         eps = pod_endpoints(pod, self._ports, self.keys)
         self._drop_pod_endpoints(key, {ep.key for ep in eps})
         for ep in eps:

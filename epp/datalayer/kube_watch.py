@@ -8,7 +8,8 @@
   relist, and hand the new full set to `on_list` again.
 - API errors, refused connections and timeouts back off exponentially (with jitter) and
   retry forever; the task never dies of them. 404 on the list (CRD not installed) is
-  reported as an empty list and retried at the slow `absent_retry` interval.
+  reported as an empty list and retried at the slow `absent_retry` interval; so is 403
+  for an `optional` collection (the EPP works without it; RBAC may not grant it).
 
 Objects are plain dicts decoded with orjson (the generated client models are 10x slower).
 """
@@ -66,6 +67,7 @@ class Reflector:
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         absent_retry: float = 30.0,
+        optional: bool = False,
     ) -> None:
         self.name = name
         self._call = call
@@ -75,6 +77,7 @@ class Reflector:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.absent_retry = absent_retry
+        self.optional = optional
         self.stats = WatchStats()
         self.resource_version: str | None = None
         self.absent = False  # the last list answered 404 (e.g. CRD not installed)
@@ -108,7 +111,10 @@ class Reflector:
         resp = await self._call(_preload_content=False,
                                 _request_timeout=aiohttp.ClientTimeout(total=60))
         try:
-            if resp.status == 404:
+            if resp.status == 404 or (self.optional and resp.status == 403):
+                if not self.absent:
+                    log.warning("%s: HTTP %s on list; treated as empty, retrying every %.0fs",
+                                self.name, resp.status, self.absent_retry)
                 self.absent = True
                 self.stats.lists += 1
                 self._on_list([])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.datalayer.kube_pods import pod_endpoints, pod_ready
+from epp.datalayer.kube_pods import pod_endpoints, pod_ready, slim_pod
 from epp.datalayer.labels import LabelKeys
 
 
@@ -51,3 +51,13 @@ def test_label_keys_and_llmd_role() -> None:
     labels = {"tenant": "t1", "business": "ignored", "app.example/model": "m"}
     (ep,) = pod_endpoints(_pod(labels=labels), (8000,), keys)
     assert (ep.business, ep.model) == ("t1", "m")
+
+
+def test_slim_pod_keeps_what_endpoints_need() -> None:
+    pod = _pod(labels={"model": "m", "business": "b"}, deleting=True)
+    pod["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    pod["spec"] = {"containers": [{"name": "c"}]}
+    slim = slim_pod(pod)
+    assert "managedFields" not in slim["metadata"] and "spec" not in slim
+    assert [e.identity() for e in pod_endpoints(slim, (1, 2))] == [
+        e.identity() for e in pod_endpoints(pod, (1, 2))]

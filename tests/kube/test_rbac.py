@@ -80,17 +80,21 @@ def test_service_account_is_read_only_and_namespaced(kube_cluster: Cluster,
         api.close()
 
 
+async def _sa_kubeconfig(cluster: Cluster, ns: str, path: Path) -> Path:
+    token = (await kubectl(cluster, "create", "token", "epp", "-n", ns)).strip()
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    doc["users"] = [{"name": doc["contexts"][0]["context"]["user"], "user": {"token": token}}]
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 async def test_source_syncs_with_only_the_service_account_token(
     kube_cluster: Cluster, rbac_ns: str, tmp_path: Path
 ) -> None:
     await kubectl(kube_cluster, "apply", "-f", "-",
                   input=pool_yaml("pool", rbac_ns, {"app": "sim"}, [8000])
                   + "---" + pod_yaml("a", rbac_ns, {"app": "sim", "business": "prod"}))
-    token = (await kubectl(kube_cluster, "create", "token", "epp", "-n", rbac_ns)).strip()
-    doc = yaml.safe_load(kube_cluster.kubeconfig.read_text())
-    doc["users"] = [{"name": doc["contexts"][0]["context"]["user"], "user": {"token": token}}]
-    sa_kubeconfig = tmp_path / "sa-kubeconfig"
-    sa_kubeconfig.write_text(yaml.safe_dump(doc))
+    sa_kubeconfig = await _sa_kubeconfig(kube_cluster, rbac_ns, tmp_path / "kubeconfig")
 
     ds = Datastore()
     src = KubeSource(ds, "pool", rbac_ns, kubeconfig=str(sa_kubeconfig))
@@ -101,5 +105,29 @@ async def test_source_syncs_with_only_the_service_account_token(
                     what="endpoint through the SA's eyes")
         await asyncio.sleep(0.3)
         assert all(s.errors == 0 for s in src.stats().values()), src.stats()
+    finally:
+        await src.stop()
+
+
+async def test_source_syncs_without_access_to_optional_model_resources(
+    kube_cluster: Cluster, rbac_ns: str, tmp_path: Path
+) -> None:
+    """An older RBAC that grants no InferenceModel/InferenceObjective access still gets a
+    working (ready) EPP: those collections count as empty."""
+    role = yaml.safe_load((REPO / "manifests/rbac/epp-rbac.yaml").read_text().split("---")[1])
+    role["rules"] = [r for r in role["rules"] if "inferencemodels" not in r["resources"]]
+    await kubectl(kube_cluster, "apply", "-n", rbac_ns, "-f", "-", input=yaml.safe_dump(role))
+    await kubectl(kube_cluster, "apply", "-f", "-",
+                  input=pool_yaml("pool", rbac_ns, {"app": "sim"}, [8000])
+                  + "---" + pod_yaml("a", rbac_ns, {"app": "sim"}))
+    sa_kubeconfig = await _sa_kubeconfig(kube_cluster, rbac_ns, tmp_path / "kubeconfig")
+    ds = Datastore()
+    src = KubeSource(ds, "pool", rbac_ns, kubeconfig=str(sa_kubeconfig))
+    await src.start()
+    try:
+        assert await ds.wait_synced(15)
+        await until(lambda: ds.endpoints(), what="endpoint")
+        assert src.reflectors["inferencemodels"].absent
+        assert not src.reflectors["pods"].absent
     finally:
         await src.stop()
