@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m epp.standalone_demo
+	$(BIN)/python -m epp.devstack.demo
 
 test: $(STAMP) kube-build
 	$(BIN)/ruff check .
