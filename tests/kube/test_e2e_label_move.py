@@ -1,6 +1,9 @@
-"""End to end: `kubectl label pod ... business=x` moves `x-business: x` traffic through Envoy
-and the EPP (watching the real API server) to the pod's loopback IP, under steady load,
-with zero failed requests. Also measures label -> first request served by the moved pod."""
+"""End to end through Envoy and the EPP (watching the real API server) to backends on the
+pods' loopback IPs:
+- `kubectl label pod ... business=x` moves `x-business: x` traffic under steady load with
+  zero failed requests (and measures label -> first request served by the moved pod);
+- InferenceModel create / update / delete changes routing (weighted model rewrite) and
+  unknown models get 404."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,7 +21,7 @@ from aiohttp import web
 from epp.devstack.procs import free_port
 from epp.devstack.stack import start_gateway
 from hack.kube.cluster import Cluster
-from tests.kube.helpers import kubectl, pod_yaml, pool_yaml, until
+from tests.kube.helpers import kubectl, model_yaml, pod_yaml, pool_yaml, until
 
 MOVES = 20
 WORKERS = 4
@@ -42,7 +45,7 @@ async def _backend(ip: str, port: int, pod: str) -> web.AppRunner:
             {"id": "cmpl-1", "object": "text_completion", "model": body.get("model"),
              "choices": [{"index": 0, "text": pod, "finish_reason": "stop"}],
              "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}},
-            headers={"x-pod": pod})
+            headers={"x-pod": pod, "x-model-seen": str(body.get("model"))})
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
@@ -52,29 +55,39 @@ async def _backend(ip: str, port: int, pod: str) -> web.AppRunner:
     return runner
 
 
+PodSpecs = dict[str, dict[str, str]]
+
+
 @pytest.fixture
-async def backends(managed_cluster: Cluster, kube_ns: str) -> AsyncIterator[int]:
-    """Pods a, b (business prod) and c (staging), each with a backend on its pod IP."""
-    port = free_port()
-    labels = {"app": "sim", "model": "llama"}
-    await kubectl(managed_cluster, "apply", "-f", "-",
-                  input=pool_yaml("pool", kube_ns, {"app": "sim"}, [port])
-                  + "---" + pod_yaml("a", kube_ns, {**labels, "business": "prod"})
-                  + "---" + pod_yaml("b", kube_ns, {**labels, "business": "prod"})
-                  + "---" + pod_yaml("c", kube_ns, {**labels, "business": "staging"}))
+async def start_pods(managed_cluster: Cluster,
+                     kube_ns: str) -> AsyncIterator[Callable[[PodSpecs], Awaitable[int]]]:
+    """Create an InferencePool `pool` and pods (name -> labels, all with app=sim), each with
+    a backend on its pod IP and the pool's target port (returned)."""
+    runners: list[web.AppRunner] = []
 
-    def ips() -> dict[str, str] | None:
-        items = json.loads(managed_cluster.kubectl("get", "pods", "-n", kube_ns, "-o", "json"))
-        found = {p["metadata"]["name"]: p["status"].get("podIP") for p in items["items"]}
-        return found if len(found) == 3 and all(found.values()) else None
+    async def start(pods: PodSpecs) -> int:
+        port = free_port()
+        docs = [pool_yaml("pool", kube_ns, {"app": "sim"}, [port])]
+        docs += [pod_yaml(name, kube_ns, {"app": "sim", **labels}) for name, labels in pods.items()]
+        await kubectl(managed_cluster, "apply", "-f", "-", input="---".join(docs))
 
-    pod_ips = await until(lambda: ips(), timeout=20, interval=0.2, what="pod IPs")
-    runners = [await _backend(ip, port, name) for name, ip in pod_ips.items()]
-    try:
-        yield port
-    finally:
-        for r in runners:
-            await r.cleanup()
+        def ips() -> dict[str, str] | None:
+            items = json.loads(managed_cluster.kubectl("get", "pods", "-n", kube_ns, "-o",
+                                                       "json"))
+            found = {p["metadata"]["name"]: p["status"].get("podIP") for p in items["items"]}
+            return found if len(found) == len(pods) and all(found.values()) else None
+
+        pod_ips = await until(ips, timeout=20, interval=0.2, what="pod IPs")
+        runners.extend([await _backend(ip, port, name) for name, ip in pod_ips.items()])
+        return port
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+def _epp_args(cluster: Cluster, ns: str) -> list[str]:
+    return ["--pool-name", "pool", "--pool-namespace", ns, "--kubeconfig", str(cluster.kubeconfig)]
 
 
 async def _load(url: str, stop: asyncio.Event, results: list[Result], worker: int) -> None:
@@ -95,14 +108,12 @@ async def _load(url: str, stop: asyncio.Event, results: list[Result], worker: in
 
 
 async def test_label_move_reroutes_traffic_with_zero_failures(
-    managed_cluster: Cluster, kube_ns: str, backends: int
+    managed_cluster: Cluster, kube_ns: str, start_pods: Callable[[PodSpecs], Awaitable[int]]
 ) -> None:
-    gw = await start_gateway(
-        [],
-        epp_args=["--pool-name", "pool", "--pool-namespace", kube_ns,
-                  "--kubeconfig", str(managed_cluster.kubeconfig)],
-        scrape_interval=0,
-    )
+    await start_pods({"a": {"model": "llama", "business": "prod"},
+                      "b": {"model": "llama", "business": "prod"},
+                      "c": {"model": "llama", "business": "staging"}})
+    gw = await start_gateway([], epp_args=_epp_args(managed_cluster, kube_ns), scrape_interval=0)
     async with gw:
         results: list[Result] = []
         stop = asyncio.Event()
@@ -150,3 +161,46 @@ async def test_label_move_reroutes_traffic_with_zero_failures(
           f"max={max(after_kubectl) * 1000:.1f}ms); "
           f"{len(results)} requests, 0 failed")
     assert max(delays) < 1.0
+
+
+async def test_inference_model_changes_routing(
+    managed_cluster: Cluster, kube_ns: str, start_pods: Callable[[PodSpecs], Awaitable[int]]
+) -> None:
+    await start_pods({"a": {"model": "llama-a"}, "b": {"model": "llama-b"}})
+    # An unrelated InferenceModel of the pool must not disturb the others.
+    await kubectl(managed_cluster, "apply", "-f", "-",
+                  input=model_yaml("other", kube_ns, "other", "pool"))
+    gw = await start_gateway([], epp_args=_epp_args(managed_cluster, kube_ns), scrape_interval=0)
+    async with gw, aiohttp.ClientSession() as http:
+
+        async def ask(model: str) -> tuple[int, str, str]:
+            async with http.post(f"{gw.url}/v1/completions",
+                                 json={"model": model, "prompt": "hi", "max_tokens": 1}) as r:
+                await r.read()
+                return r.status, r.headers.get("x-pod", ""), r.headers.get("x-model-seen", "")
+
+        assert (await ask("llama"))[0] == 404  # no pod serves it and nothing rewrites it
+        assert await ask("llama-a") == (200, "a", "llama-a")  # passthrough (the default)
+        await kubectl(managed_cluster, "apply", "-f", "-",
+                      input=model_yaml("llama", kube_ns, "llama", "pool", "Critical",
+                                       [("llama-a", 1)]))
+        await until_async(lambda: ask("llama"), (200, "a", "llama-a"), "rewrite to llama-a")
+        await kubectl(managed_cluster, "apply", "-f", "-",
+                      input=model_yaml("llama", kube_ns, "llama", "pool", "Critical",
+                                       [("llama-b", 1)]))
+        await until_async(lambda: ask("llama"), (200, "b", "llama-b"), "rewrite to llama-b")
+        await kubectl(managed_cluster, "delete", "inferencemodel/llama", "-n", kube_ns)
+        await until_async(lambda: ask("llama"), None, "llama unknown again", status=404)
+
+
+async def until_async(call: Callable[[], Awaitable[tuple[int, str, str]]],
+                      want: tuple[int, str, str] | None, what: str, status: int = 0,
+                      timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    got: tuple[int, str, str] | None = None
+    while time.monotonic() < deadline:
+        got = await call()
+        if got == want or (status and got[0] == status):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last answer {got}")
