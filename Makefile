@@ -38,9 +38,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check . || true
 	$(BIN)/mypy
 
+# Figures go to bench/RESULTS.md by hand (command, machine, date). Needs root for apt (wrk).
 bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/pip install -q -e '.[peers]' --config-settings editable_mode=compat
 	$(BIN)/python -m bench.pick --json
 	$(BIN)/python -m bench.proxy --json
+	$(BIN)/python -m bench.run shared_prefix
 
 # Real kube-apiserver + etcd built from Debian's source package (cached in ~/.cache).
 kube-build:
