@@ -119,6 +119,16 @@ def _completion_prompt(prompt: Any, field: str = "prompt") -> bytes:
     raise bad_request(f"'{field}' must be a string or an array of strings or tokens.")
 
 
+def _token_count(data: dict[str, Any], api: str, prompt: bytes) -> int:
+    """Token ids count exactly; text is estimated at CHARS_PER_TOKEN bytes per token."""
+    raw = data.get("prompt" if api == "completions" else "input")
+    if isinstance(raw, list) and raw and _is_token(raw[0]):
+        return len(raw)
+    if isinstance(raw, list) and raw and isinstance(raw[0], list):
+        return max(1, sum(len(p) for p in raw))
+    return max(1, len(prompt) // CHARS_PER_TOKEN)
+
+
 def _responses_prompt(data: dict[str, Any]) -> bytes:
     parts: list[bytes] = []
     instructions = data.get("instructions")
@@ -201,7 +211,7 @@ def build_request(
         model=model,
         api=api,
         prompt=prompt,
-        prompt_tokens=max(1, len(prompt) // CHARS_PER_TOKEN),
+        prompt_tokens=_token_count(data, api, prompt),
         max_tokens=max_tokens,
         stream=stream,
         session_key=user if isinstance(user, str) and user else None,

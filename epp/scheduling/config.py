@@ -200,6 +200,9 @@ def build_scheduler(
         raise ConfigError("several scheduling profiles but no profile handler plugin")
     if isinstance(handler, PDProfileHandler) and handler.decode_profile not in profiles:
         raise ConfigError(f"pd-profile-handler needs a profile named {handler.decode_profile!r}")
+    wanted = handler.params.get("profile") if isinstance(handler, SingleProfileHandler) else None
+    if wanted is not None and str(wanted) not in profiles:
+        raise ConfigError(f"single-profile-handler: no scheduling profile named {wanted!r}")
     return Scheduler(
         profiles, handler, list(instances.values()), services, timer=timer, debug=debug
     )

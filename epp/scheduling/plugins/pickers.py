@@ -41,6 +41,9 @@ class MaxScorePicker(_CountedPicker):
     ) -> list[Endpoint]:
         if not endpoints:
             return []
+        total = sum(scores)
+        if total != total:  # a NaN from a misbehaving scorer (sum is C-fast): treat it as 0
+            scores = [0.0 if s != s else s for s in scores]
         if self.count == 1:
             best = max(scores)
             ties = [ep for ep, s in zip(endpoints, scores, strict=True) if s >= best - 1e-9]
