@@ -76,7 +76,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="standalone: ip:port or ip:port1,port2 (repeatable)",
     )
-    g.add_argument("--endpoint-labels", default="", help="labels for --endpoint entries, k=v,k=v")
+    g.add_argument(
+        "--endpoint-labels",
+        default="",
+        help="labels for --endpoint entries (and defaults for file entries), k=v,k=v",
+    )
+    g.add_argument(
+        "--endpoint-selector", default="", help="standalone: only endpoints whose labels match k=v,..."
+    )
+    g.add_argument(
+        "--endpoint-target-ports",
+        default="",
+        help="standalone: ports for --endpoint entries given as a bare IP, p1,p2",
+    )
     g.add_argument("--label-model", default="model")
     g.add_argument("--label-business", default="business")
     g.add_argument("--label-role", default="role")
@@ -111,10 +123,17 @@ def _parse_labels(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in part:
-            raise ConfigFileError(f"--endpoint-labels: {part!r} is not key=value")
+            raise ConfigFileError(f"label list: {part!r} is not key=value")
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def _parse_ports(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigFileError(f"--endpoint-target-ports: {text!r} is not a list of ports") from None
 
 
 @dataclass
@@ -224,6 +243,8 @@ class App:
                     endpoints=a.endpoint,
                     default_labels=_parse_labels(a.endpoint_labels),
                     label_keys=keys,
+                    selector=_parse_labels(a.endpoint_selector),
+                    target_ports=_parse_ports(a.endpoint_target_ports),
                 )
             )
         if not self.components:

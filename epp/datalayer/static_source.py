@@ -214,10 +214,16 @@ def parse_endpoints_yaml(data: bytes | str) -> list[EndpointSpec]:
     return parse_endpoints_document(doc)
 
 
-def parse_flag_endpoint(text: str) -> list[EndpointSpec]:
-    """`ip:port` or `ip:port1,port2` (IPv6: `[::1]:8000`) -> specs."""
+def parse_flag_endpoint(text: str, target_ports: Sequence[int] = ()) -> list[EndpointSpec]:
+    """`ip:port` or `ip:port1,port2` (IPv6: `[::1]:8000`) -> specs; a bare IP takes
+    `target_ports` (`--endpoint-target-ports`)."""
     s = text.strip()
     where = f"endpoint {text!r}"
+    if target_ports and ":" not in s.strip("[]"):
+        address = _check_address(s, where)
+        return [
+            EndpointSpec(address=address, port=_check_port(p, where, "port")) for p in target_ports
+        ]
     if s.startswith("["):
         host, sep, ports_s = s[1:].partition("]:")
         if not sep:
@@ -237,8 +243,10 @@ def parse_flag_endpoint(text: str) -> list[EndpointSpec]:
     return specs
 
 
-def parse_flag_endpoints(values: Sequence[str]) -> list[EndpointSpec]:
-    return [spec for v in values if v.strip() for spec in parse_flag_endpoint(v)]
+def parse_flag_endpoints(
+    values: Sequence[str], target_ports: Sequence[int] = ()
+) -> list[EndpointSpec]:
+    return [spec for v in values if v.strip() for spec in parse_flag_endpoint(v, target_ports)]
 
 
 # ---- the source -------------------------------------------------------------------------
@@ -271,8 +279,12 @@ class StaticSource:
         default_labels: Mapping[str, str] | None = None,
         label_keys: LabelKeys = DEFAULT_LABEL_KEYS,
         poll_interval: float = 1.0,
+        selector: Mapping[str, str] | None = None,
+        target_ports: Sequence[int] = (),
     ) -> None:
         self._ds = datastore
+        self._selector = dict(selector or {})  # only endpoints whose labels all match
+        self._target_ports = list(target_ports)
         self._path = endpoints_file
         self._flag_values = list(endpoints)
         self._defaults = dict(default_labels or {})
@@ -292,7 +304,7 @@ class StaticSource:
     async def start(self) -> None:
         """Load everything once (raises `EndpointsFileError` if that fails), then poll."""
         self._ds.register_source(SOURCE_NAME)
-        self._flag_specs = parse_flag_endpoints(self._flag_values)
+        self._flag_specs = parse_flag_endpoints(self._flag_values, self._target_ports)
         if self._path is not None:
             sig = _stat_sig(self._path)
             if sig is None:
@@ -327,6 +339,9 @@ class StaticSource:
 
     def _publish(self) -> None:
         eps = [s.to_endpoint(self._keys, self._defaults) for s in self.specs()]
+        if self._selector:
+            sel = self._selector.items()
+            eps = [ep for ep in eps if all(ep.labels.get(k) == v for k, v in sel)]
         self._ds.replace_endpoints(SOURCE_NAME, eps)
 
     async def _poll_loop(self) -> None:

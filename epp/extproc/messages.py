@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
+import orjson
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
@@ -97,6 +100,40 @@ def response_headers_continue() -> pb.ProcessingResponse:
 
 def response_body_continue() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+_MODE = processing_mode_pb2.ProcessingMode
+
+
+def response_headers_with_body(*, buffered: bool) -> pb.ProcessingResponse:
+    """Ask Envoy for the response body too (needs `allow_mode_override`), whole when
+    `buffered` (one JSON answer) or chunk by chunk (SSE). The length will change, so the
+    content-length header goes."""
+    mode = _MODE(response_body_mode=_MODE.BUFFERED if buffered else _MODE.STREAMED)
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))
+    return pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=common), mode_override=mode
+    )
+
+
+class ModelNameRestore:
+    """Replaces `"model": "<served>"` with the name the client asked for in response bodies.
+
+    A name split across two streamed chunks is not rewritten (SSE events are small and
+    engines flush one per event, so this does not happen in practice)."""
+
+    def __init__(self, served: str, requested: str) -> None:
+        self._pattern = re.compile(
+            rb'("model"\s*:\s*)"' + re.escape(orjson.dumps(served)[1:-1]) + rb'"'
+        )
+        self._replacement = rb"\1" + orjson.dumps(requested).replace(b"\\", b"\\\\")
+
+    def response(self, chunk: bytes) -> pb.ProcessingResponse:
+        new, n = self._pattern.subn(self._replacement, chunk)
+        if not n:
+            return response_body_continue()
+        common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=new))
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
 
 
 def response_trailers_continue() -> pb.ProcessingResponse:

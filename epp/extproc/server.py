@@ -74,6 +74,7 @@ class _Stream:
     model: str = ""
     answered: bool = False  # an immediate response ended the request
     prefill_timer: asyncio.TimerHandle | None = None
+    model_restore: m.ModelNameRestore | None = None
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -103,11 +104,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     for out in self._on_headers(st, msg):
                         yield out
                 elif kind == "response_headers":
-                    self._on_response_headers(st, msg)
-                    yield m.response_headers_continue()
+                    yield self._on_response_headers(st, msg)
                 elif kind == "response_body":
-                    self._on_response_body(st, msg.response_body)
-                    yield m.response_body_continue()
+                    yield self._on_response_body(st, msg.response_body)
                 elif kind == "request_trailers":
                     # Trailers end the request body in FULL_DUPLEX_STREAMED mode.
                     if st.mode == FULL_DUPLEX and st.decision is None and not st.answered:
@@ -190,7 +189,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             req.subset = st.subset
             t_parsed = time.perf_counter()
             self.metrics.phase("parse", t_parsed - t_body)
-            decision = self.director.admit(req)
+            admitted = self.director.admission(req)
+            t_admitted = time.perf_counter()
+            self.metrics.phase("admission", t_admitted - t_parsed)
+            decision = self.director.schedule(admitted)
         except RequestError as e:
             return [self._error(st, e)]
         except Exception:  # never crash the stream on a bug: answer 500 and log it
@@ -201,8 +203,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 )
             ]
         t_sched = time.perf_counter()
-        self.metrics.phase("schedule", t_sched - t_parsed)
-        self.metrics.scheduler_e2e.observe(t_sched - t_parsed)
+        self.metrics.phase("schedule", t_sched - t_admitted)
+        self.metrics.scheduler_e2e.observe(t_sched - t_admitted)
         st.decision = decision
         # Until a first-token signal says otherwise (a stream's first body chunk, when Envoy
         # sends response bodies), the prefill is assumed done when predicted.
@@ -286,10 +288,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             )
 
     # ---- response path --------------------------------------------------------------------
-    def _on_response_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> None:
+    def _on_response_headers(self, st: _Stream, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         d = st.decision
         if d is None:
-            return
+            return m.response_headers_continue()
         now = time.monotonic()
         self.metrics.ttft.labels(d.request.model).observe(now - d.started)
         if not d.request.stream:
@@ -305,12 +307,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 break
         if msg.response_headers.end_of_stream:
             self._finish(st)
+        elif d.rewritten_model is not None:
+            # The client asked for another name: give it back in the response body.
+            st.model_restore = m.ModelNameRestore(d.rewritten_model, d.request.model)
+            return m.response_headers_with_body(buffered=not d.request.stream)
+        return m.response_headers_continue()
 
-    def _on_response_body(self, st: _Stream, body: pb.HttpBody) -> None:
+    def _on_response_body(self, st: _Stream, body: pb.HttpBody) -> pb.ProcessingResponse:
         d = st.decision
         if d is None:
-            return
+            return m.response_body_continue()
         chunk = body.body
+        out = (
+            st.model_restore.response(chunk)
+            if st.model_restore is not None
+            else m.response_body_continue()
+        )
         if d.request.stream and not d.first_byte_at and chunk:
             self._cancel_timer(st)
             self.director.first_byte(d, time.monotonic(), learn=True)
@@ -327,6 +339,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 self.metrics.cached_tokens.labels(model).inc(int(usage["cached"][-1]))
         if body.end_of_stream:
             self._finish(st)
+        return out
 
     @staticmethod
     def _cancel_timer(st: _Stream) -> None:

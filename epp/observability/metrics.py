@@ -21,7 +21,7 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 _REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-PHASES = ("header_wait", "body_receive", "parse", "schedule", "respond")
+PHASES = ("header_wait", "body_receive", "parse", "admission", "schedule", "respond")
 
 
 class EppMetrics:

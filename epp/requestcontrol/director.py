@@ -68,6 +68,13 @@ class DirectorSettings:
 
 
 @dataclass(slots=True)
+class Admitted:
+    request: InferenceRequest
+    candidates: list[Endpoint]
+    rewritten_model: str | None
+
+
+@dataclass(slots=True)
 class Decision:
     request: InferenceRequest
     result: SchedulingResult
@@ -149,6 +156,10 @@ class Director:
         return None
 
     def admit(self, req: InferenceRequest) -> Decision:
+        return self.schedule(self.admission(req))
+
+    def admission(self, req: InferenceRequest) -> Admitted:
+        """Model resolution, candidates and load shedding: everything before scheduling."""
         rewritten = self._resolve_model(req)
         model = req.routed_model
         serving = self.datastore.endpoints_for_model(model)
@@ -163,11 +174,15 @@ class Director:
             raise unavailable(f"no ready endpoint serves model '{model}'")
         if req.priority < 0 and self.settings.saturation.pool_saturated(candidates):
             raise shed("the pool is saturated and the request is sheddable")
+        return Admitted(req, candidates, rewritten)
+
+    def schedule(self, admitted: Admitted) -> Decision:
+        req = admitted.request
         try:
-            result = self.scheduler.schedule(req, candidates)
+            result = self.scheduler.schedule(req, admitted.candidates)
         except SchedulingError as e:
             raise unavailable(str(e)) from e
-        decision = Decision(req, result, rewritten, time.monotonic())
+        decision = Decision(req, result, admitted.rewritten_model, time.monotonic())
         self._charge(decision)
         if self.on_pick is not None:
             self.on_pick(decision)

@@ -36,6 +36,7 @@ def make_app(served_by: str) -> web.Application:
             "body_len": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "model": data.get("model"),
+            "received_model": data.get("model"),  # not a "model" key: never rewritten back
         }
         if data.get("stream"):
             resp = web.StreamResponse(

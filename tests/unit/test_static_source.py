@@ -271,3 +271,26 @@ async def test_edit_with_same_size_and_mtime_is_seen(tmp_path: Path) -> None:
         assert ep is not None and ep.business == "bbbb"
     finally:
         await src.stop()
+
+
+async def test_selector_and_target_ports(tmp_path: Path) -> None:
+    """--endpoint-selector keeps only matching endpoints; --endpoint-target-ports gives bare
+    IPs their ports."""
+    f = tmp_path / "eps.yaml"
+    f.write_text(
+        "endpoints:\n"
+        "- {address: 127.0.0.2, port: 8000, labels: {pool: a}}\n"
+        "- {address: 127.0.0.3, port: 8000, labels: {pool: b}}\n"
+    )
+    ds = Datastore()
+    src = StaticSource(
+        ds, endpoints_file=str(f), endpoints=["127.0.0.9"], target_ports=[7000, 7001],
+        default_labels={"pool": "a"}, selector={"pool": "a"},
+    )  # fmt: skip
+    await src.start()
+    try:
+        assert sorted(ep.key for ep in ds.endpoints()) == [
+            "127.0.0.2:8000", "127.0.0.9:7000", "127.0.0.9:7001",
+        ]  # fmt: skip
+    finally:
+        await src.stop()
