@@ -30,6 +30,10 @@ class Plugin:
         self.name = name or self.type_name
         self.params: Mapping[str, Any] = params or {}
         self.services = services or Services()
+        self.configure()
+
+    def configure(self) -> None:
+        """Read `self.params`; raise ValueError with a clear message on bad values."""
 
     def on_picked(
         self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
 
 from epp.datalayer.endpoint import (
     ROLE_BOTH,
@@ -15,7 +13,6 @@ from epp.datalayer.endpoint import (
 )
 from epp.scheduling.framework import Filter
 from epp.scheduling.request import CycleState, InferenceRequest
-from epp.scheduling.services import Services
 
 
 class BusinessFilter(Filter):
@@ -29,13 +26,7 @@ class BusinessFilter(Filter):
 
     type_name = "business-filter"
 
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, params, services)
+    def configure(self) -> None:
         policy = str(self.params.get("unassignedPolicy", "strict"))
         if policy not in ("strict", "overflow"):
             raise ValueError(
@@ -63,14 +54,10 @@ class RoleFilter(Filter):
 
     type_name = "role-filter"
 
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, params, services)
-        role = str(self.params.get("role", ROLE_DECODE))
+    fixed_role: str | None = None  # set by the subclasses that name one role
+
+    def configure(self) -> None:
+        role = self.fixed_role or str(self.params.get("role", ROLE_DECODE))
         if role not in (ROLE_DECODE, ROLE_PREFILL, ROLE_BOTH):
             raise ValueError(f"role-filter: role must be decode, prefill or both, not {role!r}")
         self.role = role
@@ -87,26 +74,12 @@ class RoleFilter(Filter):
 
 class DecodeFilter(RoleFilter):
     type_name = "decode-filter"
-
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, {"role": ROLE_DECODE}, services)
+    fixed_role = ROLE_DECODE
 
 
 class PrefillFilter(RoleFilter):
     type_name = "prefill-filter"
-
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, {"role": ROLE_PREFILL}, services)
+    fixed_role = ROLE_PREFILL
 
 
 class HealthFilter(Filter):
@@ -116,13 +89,7 @@ class HealthFilter(Filter):
 
     type_name = "health-filter"
 
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, params, services)
+    def configure(self) -> None:
         self.stale_after = float(self.params.get("staleAfterSeconds", 2.0))
         self.min_errors = int(self.params.get("minScrapeErrors", 3))
 

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import Picker
 from epp.scheduling.request import CycleState, InferenceRequest
-from epp.scheduling.services import Services
 
 
 class _CountedPicker(Picker):
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, params, services)
+    def configure(self) -> None:
         self.count = max(1, int(self.params.get("maxNumOfEndpoints", 1)))
         self.rng = random.Random(self.params.get("seed"))
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from epp.datalayer.endpoint import ROLE_DECODE, Endpoint
 from epp.scheduling.framework import ProfileHandler, ProfileRunner, SchedulingResult
 from epp.scheduling.plugins.common import uncached_tokens
 from epp.scheduling.request import CycleState, InferenceRequest
-from epp.scheduling.services import Services
 
 
 class SingleProfileHandler(ProfileHandler):
@@ -48,13 +44,7 @@ class PDProfileHandler(ProfileHandler):
 
     type_name = "pd-profile-handler"
 
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, params, services)
+    def configure(self) -> None:
         p = self.params
         self.decode_profile = str(p.get("decodeProfile", "decode"))
         self.prefill_profile = str(p.get("prefillProfile", "prefill"))

@@ -7,25 +7,17 @@ The session key is the `x-session-id` header (configurable via `header`) or the 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import SchedulingResult, Scorer
 from epp.scheduling.request import CycleState, InferenceRequest
-from epp.scheduling.services import Services
 
 
 class SessionAffinityScorer(Scorer):
     type_name = "session-affinity-scorer"
 
-    def __init__(
-        self,
-        name: str = "",
-        params: Mapping[str, Any] | None = None,
-        services: Services | None = None,
-    ) -> None:
-        super().__init__(name, params, services)
+    def configure(self) -> None:
         self.max_sessions = int(self.params.get("maxSessions", 100_000))
         self._last: OrderedDict[str, str] = OrderedDict()
 
