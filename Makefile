@@ -60,3 +60,11 @@ kube-down: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# inference-perf as an alternative load driver: its own Python >= 3.12 venv (.venv-iperf),
+# an offline BPE tokenizer, then a short shared-prefix run per router into bench/results/iperf/.
+IPERF_ROUTERS ?= epp,round_robin
+.PHONY: bench-iperf
+bench-iperf: $(STAMP)
+	$(BIN)/python -m bench.iperf.env
+	$(BIN)/python -m bench.iperf.run --routers $(IPERF_ROUTERS)
