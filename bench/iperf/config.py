@@ -4,10 +4,16 @@ Rates are given in model time like `bench.run` (requests per model second); infe
 runs in wall time, so its stage rate is `rate / time_scale` and its latencies come back
 x `time_scale` (the summary divides them again). Only shared-prefix workloads map onto
 inference-perf's `shared_prefix` generator; others raise ValueError.
+
+inference-perf builds `num_groups x num_prompts_per_group` prompts once, shuffles them and
+cycles through them. `bench.run` sends a fresh question with every request, so by default
+(`unique_questions`) there are enough prompts per group that none repeats within the run;
+otherwise the scenario's `users_per_group` prompts repeat (whole prompts hit the cache).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ def iperf_config(
     num_workers: int = 1,
     request_timeout_s: float = 60.0,
     grace_s: float = 10.0,
+    unique_questions: bool = True,
 ) -> dict[str, Any]:
     w = sc.workload
     if w.kind != "shared_prefix":
@@ -37,6 +44,11 @@ def iperf_config(
     if stage_s <= 0 or not rates or any(r <= 0 for r in rates):
         raise ValueError("need positive rates and stage duration")
     scale = sc.time_scale
+    wall_rates = [round(r / scale, 4) for r in rates]
+    per_group = w.users_per_group
+    if unique_questions:
+        total = sum(math.ceil(r * stage_s) for r in wall_rates)
+        per_group = max(per_group, math.ceil(total / w.groups))
     return {
         "api": {"type": "completion", "streaming": True},
         "server": {
@@ -50,7 +62,7 @@ def iperf_config(
             "type": "shared_prefix",
             "shared_prefix": {
                 "num_groups": w.groups,
-                "num_prompts_per_group": w.users_per_group,
+                "num_prompts_per_group": per_group,
                 "system_prompt_len": w.system_tokens,
                 "question_len": w.question_tokens,
                 "output_len": w.output_tokens,
@@ -60,7 +72,7 @@ def iperf_config(
         "load": {
             # Open-loop Poisson arrivals, like bench.run's schedules.
             "type": "poisson",
-            "stages": [{"rate": round(r / scale, 4), "duration": int(stage_s)} for r in rates],
+            "stages": [{"rate": r, "duration": int(stage_s)} for r in wall_rates],
             "interval": 1.0,
             "num_workers": num_workers,
             "worker_max_concurrency": 100,

@@ -98,7 +98,8 @@ async def drive(env: IperfEnv, sc: Scenario, url: str, name: str, out: Path,
     for old in workdir.glob("*.json"):
         old.unlink()  # a previous run's reports must not be read back as this one's
     cfg = iperf_config(sc, url=url, tokenizer_dir=env.tokenizer_dir, report_dir=workdir,
-                       rates=args.rates, stage_s=args.stage_s, model=args.model)
+                       rates=args.rates, stage_s=args.stage_s, model=args.model,
+                       unique_questions=not args.cycle_prompts)
     rates_txt = ", ".join(f"{s['rate']:g}" for s in cfg["load"]["stages"])
     print(f"[iperf] {name} at {url}: {len(args.rates)} stage(s) x {args.stage_s} s at "
           f"{rates_txt} req/s wall", flush=True)
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="4,8",
                    help="req per MODEL second, one inference-perf stage each (wall = /scale)")
     p.add_argument("--stage-s", type=int, default=20, help="wall seconds per stage")
+    p.add_argument("--cycle-prompts", action="store_true",
+                   help="only users_per_group prompts per group, repeated (inference-perf's "
+                   "usual shape) instead of a fresh question per request")
     p.add_argument("--time-scale", type=float, default=0.0, help="override the pool's")
     p.add_argument("--sim-base-ip", default="127.0.7.2")
     p.add_argument("--sim-port", type=int, default=0, help="0: a free port")

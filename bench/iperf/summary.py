@@ -27,6 +27,11 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) else None
 
 
+def _ratio(a: Any, b: Any) -> float | None:
+    x, y = _num(a), _num(b)
+    return x / y if x is not None and y else None
+
+
 def condense(contents: dict[str, Any], time_scale: float) -> dict[str, Any]:
     """One stage (or the whole-run summary) as a flat row; latencies in model seconds."""
     ok = _get(contents, "successes") or {}
@@ -40,13 +45,15 @@ def condense(contents: dict[str, Any], time_scale: float) -> dict[str, Any]:
         "failed": int(failures),
         "output_tok_s_wall": _num(thr.get("output_tokens_per_sec")),
         "requests_s_wall": _num(thr.get("requests_per_sec")),
-        "prompt_tokens_mean": _num(_get(ok, "prompt_len", "mean")),
+        "prompt_tokens_mean": _num(_get(ok, "prompt_tokens", "mean")),
+        "cached_ratio": _ratio(_get(ok, "prompt_tokens", "cached"),
+                               _get(ok, "prompt_tokens", "total")),
         "goodput_pct": _num(_get(ok, "goodput_metrics", "goodput_percentage")),
     }
     for name, key in (("ttft", "time_to_first_token"), ("tpot", "time_per_output_token"),
                       ("e2e", "request_latency")):
-        for p in ("p50", "p90", "p99"):
-            v = _num(_get(lat, key, p))
+        for p, field in (("p50", "median"), ("p90", "p90"), ("p99", "p99")):
+            v = _num(_get(lat, key, field))
             row[f"{name}_{p}_wall_s"] = v
             row[f"{name}_{p}_model_s"] = None if v is None else v / time_scale
     return row
@@ -76,8 +83,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def markdown(runs: list[dict[str, Any]]) -> str:
     """A table: one row per router x stage. TTFT/TPOT in model seconds."""
     head = ("| router | stage | req/s (wall, asked/achieved) | done | failed | TTFT p50 | "
-            "TTFT p90 | TPOT p50 | E2E p90 | out tok/s (wall) | prompt tok | goodput % | "
-            "pod requests | prefix hit |")
+            "TTFT p90 | TPOT p50 | E2E p90 | out tok/s (wall) | prompt tok | cached | "
+            "goodput % | pod requests |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         pods = run.get("per_pod") or {}
@@ -89,8 +96,8 @@ def markdown(runs: list[dict[str, Any]]) -> str:
                 f"{_fmt(s['ttft_p50_model_s'])} | {_fmt(s['ttft_p90_model_s'])} | "
                 f"{_fmt(s['tpot_p50_model_s'], 4)} | {_fmt(s['e2e_p90_model_s'])} | "
                 f"{_fmt(s['output_tok_s_wall'], 1)} | {_fmt(s['prompt_tokens_mean'], 0)} | "
-                f"{_fmt(s['goodput_pct'], 1)} | {pod_txt if i == 0 else ''} | "
-                f"{_fmt(run.get('prefix_hit_ratio'), 2) if i == 0 else ''} |"
+                f"{_fmt(s['cached_ratio'], 2)} | {_fmt(s['goodput_pct'], 1)} | "
+                f"{pod_txt if i == 0 else ''} |"
             )
         if run.get("error"):
             lines.append(f"| {run['router']} | - | failed: {run['error']} |" + " |" * 11)
