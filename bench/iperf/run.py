@@ -118,9 +118,9 @@ async def run_all(env: IperfEnv, sc: Scenario, routers: list[str], out: Path,
     runs: list[dict[str, Any]] = []
     if args.url:
         try:
-            runs.append(await drive(env, sc, args.url, args.name or "url", out, args))
+            runs.append(await drive(env, sc, args.url, args.name or "router", out, args))
         except IperfFailed as e:
-            runs.append({"router": args.name or "url", "error": str(e), "stages": []})
+            runs.append({"router": args.name or "router", "error": str(e), "stages": []})
         return runs
     raw = out / "raw"
     async with SimPool(sc.pool, raw) as pool:
@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-port", type=int, default=0, help="0: a free port")
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     p.add_argument("--setup", action="store_true", help="create the venv/tokenizer if missing")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"default {DEFAULT_OUT}, or {DEFAULT_OUT}/url-<name> with --url")
     args = p.parse_args(argv)
     args.rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    if args.out is None:
+        args.out = DEFAULT_OUT / f"url-{args.name or 'router'}" if args.url else DEFAULT_OUT
 
     env = ensure(args.venv) if args.setup else IperfEnv(args.venv)
     if not env.ready():
