@@ -57,6 +57,11 @@ def _printed_tables(log: str) -> str:
     return log[log.find("\n", cut) + 1:]
 
 
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "?"
+
+
 async def run_iperf(env: IperfEnv, cfg: dict[str, Any], workdir: Path) -> str:
     """Run inference-perf once; its reports land in cfg's storage path. Returns its output."""
     path = write_config(cfg, workdir / "iperf.yaml")
@@ -120,7 +125,8 @@ async def run_all(env: IperfEnv, sc: Scenario, routers: list[str], out: Path,
         try:
             runs.append(await drive(env, sc, args.url, args.name or "router", out, args))
         except IperfFailed as e:
-            runs.append({"router": args.name or "router", "error": str(e), "stages": []})
+            runs.append({"router": args.name or "router", "error": _last_line(str(e)),
+                         "stages": []})
         return runs
     raw = out / "raw"
     async with SimPool(sc.pool, raw) as pool:
@@ -139,7 +145,7 @@ async def run_all(env: IperfEnv, sc: Scenario, routers: list[str], out: Path,
                 runs.append(run)
             except (RouterUnavailable, IperfFailed) as e:
                 print(f"[iperf] {spec.name} failed: {e}", flush=True)
-                runs.append({"router": spec.name, "error": str(e).splitlines()[0], "stages": []})
+                runs.append({"router": spec.name, "error": _last_line(str(e)), "stages": []})
     return runs
 
 
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rates = [float(x) for x in args.rates.split(",") if x.strip()]
     if args.out is None:
         args.out = DEFAULT_OUT / f"url-{args.name or 'router'}" if args.url else DEFAULT_OUT
+    args.out = args.out.resolve()  # inference-perf runs with its report folder as cwd
 
     env = ensure(args.venv) if args.setup else IperfEnv(args.venv)
     if not env.ready():
