@@ -89,7 +89,7 @@ schedulingProfiles:
   - pluginRef: prefix-cache-scorer
     weight: 2
   - pluginRef: inflight-scorer
-    weight: 2
+    weight: 1
   - pluginRef: kv-cache-utilization-scorer
     weight: 1
   - pluginRef: session-affinity-scorer

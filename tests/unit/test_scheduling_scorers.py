@@ -136,7 +136,15 @@ def test_inflight_scorer_orders_by_requests_and_tokens() -> None:
         x.inflight.tokens = n * 1000
     s = score(InFlightScorer, e)
     assert s[1] > s[2] > s[0]
+    # Light load (below the floors): gentle differences, one request more is not a cliff.
+    assert s[1] == pytest.approx(1.0) and s[0] > 0.5
+    for x, n in zip(e, [40, 0, 20], strict=True):
+        x.inflight.requests = n
+        x.inflight.tokens = n * 1000
+    s = score(InFlightScorer, e)
+    # Heavy load: the busiest endpoint scores 0, the idle one 1.
     assert s[1] == pytest.approx(1.0) and s[0] == pytest.approx(0.0)
+    assert s[2] == pytest.approx(0.5)
 
 
 def test_inflight_scorer_token_load_breaks_request_ties() -> None:

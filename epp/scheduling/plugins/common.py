@@ -39,3 +39,10 @@ def inverse_minmax(values: Sequence[float]) -> list[float]:
         return [1.0] * len(values)
     span = hi - lo
     return [(hi - v) / span for v in values]
+
+
+def inverse_relative(values: Sequence[float], floor: float) -> list[float]:
+    """1 - value / max(largest value, floor): an idle pool (all values below `floor`) yields
+    gentle differences, so one request more does not swing a score from 1 to 0."""
+    hi = max(max(values), floor)
+    return [1.0 - v / hi for v in values]

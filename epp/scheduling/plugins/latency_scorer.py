@@ -3,8 +3,9 @@
 Each endpoint's TTFT is predicted from its queued prefill work plus this request's uncached
 tokens there (prefix match), and its TPOT from its decode batch. With SLO headers
 (`x-slo-ttft-ms`, `x-slo-tpot-ms`) endpoints that meet the SLO score above 0.5, in
-proportion to their headroom; without them, the score is best predicted TTFT / predicted
-TTFT, which makes this a cache- and load-aware "fastest first token" scorer.
+proportion to their headroom; without them, the score is best cost / cost, where cost is the
+predicted TTFT plus the prefill work the request adds (see `workWeight`): a cache- and
+load-aware scorer that keeps prefix groups together until a pod is really overloaded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ def _headroom(slo: float, predicted: float) -> float:
 
 
 class LatencyScorer(Scorer):
+    """Parameters: `workWeight` (default 1.0): without SLO headers an endpoint's cost is its
+    predicted TTFT plus `workWeight` × the prefill time the request adds to the pool there
+    (its uncached tokens). Without that term a request would leave a pod that holds its
+    prefix as soon as a cold prefill elsewhere is about as fast as waiting here, which splits
+    prefix groups, multiplies prefill work and costs throughput under load."""
+
     type_name = "latency-scorer"
+
+    def configure(self) -> None:
+        self.work_weight = float(self.params.get("workWeight", 1.0))
+        if self.work_weight < 0:
+            raise ValueError("latency-scorer: workWeight must not be negative")
 
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
@@ -38,8 +50,10 @@ class LatencyScorer(Scorer):
         prior_rate, prior_base, unknown = (
             pr.prefill_ms_per_token, pr.ttft_base_ms, pr.unknown_queue_tokens
         )
+        work_weight = self.work_weight
         # The hot loop of the picker on big pools: LatencyModel.predict_ttft_ms, inlined.
         ttft = []
+        cost = []
         for ep in endpoints:
             lat, inf = ep.latency, ep.inflight
             queued = inf.pending_prefill_tokens + inf.prefill_tokens
@@ -47,14 +61,16 @@ class LatencyScorer(Scorer):
             if extra > 0:
                 queued += int(extra) * unknown
             uncached = prompt - blocks.get(ep.key, 0) * block_tokens if blocks else prompt
-            ttft.append(
-                (lat.ttft_base_ms or prior_base)
-                + (lat.prefill_ms_per_token or prior_rate) * (max(0, uncached) + queued)
-            )
+            if uncached < 0:
+                uncached = 0
+            rate = lat.prefill_ms_per_token or prior_rate
+            t = (lat.ttft_base_ms or prior_base) + rate * (uncached + queued)
+            ttft.append(t)
+            cost.append(t + work_weight * rate * uncached)
         slo_ttft, slo_tpot = request.slo_ttft_ms, request.slo_tpot_ms
         if slo_ttft is None and slo_tpot is None:
-            best = min(ttft)
-            return [best / t if t > 0 else 1.0 for t in ttft]
+            best = min(cost)
+            return [best / c if c > 0 else 1.0 for c in cost]
         tpot = [model.predict_tpot_ms(ep) for ep in endpoints]
         scores = []
         for t, p in zip(ttft, tpot, strict=True):
