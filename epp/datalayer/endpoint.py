@@ -44,6 +44,11 @@ class EngineMetrics:
     running_loras: tuple[str, ...] = ()
     updated_at: float = 0.0
     scrape_errors: int = 0
+    # Decode speed the engine itself reports: cumulative TPOT histogram sum/count as last
+    # seen, and a recent mean (ms, EWMA over scrape deltas; 0 = unknown).
+    tpot_sum: float = 0.0
+    tpot_count: float = -1.0  # -1 = never scraped
+    tpot_recent_ms: float = 0.0
 
     def age(self, now: float | None = None) -> float:
         if self.updated_at == 0.0:

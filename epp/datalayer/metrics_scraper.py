@@ -50,6 +50,17 @@ def apply_metrics(m: EngineMetrics, p: ParsedMetrics, now: float) -> None:
         m.num_blocks = p.num_blocks
     if p.running_loras is not None:
         m.running_loras = p.running_loras
+    if p.tpot_sum is not None and p.tpot_count is not None:
+        dcount = p.tpot_count - m.tpot_count
+        if dcount > 0 and m.tpot_count >= 0:
+            mean_ms = (p.tpot_sum - m.tpot_sum) / dcount * 1000.0
+            if mean_ms > 0:
+                m.tpot_recent_ms = (
+                    mean_ms
+                    if m.tpot_recent_ms == 0
+                    else m.tpot_recent_ms + 0.3 * (mean_ms - m.tpot_recent_ms)
+                )
+        m.tpot_sum, m.tpot_count = p.tpot_sum, p.tpot_count  # also resets after a restart
     m.updated_at = now
     m.scrape_errors = 0
 

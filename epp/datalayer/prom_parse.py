@@ -8,6 +8,9 @@ Only the handful of samples the EPP uses are looked at (REFERENCE.md §3):
 - cache:    `vllm:cache_config_info{block_size,num_gpu_blocks}`
             | `sglang:cache_config_info{page_size,num_pages}`
 - LoRA:     `vllm:lora_requests_info{running_lora_adapters,...}` (value = timestamp)
+- TPOT:     `vllm:inter_token_latency_seconds` (older `vllm:time_per_output_token_seconds`)
+            histogram `_sum` / `_count`, summed over series (the scraper turns deltas of
+            these into a recent mean: how fast this engine really decodes)
 
 Both families are read whatever the engine; `prefer` picks the family when a page has both.
 Several series of one sample (one per `model_name` or per data-parallel `engine`) are
@@ -27,8 +30,11 @@ import math
 from dataclasses import dataclass
 
 # signal slots
-_WAITING, _RUNNING, _KV, _KV_OLD, _CACHE, _LORA = range(6)
-_NSLOTS = 6
+_WAITING, _RUNNING, _KV, _KV_OLD, _CACHE, _LORA, _ITL_SUM, _ITL_COUNT, _TPOT_SUM, _TPOT_COUNT = (
+    range(10)
+)
+_NSLOTS = 10
+_SUMMED = frozenset({_WAITING, _RUNNING, _ITL_SUM, _ITL_COUNT, _TPOT_SUM, _TPOT_COUNT})
 VLLM, SGLANG = 0, 1
 
 _SAMPLES: dict[bytes, tuple[int, int]] = {
@@ -42,10 +48,17 @@ _SAMPLES: dict[bytes, tuple[int, int]] = {
     b"sglang:num_running_reqs": (SGLANG, _RUNNING),
     b"sglang:token_usage": (SGLANG, _KV),
     b"sglang:cache_config_info": (SGLANG, _CACHE),
+    b"vllm:inter_token_latency_seconds_sum": (VLLM, _ITL_SUM),
+    b"vllm:inter_token_latency_seconds_count": (VLLM, _ITL_COUNT),
+    b"vllm:time_per_output_token_seconds_sum": (VLLM, _TPOT_SUM),
+    b"vllm:time_per_output_token_seconds_count": (VLLM, _TPOT_COUNT),
 }
+_HISTOGRAMS = (b"vllm:inter_token_latency_seconds", b"vllm:time_per_output_token_seconds")
 # `# TYPE` family names that hold wanted samples (an OpenMetrics `info` family drops `_info`).
 _FAMILIES = frozenset(
-    list(_SAMPLES) + [n[: -len(b"_info")] for n in _SAMPLES if n.endswith(b"_info")]
+    list(_SAMPLES)
+    + [n[: -len(b"_info")] for n in _SAMPLES if n.endswith(b"_info")]
+    + list(_HISTOGRAMS)
 )
 _PREFIXES = tuple(_SAMPLES)  # cheap C-level pre-filter for the line scan
 _CACHE_LABELS = {VLLM: ("block_size", "num_gpu_blocks"), SGLANG: ("page_size", "num_pages")}
@@ -61,6 +74,8 @@ class ParsedMetrics:
     block_size: int | None = None
     num_blocks: int | None = None
     running_loras: tuple[str, ...] | None = None
+    tpot_sum: float | None = None  # cumulative seconds over all decoded tokens
+    tpot_count: float | None = None
 
     @property
     def empty(self) -> bool:
@@ -80,7 +95,7 @@ class _Acc:
         self.found += 1
         v = self.vals[fam]
         cur = v[slot]
-        if slot <= _RUNNING:
+        if slot in _SUMMED:
             v[slot] = value if cur is None else cur + value  # type: ignore[operator]
         elif slot <= _KV_OLD:
             if cur is None or value > cur:  # type: ignore[operator]
@@ -119,6 +134,11 @@ class _Acc:
             for raw in cache:
                 out.block_size = _max_opt(out.block_size, _int_or_none(label(raw, bkey)))
                 out.num_blocks = _max_opt(out.num_blocks, _int_or_none(label(raw, nkey)))
+        isum, icount = first[_ITL_SUM], first[_ITL_COUNT]
+        if not isinstance(icount, float):
+            isum, icount = first[_TPOT_SUM], first[_TPOT_COUNT]
+        if isinstance(isum, float) and isinstance(icount, float):
+            out.tpot_sum, out.tpot_count = isum, icount
         lora = pick(_LORA)
         if isinstance(lora, tuple):
             running = label(lora[1], "running_lora_adapters") or ""

@@ -53,6 +53,9 @@ class LatencyModel:
 
     def predict_tpot_ms(self, ep: Endpoint, extra_seqs: int = 1) -> float:
         lat = ep.latency
+        scraped = ep.metrics.tpot_recent_ms
+        if not lat.tpot_ms and scraped > 0:  # the engine's own recent TPOT, one more seq
+            return scraped + (lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms) * extra_seqs
         base = lat.tpot_ms or self.priors.tpot_ms
         per_seq = lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms
         return base + per_seq * (self.batch_size(ep) + extra_seqs)

@@ -90,7 +90,7 @@ class HealthFilter(Filter):
     type_name = "health-filter"
 
     def configure(self) -> None:
-        self.stale_after = float(self.params.get("staleAfterSeconds", 2.0))
+        self.stale_after = float(self.params.get("staleAfterSeconds", 0.5))
         self.min_errors = int(self.params.get("minScrapeErrors", 3))
 
     def filter(

@@ -17,6 +17,8 @@ from epp.scheduling.framework import Scorer
 from epp.scheduling.plugins.common import prefix_match
 from epp.scheduling.request import CycleState, InferenceRequest
 
+SLOW_DEAD_ZONE = 1.25  # scraped TPOT this much above the fastest pod counts as slow
+
 
 def _headroom(slo: float, predicted: float) -> float:
     if predicted <= slo:
@@ -51,6 +53,12 @@ class LatencyScorer(Scorer):
             pr.prefill_ms_per_token, pr.ttft_base_ms, pr.unknown_queue_tokens
         )
         work_weight = self.work_weight
+        # Decode speed the engines report (scraped TPOT): the fastest is the reference; a
+        # pod clearly slower than it (beyond a dead zone for noise) is charged the extra
+        # decode time of this request and prefills proportionally slower.
+        known = [ep.metrics.tpot_recent_ms for ep in endpoints if ep.metrics.tpot_recent_ms > 0]
+        ref_tpot = min(known) if known else 0.0
+        decode_tokens = request.expected_decode_tokens
         # The hot loop of the picker on big pools: LatencyModel.predict_ttft_ms, inlined.
         ttft = []
         cost = []
@@ -64,9 +72,14 @@ class LatencyScorer(Scorer):
             if uncached < 0:
                 uncached = 0
             rate = lat.prefill_ms_per_token or prior_rate
+            extra_decode = 0.0
+            ep_tpot = ep.metrics.tpot_recent_ms
+            if ref_tpot and ep_tpot > ref_tpot * SLOW_DEAD_ZONE:
+                rate *= ep_tpot / ref_tpot
+                extra_decode = decode_tokens * (ep_tpot - ref_tpot)
             t = (lat.ttft_base_ms or prior_base) + rate * (uncached + queued)
             ttft.append(t)
-            cost.append(t + work_weight * rate * uncached)
+            cost.append(t + work_weight * rate * uncached + extra_decode)
         slo_ttft, slo_tpot = request.slo_ttft_ms, request.slo_tpot_ms
         if slo_ttft is None and slo_tpot is None:
             best = min(cost)
