@@ -120,3 +120,10 @@ spec:
   criticality: {criticality}
   poolRef: {{name: {pool}}}{tm}
 """
+
+
+def ensure_httproute_crd(cluster: Cluster) -> None:
+    """Serve HTTPRoutes: a real Gateway API install if there is one, else the project's
+    test-only structural CRD (manifests/crds/testing/), installed by `install_crds`."""
+    if "httproutes" not in cluster.kubectl("get", "crd", "-o", "name"):
+        cluster.install_crds()

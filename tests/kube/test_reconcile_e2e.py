@@ -32,6 +32,7 @@ from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube
 from epp.reconcile.reconciler import pool_path
 from hack.kube.cluster import REPO, Cluster
+from tests.kube.helpers import ensure_httproute_crd
 
 T = TypeVar("T")
 POOL = "e2e"
@@ -44,28 +45,6 @@ DISTRIBUTE_AT = 2.5  # seconds into the load
 # (watch event latency; measured well under 0.5 s here).
 SETTLE = 1.5
 
-# Same stand-in as tests/kube/test_reconcile_kube.py when no Gateway API is installed.
-HTTPROUTE_CRD = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: httproutes.gateway.networking.k8s.io
-  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/891"}
-spec:
-  group: gateway.networking.k8s.io
-  scope: Namespaced
-  names: {kind: HTTPRoute, plural: httproutes, singular: httproute, listKind: HTTPRouteList}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
-          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
-"""
 
 
 def pool_doc(ns: str, port: int) -> dict[str, Any]:
@@ -131,10 +110,7 @@ async def until(cond: Callable[[], Awaitable[T | None]], timeout: float, what: s
 def cluster(kube_cluster: Cluster) -> Cluster:
     if not kube_cluster.managed:
         pytest.skip("needs the fake kubelet's loopback pod IPs (not KUBECONFIG_E2E)")
-    if "httproutes" not in kube_cluster.kubectl("get", "crd", "-o", "name"):
-        kube_cluster.apply(HTTPROUTE_CRD)
-        kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                             "crd/httproutes.gateway.networking.k8s.io")
+    ensure_httproute_crd(kube_cluster)
     return kube_cluster
 
 

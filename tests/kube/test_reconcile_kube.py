@@ -17,32 +17,10 @@ from epp.reconcile.cli_pool import distribution_patch, parse_distribution
 from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube, path_for
 from epp.reconcile.reconciler import pool_path, reconcile
+from tests.kube.helpers import ensure_httproute_crd
 
 T = TypeVar("T")
 
-# Clusters install upstream Gateway API; the test cluster gets a schemaless stand-in if no
-# HTTPRoute CRD is there yet.
-HTTPROUTE_CRD = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: httproutes.gateway.networking.k8s.io
-  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/891"}
-spec:
-  group: gateway.networking.k8s.io
-  scope: Namespaced
-  names: {kind: HTTPRoute, plural: httproutes, singular: httproute, listKind: HTTPRouteList}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
-          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
-"""
 SETTINGS = ApplySettings()
 
 
@@ -70,10 +48,7 @@ def pool_doc(ns: str, name: str = "mp", **spec: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cluster(kube_cluster: Any) -> Any:
-    if "httproutes" not in kube_cluster.kubectl("get", "crd", "-o", "name"):
-        kube_cluster.apply(HTTPROUTE_CRD)
-        kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                             "crd/httproutes.gateway.networking.k8s.io")
+    ensure_httproute_crd(kube_cluster)
     return kube_cluster
 
 

@@ -23,6 +23,7 @@ from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube, path_for
 from epp.reconcile.reconciler import pool_path
 from hack.kube.cluster import REPO, Cluster, kubectl_path
+from tests.kube.helpers import ensure_httproute_crd
 
 T = TypeVar("T")
 MANIFESTS = REPO / "manifests" / "reconciler"
@@ -30,28 +31,6 @@ SA_NS = "epp-system"
 SA = f"system:serviceaccount:{SA_NS}:epp-reconciler"
 SA_GROUPS = ["system:serviceaccounts", f"system:serviceaccounts:{SA_NS}", "system:authenticated"]
 
-# Same stand-in as tests/kube/test_reconcile_kube.py when no Gateway API is installed.
-HTTPROUTE_CRD = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: httproutes.gateway.networking.k8s.io
-  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/891"}
-spec:
-  group: gateway.networking.k8s.io
-  scope: Namespaced
-  names: {kind: HTTPRoute, plural: httproutes, singular: httproute, listKind: HTTPRouteList}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
-          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
-"""
 
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 OWNED = (("", "services"), ("apps", "deployments"),
@@ -87,10 +66,7 @@ EXPECTED = {
 def rbac_cluster(kube_cluster: Cluster) -> Iterator[Cluster]:
     """The test cluster with an HTTPRoute CRD and the reconciler's namespace + RBAC applied
     (removed again afterwards: the ClusterRoleBinding is cluster-wide)."""
-    if "httproutes" not in kube_cluster.kubectl("get", "crd", "-o", "name"):
-        kube_cluster.apply(HTTPROUTE_CRD)
-        kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                             "crd/httproutes.gateway.networking.k8s.io")
+    ensure_httproute_crd(kube_cluster)
     files = [str(MANIFESTS / "00-namespace.yaml"), str(MANIFESTS / "10-rbac.yaml")]
     kube_cluster.kubectl("apply", *itertools.chain.from_iterable(("-f", f) for f in files))
     yield kube_cluster
