@@ -82,7 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="labels for --endpoint entries (and defaults for file entries), k=v,k=v",
     )
     g.add_argument(
-        "--endpoint-selector", default="", help="standalone: only endpoints whose labels match k=v,..."
+        "--endpoint-selector",
+        default="",
+        help="standalone: only endpoints whose labels match k=v,...",
     )
     g.add_argument(
         "--endpoint-target-ports",
@@ -100,6 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model-server /metrics scrape period in seconds (0 = off)",
     )
     g.add_argument("--metrics-stale-after", type=float, default=1.0)
+    g.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=0,
+        help="subscribe to each endpoint's vLLM KV-event ZMQ publisher on this port (0 = off)",
+    )
     g = p.add_argument_group("protocol")
     g.add_argument(
         "--body-mode",
@@ -251,6 +259,8 @@ class App:
             raise ConfigFileError(
                 "no endpoint source: give --pool-name (Kubernetes) or --endpoints-file/--endpoint"
             )
+        if a.kv_events_port:
+            self._subscribe_kv_events(a.kv_events_port)
         if a.scrape_interval > 0:
             from epp.datalayer.metrics_scraper import MetricsScraper
 
@@ -259,6 +269,20 @@ class App:
                     self.datastore, interval=a.scrape_interval, stale_after=a.metrics_stale_after
                 )
             )
+
+    def _subscribe_kv_events(self, port: int) -> None:
+        from epp.datalayer.endpoint import format_hostport
+        from epp.datalayer.kv_events import KVEventSubscriber
+        from epp.requestcontrol.kv_sync import PrefixIndexKVSync
+
+        assert self.director is not None and self.metrics is not None
+        resets = self.metrics.kv_cache_resets
+        sync = PrefixIndexKVSync(
+            self.director.prefix_index, on_reset=lambda key: resets.labels(key).inc()
+        )
+        sub = KVEventSubscriber(on_event=sync.on_event, on_gap=sync.on_gap)
+        sub.follow(self.datastore, lambda ep: f"tcp://{format_hostport(ep.address, port)}")
+        self.components.append(sub)
 
     async def _ready_when_synced(self) -> None:
         await self.datastore.wait_synced()

@@ -111,6 +111,12 @@ class EppMetrics:
             ["met"],
             registry=r,
         )
+        self.kv_cache_resets = Counter(
+            "epp_kv_cache_resets_total",
+            "Engine cache resets seen through KV events (prefix guesses dropped).",
+            ["endpoint"],
+            registry=r,
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
         self._plugin_children: dict[tuple[str, str], Any] = {}
 
