@@ -79,6 +79,9 @@ class LatencyStats:
     tpot_ms: float = 0.0
     tpot_per_seq_ms: float = 0.0
     samples: int = 0
+    # EWMA of the uncached prompt tokens of requests sent here (what a queued request
+    # typically still has to prefill); 0 = nothing sent yet.
+    uncached_tokens: float = 0.0
 
 
 @dataclass(slots=True, eq=False)

@@ -215,6 +215,7 @@ class Director:
         else:
             inf.pending_prefill_tokens += res.uncached_tokens
         d.pending_tokens = res.uncached_tokens
+        self.latency.observe_sent(res.prefill or target, res.uncached_tokens)
         # The decode endpoint ends up holding the whole prompt's KV either way.
         self.prefix_index.insert(target, hashes)
 

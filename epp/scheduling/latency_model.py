@@ -38,8 +38,9 @@ class LatencyModel:
         inf = ep.inflight
         queued = inf.pending_prefill_tokens + inf.prefill_tokens
         extra = ep.metrics.waiting - inf.pending_requests
-        if extra > 0:  # waiting requests the engine reports that we did not send
-            queued += int(extra) * self.priors.unknown_queue_tokens
+        if extra > 0:  # waiting requests the engine reports beyond those we count
+            per = ep.latency.uncached_tokens or self.priors.unknown_queue_tokens
+            queued += int(extra * per)
         return queued
 
     def predict_ttft_ms(self, ep: Endpoint, uncached_tokens: int) -> float:
@@ -61,6 +62,13 @@ class LatencyModel:
         return base + per_seq * (self.batch_size(ep) + extra_seqs)
 
     # ---- learning ----------------------------------------------------------------------------
+    def observe_sent(self, ep: Endpoint, uncached_tokens: int) -> None:
+        lat = ep.latency
+        if lat.uncached_tokens == 0:
+            lat.uncached_tokens = float(uncached_tokens)
+        else:
+            lat.uncached_tokens += self.alpha * (uncached_tokens - lat.uncached_tokens)
+
     def observe_ttft(self, ep: Endpoint, ttft_ms: float, prefill_tokens: int) -> None:
         """`prefill_tokens`: this request's uncached tokens plus the work queued ahead of it."""
         lat = ep.latency

@@ -67,7 +67,7 @@ class LatencyScorer(Scorer):
             queued = inf.pending_prefill_tokens + inf.prefill_tokens
             extra = ep.metrics.waiting - inf.pending_requests
             if extra > 0:
-                queued += int(extra) * unknown
+                queued += int(extra * (lat.uncached_tokens or unknown))
             uncached = prompt - blocks.get(ep.key, 0) * block_tokens if blocks else prompt
             if uncached < 0:
                 uncached = 0
