@@ -75,7 +75,6 @@ class Datastore:
         self._synced_event = asyncio.Event()
         self._on_add: list[EndpointListener] = []
         self._on_remove: list[EndpointListener] = []
-        self._on_change: list[Callable[[], None]] = []
 
     # ---- sources -------------------------------------------------------------------
     def register_source(self, name: str) -> None:
@@ -139,8 +138,6 @@ class Datastore:
 
     def _bump(self) -> None:
         self._version += 1
-        for cb in self._on_change:
-            cb()
 
     # ---- models --------------------------------------------------------------------
     def replace_models(self, source: str, models: Iterable[ModelInfo]) -> None:
@@ -228,6 +225,3 @@ class Datastore:
 
     def on_endpoint_removed(self, cb: EndpointListener) -> None:
         self._on_remove.append(cb)
-
-    def on_change(self, cb: Callable[[], None]) -> None:
-        self._on_change.append(cb)

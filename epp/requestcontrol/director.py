@@ -80,8 +80,6 @@ class Decision:
     result: SchedulingResult
     rewritten_model: str | None  # set when the body's model must be replaced
     started: float  # monotonic, at pick time
-    charged_tokens: int = 0
-    pending_tokens: int = 0  # uncached tokens charged as pending prefill on the prefill hop
     queued_ahead: int = 0  # prefill tokens queued on the prefilling endpoint at pick time
     first_byte_at: float = 0.0
     prefill_settled: bool = False
@@ -92,6 +90,11 @@ class Decision:
     @property
     def target(self) -> Endpoint:
         return self.result.target
+
+    @property
+    def charged_tokens(self) -> int:
+        """Tokens charged to the target's in-flight load (prompt + expected decode)."""
+        return self.request.prompt_tokens + self.request.expected_decode_tokens
 
 
 class Director:
@@ -197,14 +200,13 @@ class Director:
 
     # ---- accounting --------------------------------------------------------------------------
     def _charge(self, d: Decision) -> None:
-        req, res = d.request, d.result
+        res = d.result
         target = res.target
-        tokens = req.prompt_tokens + req.expected_decode_tokens
-        d.charged_tokens = tokens
+        prefilling = res.prefill or target
         inf = target.inflight
-        d.queued_ahead = self.latency.queued_prefill_tokens(res.prefill or target)
+        d.queued_ahead = self.latency.queued_prefill_tokens(prefilling)
         inf.requests += 1
-        inf.tokens += tokens
+        inf.tokens += d.charged_tokens
         inf.pending_requests += 1
         hashes = res.prefix_hashes
         if res.prefill is not None:
@@ -214,8 +216,7 @@ class Director:
             self.prefix_index.insert(res.prefill, hashes)
         else:
             inf.pending_prefill_tokens += res.uncached_tokens
-        d.pending_tokens = res.uncached_tokens
-        self.latency.observe_sent(res.prefill or target, res.uncached_tokens)
+        self.latency.observe_sent(prefilling, res.uncached_tokens)
         # The decode endpoint ends up holding the whole prompt's KV either way.
         self.prefix_index.insert(target, hashes)
 
@@ -228,9 +229,9 @@ class Director:
         if res.prefill is not None:
             pf = res.prefill.inflight
             pf.prefill_requests -= 1
-            pf.prefill_tokens -= d.pending_tokens
+            pf.prefill_tokens -= res.uncached_tokens
         else:
-            res.target.inflight.pending_prefill_tokens -= d.pending_tokens
+            res.target.inflight.pending_prefill_tokens -= res.uncached_tokens
         res.target.inflight.pending_requests -= 1
 
     def first_byte(self, d: Decision, now: float | None = None, *, learn: bool = True) -> None:
@@ -243,7 +244,7 @@ class Director:
         if learn:
             ep = d.result.prefill or d.target
             ttft_ms = (d.first_byte_at - d.started) * 1000.0
-            self.latency.observe_ttft(ep, ttft_ms, d.pending_tokens + d.queued_ahead)
+            self.latency.observe_ttft(ep, ttft_ms, d.result.uncached_tokens + d.queued_ahead)
         self._settle_prefill(d)
 
     def prefill_elapsed(self, d: Decision) -> None:
