@@ -120,9 +120,14 @@ class PrefixIndex:
                 else:
                     hs.add(key)
         cap = self.capacity_for(ep)
-        while len(lru) > cap:
-            old, _ = lru.popitem(last=False)
-            self._drop_holder(old, key)
+        popitem = lru.popitem
+        while len(lru) > cap:  # the hot loop when a long new prompt fills a full LRU
+            old, _ = popitem(last=False)
+            hs = holders.get(old)
+            if hs is not None:
+                hs.discard(key)
+                if not hs:
+                    del holders[old]
 
     def remove_blocks(self, key: str, hashes: list[int]) -> None:
         lru = self._lru.get(key)
