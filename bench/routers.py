@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.sim.config import SimConfig
+from epp.sim.config import SimConfig
 
 VENV_BIN = Path(sys.executable).parent
 ENVOY = VENV_BIN.parent / "lib" / "python3.11" / "site-packages" / "envoy" / "_bin" / "envoy"

@@ -1,6 +1,6 @@
 """`python -m bench.run SCENARIO [--routers a,b] [--quick]`: routers side by side.
 
-Starts the simulated pool once (a `bench.sim` subprocess), then each router in turn in
+Starts the simulated pool once (a `epp.sim` subprocess), then each router in turn in
 front of it; for every offered load replays the same seeded open-loop schedule, with the
 pods' caches reset before each phase; writes bench/results/<scenario>/ (results.json,
 results.md, PNG plots).
@@ -27,7 +27,7 @@ from bench.scenarios import SCENARIOS, Scenario, get
 from bench.scenarios.driver import drive, sample_pods
 from bench.scenarios.oracle import oracle
 from bench.scenarios.workload import build
-from bench.sim.config import SimConfig
+from epp.sim.config import SimConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,7 +47,7 @@ class SimPool:
         cfg.write_text(yaml.safe_dump({"servers": [c.to_dict() for c in self.configs]}))
         with (self.workdir / "sim.log").open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.sim", "--config", str(cfg)],
+                [sys.executable, "-m", "epp.sim", "--config", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.scenarios.workload import WorkloadSpec
-from bench.sim.config import SimConfig, make_config
+from epp.sim.config import SimConfig, make_config
 
 # Loopback range reserved for benchmark pools (tests use other ports/addresses).
 BENCH_BASE_IP = "127.0.3."

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.scenarios.workload import RequestSpec
-from bench.sim.config import SimConfig
-from bench.sim.tokenizer import encode, render_chat
+from epp.sim.config import SimConfig
+from epp.sim.tokenizer import encode, render_chat
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

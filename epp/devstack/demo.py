@@ -1,6 +1,6 @@
 """`make run`: a local gateway on the embedded standalone default.
 
-Starts a small pool of simulated vLLM servers (bench.sim) on 127.0.0.2.., the EPP fed by
+Starts a small pool of simulated vLLM servers (epp.sim) on 127.0.0.2.., the EPP fed by
 an endpoints file, and Envoy in front; prints where to send requests; stops everything on
 Ctrl-C. `--check` sends a few requests through and exits (used by the tests).
 """
@@ -41,7 +41,7 @@ Ctrl-C stops everything.
 
 def _sim_cmd(args: argparse.Namespace, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "bench.sim", "--servers", str(args.servers),
+        sys.executable, "-m", "epp.sim", "--servers", str(args.servers),
         "--base-ip", args.base_ip, "--port", str(port), "--model", args.model,
         "--time-scale", str(args.time_scale),
     ]  # fmt: skip

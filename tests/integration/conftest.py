@@ -54,7 +54,7 @@ def sim_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[st
     log = tmp_path_factory.mktemp("sim") / "sim.log"
     proc = _spawn(
         [
-            "-m", "bench.sim", "--servers", str(len(SIM_IPS)), "--base-ip", SIM_IPS[0],
+            "-m", "epp.sim", "--servers", str(len(SIM_IPS)), "--base-ip", SIM_IPS[0],
             "--port", str(port), "--model", SIM_MODEL, "--time-scale", "0.2",
         ],
         log,

@@ -20,7 +20,7 @@ IP = "127.0.9.2"
 async def test_cache_reset_event_clears_prefix_index(gateway: GatewayFactory) -> None:
     port, kv_port = free_port(IP), free_port(IP)
     sim = subprocess.Popen(
-        [sys.executable, "-m", "bench.sim", "--servers", "1", "--base-ip", IP, "--port", str(port),
+        [sys.executable, "-m", "epp.sim", "--servers", "1", "--base-ip", IP, "--port", str(port),
          "--model", "m", "--time-scale", "0.1", "--kv-events-port", str(kv_port)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip

@@ -166,7 +166,7 @@ async def start_stack(procs: Procs, kubeconfig: Path, ns: str, ips: list[str],
     sim_cfg = procs.workdir / "sim.yaml"
     sim_cfg.write_text(yaml.safe_dump({"defaults": {"model": MODEL},
                                        "servers": [{"host": ip, "port": port} for ip in ips]}))
-    sim = procs.spawn("sim", [sys.executable, "-m", "bench.sim", "--config", str(sim_cfg)])
+    sim = procs.spawn("sim", [sys.executable, "-m", "epp.sim", "--config", str(sim_cfg)])
     grpc_port, metrics_port = free_port(), free_port()
     epp = procs.spawn("epp", [
         sys.executable, "-m", "epp.cli", "serve", "--pool-name", POOL, "--pool-namespace", ns,

@@ -11,12 +11,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bench.sim.config import SimConfig
-from bench.sim.engine import Engine, EngineError, Request
-from bench.sim.kvcache import ROOT_HASH, chain_hash
-from bench.sim.kvevents import KVEventPublisher
-from bench.sim.metrics import EngineStats, render_sglang, render_vllm
-from bench.sim.tokenizer import encode, render_chat
+from epp.sim.config import SimConfig
+from epp.sim.engine import Engine, EngineError, Request
+from epp.sim.kvcache import ROOT_HASH, chain_hash
+from epp.sim.kvevents import KVEventPublisher
+from epp.sim.metrics import EngineStats, render_sglang, render_vllm
+from epp.sim.tokenizer import encode, render_chat
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -339,7 +339,7 @@ class SimServer:
             "id": self.cfg.model,
             "object": "model",
             "created": int(self.started_at),
-            "owned_by": "bench.sim",
+            "owned_by": "epp.sim",
             "root": self.cfg.model,
             "max_model_len": self.cfg.max_model_len,
         }

@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.sim.config import SimConfig
-from bench.sim.kvcache import ROOT_HASH, Block, BlockPool, chain_hash
-from bench.sim.metrics import EngineStats
-from bench.sim.tokenizer import output_piece, piece_id
+from epp.sim.config import SimConfig
+from epp.sim.kvcache import ROOT_HASH, Block, BlockPool, chain_hash
+from epp.sim.metrics import EngineStats
+from epp.sim.tokenizer import output_piece, piece_id
 
 _ids = itertools.count(1)
 

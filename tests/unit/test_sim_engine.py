@@ -14,12 +14,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from bench.sim import SimConfig, start_pool, stop_pool
-from bench.sim.config import make_config
-from bench.sim.engine import Engine, Request
-from bench.sim.metrics import EngineStats
-from bench.sim.pool import ServerHandle
-from bench.sim.tokenizer import encode, render_chat
+from epp.sim import SimConfig, start_pool, stop_pool
+from epp.sim.config import make_config
+from epp.sim.engine import Engine, Request
+from epp.sim.metrics import EngineStats
+from epp.sim.pool import ServerHandle
+from epp.sim.tokenizer import encode, render_chat
 
 # Fast engine costs so tests take milliseconds, not model seconds.
 FAST: dict[str, Any] = {
@@ -225,7 +225,7 @@ async def test_multi_turn_reply_reuses_cache(http: aiohttp.ClientSession) -> Non
 
 
 def test_config_rejects_non_loopback() -> None:
-    from bench.sim.config import expand_servers
+    from epp.sim.config import expand_servers
 
     assert expand_servers(3, "127.0.0.2", 8000)[-1] == ("127.0.0.4", 8000)
     with pytest.raises(ValueError):

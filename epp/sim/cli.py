@@ -1,4 +1,4 @@
-"""`python -m bench.sim` / `epp sim`: run simulated vLLM (or SGLang) servers until killed."""
+"""`python -m epp.sim` / `epp sim`: run simulated vLLM (or SGLang) servers until killed."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import signal
 import sys
 from typing import Any
 
-from bench.sim.config import PRESETS, SimConfig, expand_servers, load_configs, make_config
-from bench.sim.pool import start_pool, stop_pool
+from epp.sim.config import PRESETS, SimConfig, expand_servers, load_configs, make_config
+from epp.sim.pool import start_pool, stop_pool
 
 # Flags mapped 1:1 onto SimConfig fields (None = keep the preset's value).
 _OVERRIDES: list[tuple[str, type, str]] = [
@@ -108,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m epp.sim", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args())

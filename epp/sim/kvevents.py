@@ -13,7 +13,7 @@ import time
 import msgpack
 import zmq
 
-from bench.sim.config import SimConfig
+from epp.sim.config import SimConfig
 
 
 class KVEventPublisher:

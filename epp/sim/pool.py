@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.sim.config import SimConfig
-from bench.sim.server import SimServer
+from epp.sim.config import SimConfig
+from epp.sim.server import SimServer
 
 
 @dataclass(slots=True)

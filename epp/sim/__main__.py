@@ -1,0 +1,5 @@
+import sys
+
+from epp.sim.cli import main
+
+sys.exit(main())
