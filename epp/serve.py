@@ -27,8 +27,10 @@ from epp.observability.health import Health, metrics_app
 from epp.observability.logging import setup_logging
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import SaturationPolicy
-from epp.requestcontrol.director import Director, DirectorSettings, HeaderNames
-from epp.scheduling.config import ConfigError, build_scheduler
+from epp.api.headers import HeaderNames
+from epp.requestcontrol.config import build_request_control
+from epp.requestcontrol.director import Director, DirectorSettings
+from epp.scheduling.config import ConfigError
 from epp.scheduling.services import Services
 
 log = logging.getLogger("epp.serve")
@@ -163,7 +165,7 @@ class App:
         a = self.args
         self.metrics = EppMetrics(pool_name=a.pool_name or "standalone")
         self.metrics.attach_datastore(self.datastore)
-        scheduler = build_scheduler(
+        control = build_request_control(
             load_picker_config_text(a.config_file, a.config_text),
             services=Services(),
             timer=self.metrics.plugin_timer,
@@ -179,7 +181,7 @@ class App:
             ),
             model_passthrough=not a.no_model_passthrough,
         )
-        self.director = Director(self.datastore, scheduler, settings)
+        self.director = Director(self.datastore, control.scheduler, settings, hooks=control.hooks)
         if a.models_file:
             mf = load_models_file(a.models_file)
             self.datastore.replace_models("models-file", mf.model_infos())

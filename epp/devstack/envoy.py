@@ -1,7 +1,7 @@
 """Envoy for the standalone gateway: config rendering and the process.
 
 The rendered config is the one shipped as `manifests/gateway/envoy-standalone.yaml`
-(regenerate with `python -m epp.devstack.envoy`). Design points (see REFERENCE.md §2):
+(regenerate with `python -m epp.devstack.envoy`). Design points (Envoy facts: docs/gateway.md):
 * a `header_mutation` filter before ext_proc removes any client-supplied
   `x-gateway-destination-endpoint` / `x-prefiller-host-port` (no spoofing, even fail-open);
 * the upstream is an ORIGINAL_DST cluster routed by `x-gateway-destination-endpoint`;
@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
-DEST_HEADER = "x-gateway-destination-endpoint"
-PREFILL_HEADER = "x-prefiller-host-port"
+from epp.api import headers
+
+DEST_HEADER = headers.DESTINATION
+PREFILL_HEADER = headers.PREFILLER
 
 
 def envoy_binary() -> str:

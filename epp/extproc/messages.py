@@ -12,10 +12,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-LB_NAMESPACE = "envoy.lb"
-SUBSET_NAMESPACE = "envoy.lb.subset_hint"
-SUBSET_KEY = "x-gateway-destination-endpoint-subset"
-SERVED_KEY = "x-gateway-destination-endpoint-served"
+from epp.api import headers
+
+LB_NAMESPACE = headers.LB_METADATA_NAMESPACE
+SUBSET_NAMESPACE = headers.SUBSET_HINT_NAMESPACE
+SUBSET_KEY = headers.SUBSET_HINT_KEY
+SERVED_KEY = headers.DESTINATION_SERVED
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Largest body chunk echoed in one gRPC message (Envoy's default gRPC limits are 4 MiB).
 ECHO_CHUNK = 1 << 20

@@ -299,12 +299,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             # (A stream's headers come before its first token: they say nothing.)
             self._cancel_timer(st)
             self.director.first_byte(d, now, learn=False)
-        d.served = m.served_endpoint(msg)
+        status = 0
         for h in msg.response_headers.headers.headers:
             if h.key == ":status":
                 raw = h.raw_value or h.value.encode()
-                d.status = int(raw) if raw.isdigit() else 0
+                status = int(raw) if raw.isdigit() else 0
                 break
+        self.director.response_headers(d, status)
         if msg.response_headers.end_of_stream:
             self._finish(st)
         elif d.rewritten_model is not None:

@@ -1,11 +1,11 @@
 """The per-request lifecycle between the protocol layer and the scheduler.
 
 `admit` turns a parsed request into a `Decision` (model resolution and rewrite, candidate
-endpoints, admission, scheduling) and charges the chosen endpoints *at pick time* so a
-burst never sees stale load. `first_byte`, `prefill_elapsed`, `complete` and `release`
-feed the latency model
-and give back what was charged; `release` is idempotent and is always called (stream end,
-error or reset), so in-flight counters cannot leak.
+endpoints, admission, scheduling). The director only sequences: what happens around the
+pick (accounting, prefix-index upkeep, latency learning, ...) is done by the configured
+lifecycle hooks (`epp.requestcontrol.lifecycle`). The director guarantees each hook's
+exactly-once calls: `prefill_done` and `release` once per scheduled request, whatever
+path the request takes, so in-flight counters cannot leak.
 """
 
 from __future__ import annotations
@@ -14,49 +14,29 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from epp.api.headers import HeaderNames
 from epp.datalayer.datastore import Criticality, Datastore, ModelInfo
 from epp.datalayer.endpoint import Endpoint
 from epp.requestcontrol.admission import SaturationPolicy
+from epp.requestcontrol.decision import Admitted, Decision
 from epp.requestcontrol.errors import model_not_found, shed, unavailable
-from epp.scheduling.framework import SchedulingError, SchedulingResult
+from epp.requestcontrol.lifecycle import LifecycleHook, overrides
+from epp.scheduling.framework import SchedulingError
 from epp.scheduling.request import InferenceRequest
 from epp.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Admitted", "Decision", "Director", "DirectorSettings", "HeaderNames"]
 
 _CRITICALITY_PRIORITY = {
     Criticality.CRITICAL: 1,
     Criticality.STANDARD: 0,
     Criticality.SHEDDABLE: -1,
 }
-
-
-@dataclass(slots=True)
-class HeaderNames:
-    business: str = "x-business"
-    objective: str = "x-gateway-inference-objective"
-    fairness: str = "x-gateway-inference-fairness-id"
-    model_rewrite: str = "x-gateway-model-name-rewrite"
-    slo_ttft: str = "x-slo-ttft-ms"
-    slo_tpot: str = "x-slo-tpot-ms"
-    session: str = "x-session-id"
-    destination: str = "x-gateway-destination-endpoint"
-    prefiller: str = "x-prefiller-host-port"
-
-    def control_headers(self) -> tuple[str, ...]:
-        """Headers meant for the EPP only; never forwarded to a model server."""
-        return (
-            self.business,
-            self.objective,
-            self.fairness,
-            self.model_rewrite,
-            self.slo_ttft,
-            self.slo_tpot,
-            self.session,
-        )
 
 
 @dataclass(slots=True)
@@ -67,36 +47,6 @@ class DirectorSettings:
     model_passthrough: bool = True
 
 
-@dataclass(slots=True)
-class Admitted:
-    request: InferenceRequest
-    candidates: list[Endpoint]
-    rewritten_model: str | None
-
-
-@dataclass(slots=True)
-class Decision:
-    request: InferenceRequest
-    result: SchedulingResult
-    rewritten_model: str | None  # set when the body's model must be replaced
-    started: float  # monotonic, at pick time
-    queued_ahead: int = 0  # prefill tokens queued on the prefilling endpoint at pick time
-    first_byte_at: float = 0.0
-    prefill_settled: bool = False
-    released: bool = False
-    status: int = 0
-    served: str = ""  # endpoint Envoy reports it actually used
-
-    @property
-    def target(self) -> Endpoint:
-        return self.result.target
-
-    @property
-    def charged_tokens(self) -> int:
-        """Tokens charged to the target's in-flight load (prompt + expected decode)."""
-        return self.request.prompt_tokens + self.request.expected_decode_tokens
-
-
 class Director:
     def __init__(
         self,
@@ -104,6 +54,7 @@ class Director:
         scheduler: Scheduler,
         settings: DirectorSettings | None = None,
         *,
+        hooks: Sequence[LifecycleHook] | None = None,
         rng: random.Random | None = None,
         on_pick: Callable[[Decision], None] | None = None,
     ) -> None:
@@ -113,8 +64,22 @@ class Director:
         self.rng = rng or random.Random()
         self.on_pick = on_pick
         self.prefix_index = scheduler.services.prefix_index
-        self.latency = scheduler.services.latency
+        if hooks is None:
+            from epp.requestcontrol.config import default_hooks
+
+            hooks = default_hooks(scheduler.services)
+        self.hooks = list(hooks)
+        self._pre = self._implementing("pre_request")
+        self._headers = self._implementing("response_headers")
+        self._first = self._implementing("first_token")
+        self._prefill = self._implementing("prefill_done")
+        self._complete = self._implementing("complete")
+        self._release = self._implementing("release")
+        scheduler.outputs = frozenset().union(*(h.consumes for h in self.hooks))
         datastore.on_endpoint_removed(lambda ep: self.prefix_index.remove_endpoint(ep.key))
+
+    def _implementing(self, method: str) -> list[LifecycleHook]:
+        return [h for h in self.hooks if overrides(h, method)]
 
     # ---- admission + scheduling ---------------------------------------------------------------
     def apply_headers(self, req: InferenceRequest, headers: dict[str, str]) -> None:
@@ -186,7 +151,8 @@ class Director:
         except SchedulingError as e:
             raise unavailable(str(e)) from e
         decision = Decision(req, result, admitted.rewritten_model, time.monotonic())
-        self._charge(decision)
+        for hook in self._pre:
+            hook.pre_request(decision)
         if self.on_pick is not None:
             self.on_pick(decision)
         return decision
@@ -198,78 +164,53 @@ class Director:
             raise unavailable("no ready endpoint")
         return min(ready, key=lambda ep: (ep.inflight.requests, self.rng.random()))
 
-    # ---- accounting --------------------------------------------------------------------------
-    def _charge(self, d: Decision) -> None:
-        res = d.result
-        target = res.target
-        prefilling = res.prefill or target
-        inf = target.inflight
-        d.queued_ahead = self.latency.queued_prefill_tokens(prefilling)
-        inf.requests += 1
-        inf.tokens += d.charged_tokens
-        inf.pending_requests += 1
-        hashes = res.prefix_hashes
-        if res.prefill is not None:
-            pf = res.prefill.inflight
-            pf.prefill_requests += 1
-            pf.prefill_tokens += res.uncached_tokens
-            self.prefix_index.insert(res.prefill, hashes)
-        else:
-            inf.pending_prefill_tokens += res.uncached_tokens
-        self.latency.observe_sent(prefilling, res.uncached_tokens)
-        # The decode endpoint ends up holding the whole prompt's KV either way.
-        self.prefix_index.insert(target, hashes)
-
-    def _settle_prefill(self, d: Decision) -> None:
-        """The first token came (or the request ended): the prefill work is done."""
-        if d.prefill_settled:
+    # ---- lifecycle -------------------------------------------------------------------------
+    def response_headers(self, d: Decision, status: int) -> None:
+        if d.released:
             return
-        d.prefill_settled = True
-        res = d.result
-        if res.prefill is not None:
-            pf = res.prefill.inflight
-            pf.prefill_requests -= 1
-            pf.prefill_tokens -= res.uncached_tokens
-        else:
-            res.target.inflight.pending_prefill_tokens -= res.uncached_tokens
-        res.target.inflight.pending_requests -= 1
+        for hook in self._headers:
+            hook.response_headers(d, status)
 
     def first_byte(self, d: Decision, now: float | None = None, *, learn: bool = True) -> None:
         """The first token is back: the prefill work is done. With `learn`, the time is a
-        true TTFT and trains the latency model (a stream's first body chunk; not response
-        headers, which engines send before the first token)."""
+        true TTFT (a stream's first body chunk; not response headers, which engines send
+        before the first token, nor the end of a non-streamed answer)."""
         if d.first_byte_at or d.released:
             return
         d.first_byte_at = now if now is not None else time.monotonic()
-        if learn:
-            ep = d.result.prefill or d.target
-            ttft_ms = (d.first_byte_at - d.started) * 1000.0
-            self.latency.observe_ttft(ep, ttft_ms, d.result.uncached_tokens + d.queued_ahead)
+        for hook in self._first:
+            hook.first_token(d, d.first_byte_at, learn)
         self._settle_prefill(d)
 
     def prefill_elapsed(self, d: Decision) -> None:
         """No first-token signal, but the predicted TTFT has passed: stop counting this
         request's prefill as queued work."""
-        if d.first_byte_at or d.released or d.prefill_settled:
+        if d.first_byte_at or d.released:
             return
         self._settle_prefill(d)
 
     def complete(self, d: Decision, output_tokens: int, now: float | None = None) -> None:
         """End of a successful response with `output_tokens` generated (from usage)."""
-        if d.released or not d.first_byte_at or output_tokens < 2:
+        if d.released:
             return
         end = now if now is not None else time.monotonic()
-        tpot_ms = (end - d.first_byte_at) * 1000.0 / (output_tokens - 1)
-        self.latency.observe_tpot(d.target, tpot_ms, self.latency.batch_size(d.target))
+        for hook in self._complete:
+            hook.complete(d, output_tokens, end)
 
     def release(self, d: Decision | None) -> None:
         if d is None or d.released:
             return
         self._settle_prefill(d)
         d.released = True
-        inf = d.target.inflight
-        inf.requests -= 1
-        inf.tokens -= d.charged_tokens
+        for hook in self._release:
+            hook.release(d)
+
+    def _settle_prefill(self, d: Decision) -> None:
+        if d.prefill_settled:
+            return
+        d.prefill_settled = True
+        for hook in self._prefill:
+            hook.prefill_done(d)
 
 
 def _float_header(headers: dict[str, str], name: str) -> float | None:

@@ -15,6 +15,13 @@ from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.request import CycleState, InferenceRequest
 from epp.scheduling.services import Services
 
+# Per-request data the scheduler produces for request-lifecycle plugins, only when one of
+# them consumes it: the prompt's prefix block hashes, and the latency predictions for the
+# pick (TTFT, TPOT, the prefill work queued ahead, SLO met).
+PREFIX_HASHES = "prefix-hashes"
+PREDICTIONS = "predictions"
+ALL_OUTPUTS = frozenset({PREFIX_HASHES, PREDICTIONS})
+
 
 class Plugin:
     """Base of every plugin. `type_name` is the config `type`; `name` the instance name."""
@@ -90,7 +97,9 @@ class SchedulingResult:
     predicted_tpot_ms: float | None = None
     slo_met: bool | None = None  # None = the request had no SLO
     uncached_tokens: int = 0  # estimated prompt tokens the target will have to prefill
-    prefix_hashes: list[int] = field(default_factory=list)  # the prompt's block hashes
+    # Prefill tokens already queued on the prefilling endpoint at pick time (PREDICTIONS).
+    queued_prefill_tokens: int = 0
+    prefix_hashes: list[int] = field(default_factory=list)  # block hashes (PREFIX_HASHES)
 
     @property
     def target(self) -> Endpoint:

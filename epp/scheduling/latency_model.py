@@ -43,11 +43,15 @@ class LatencyModel:
             queued += int(extra * per)
         return queued
 
-    def predict_ttft_ms(self, ep: Endpoint, uncached_tokens: int) -> float:
+    def predict_ttft_ms(
+        self, ep: Endpoint, uncached_tokens: int, queued_tokens: int | None = None
+    ) -> float:
         lat = ep.latency
         rate = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
         base = lat.ttft_base_ms or self.priors.ttft_base_ms
-        return base + rate * (uncached_tokens + self.queued_prefill_tokens(ep))
+        if queued_tokens is None:
+            queued_tokens = self.queued_prefill_tokens(ep)
+        return base + rate * (uncached_tokens + queued_tokens)
 
     def batch_size(self, ep: Endpoint) -> float:
         return max(float(ep.inflight.requests), ep.metrics.running)

@@ -8,6 +8,9 @@ from time import perf_counter
 
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import (
+    ALL_OUTPUTS,
+    PREDICTIONS,
+    PREFIX_HASHES,
     Filter,
     Picker,
     Plugin,
@@ -53,6 +56,9 @@ class Scheduler(ProfileRunner):
         self.timer = timer
         self.debug = debug
         self._first = next(iter(profiles))
+        # What `schedule` computes beyond the pick; the director narrows it to what its
+        # lifecycle hooks consume.
+        self.outputs: frozenset[str] = ALL_OUTPUTS
         self._post_pick = [p for p in plugins if type(p).on_picked is not Plugin.on_picked]
 
     # ---- ProfileRunner ---------------------------------------------------------------------
@@ -114,18 +120,21 @@ class Scheduler(ProfileRunner):
         result = self.handler.schedule(self, cycle, request, candidates)
         if result is None or not result.primary:
             raise SchedulingError("no endpoint passed the filters")
-        result.prefix_hashes = prefix_match(cycle, self.services, request).hashes
-        self._record_prediction(cycle, request, result)
+        outputs = self.outputs
+        if PREFIX_HASHES in outputs:
+            result.prefix_hashes = prefix_match(cycle, self.services, request).hashes
+        if PREDICTIONS in outputs:
+            self._record_prediction(request, result)
         for plugin in self._post_pick:
             plugin.on_picked(cycle, request, result)
         return result
 
-    def _record_prediction(
-        self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult
-    ) -> None:
+    def _record_prediction(self, request: InferenceRequest, result: SchedulingResult) -> None:
         model = self.services.latency
         pick = result.prefill or result.target
-        result.predicted_ttft_ms = model.predict_ttft_ms(pick, result.uncached_tokens)
+        queued = model.queued_prefill_tokens(pick)
+        result.queued_prefill_tokens = queued
+        result.predicted_ttft_ms = model.predict_ttft_ms(pick, result.uncached_tokens, queued)
         result.predicted_tpot_ms = model.predict_tpot_ms(result.target)
         if request.slo_ttft_ms is None and request.slo_tpot_ms is None:
             return

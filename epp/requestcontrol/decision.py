@@ -1,0 +1,39 @@
+"""What request control decided for one request, and the state its lifecycle carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.framework import SchedulingResult
+from epp.scheduling.request import InferenceRequest
+
+
+@dataclass(slots=True)
+class Admitted:
+    request: InferenceRequest
+    candidates: list[Endpoint]
+    rewritten_model: str | None
+
+
+@dataclass(slots=True)
+class Decision:
+    request: InferenceRequest
+    result: SchedulingResult
+    rewritten_model: str | None  # set when the body's model must be replaced
+    started: float  # monotonic, at pick time
+    first_byte_at: float = 0.0
+    prefill_settled: bool = False
+    released: bool = False
+    # Scratch space for lifecycle hooks that need per-request state (keyed by hook name).
+    hook_state: dict[str, Any] | None = None
+
+    @property
+    def target(self) -> Endpoint:
+        return self.result.target
+
+    @property
+    def charged_tokens(self) -> int:
+        """Tokens charged to the target's in-flight load (prompt + expected decode)."""
+        return self.request.prompt_tokens + self.request.expected_decode_tokens
