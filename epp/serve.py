@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp.api.headers import HeaderNames
 from epp.config import ConfigFileError, load_models_file, load_picker_config_text
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.labels import LabelKeys
@@ -27,7 +28,6 @@ from epp.observability.health import Health, metrics_app
 from epp.observability.logging import setup_logging
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import SaturationPolicy
-from epp.api.headers import HeaderNames
 from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director, DirectorSettings
 from epp.scheduling.config import ConfigError
