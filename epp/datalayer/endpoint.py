@@ -34,7 +34,8 @@ def normalize_role(value: str | None) -> str:
 
 @dataclass(slots=True)
 class EngineMetrics:
-    """Scraped model-server signals. `updated_at` is a monotonic timestamp (0 = never)."""
+    """Scraped model-server signals, filled by the rows of `engine_metrics.py`.
+    `updated_at` is a monotonic timestamp (0 = never)."""
 
     waiting: float = 0.0
     running: float = 0.0
@@ -95,7 +96,7 @@ class Endpoint:
     model: str = ""  # label `model`; "" = serves whatever the request names
     business: str = UNASSIGNED_BUSINESS
     role: str = ROLE_DECODE
-    engine: str = "vllm"  # vllm | sglang | sim
+    engine: str = "vllm"  # vllm | sglang | trtllm | sim (datalayer/engine_metrics.py)
     labels: dict[str, str] = field(default_factory=dict)
     ready: bool = True
     metrics_port: int = 0  # 0 = same as port

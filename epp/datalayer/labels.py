@@ -15,6 +15,10 @@ DEFAULT_ENGINE = "vllm"
 _ENGINE_ALIASES = {
     "vllm": "vllm",
     "sglang": "sglang",
+    "trtllm": "trtllm",
+    "trtllm-serve": "trtllm",
+    "tensorrt-llm": "trtllm",
+    "triton": "trtllm",
     "sim": "sim",
     "simulator": "sim",
     "vllm-sim": "sim",
@@ -46,7 +50,7 @@ DEFAULT_LABEL_KEYS = LabelKeys()
 
 
 def normalize_engine(value: str | None) -> str:
-    """`vllm` | `sglang` | `sim`; unknown or missing values mean vLLM-compatible."""
+    """`vllm` | `sglang` | `trtllm` | `sim`; unknown or missing values mean vLLM-compatible."""
     if not value:
         return DEFAULT_ENGINE
     return _ENGINE_ALIASES.get(value.strip().lower(), DEFAULT_ENGINE)

@@ -21,7 +21,7 @@ import aiohttp
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, EngineMetrics
-from epp.datalayer.prom_parse import ParsedMetrics, parse_metrics
+from epp.datalayer.prom_parse import HISTOGRAM_FIELDS, ParsedMetrics, parse_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +37,34 @@ def is_stale(
 
 
 def apply_metrics(m: EngineMetrics, p: ParsedMetrics, now: float) -> None:
-    """Copy what the page carried; signals the page lacks keep their previous value."""
-    if p.waiting is not None:
-        m.waiting = p.waiting
-    if p.running is not None:
-        m.running = p.running
-    if p.kv_usage is not None:
-        m.kv_usage = p.kv_usage
-    if p.block_size is not None:
-        m.block_size = p.block_size
-    if p.num_blocks is not None:
-        m.num_blocks = p.num_blocks
-    if p.running_loras is not None:
-        m.running_loras = p.running_loras
-    if p.tpot_sum is not None and p.tpot_count is not None:
-        dcount = p.tpot_count - m.tpot_count
-        if dcount > 0 and m.tpot_count >= 0:
-            mean_ms = (p.tpot_sum - m.tpot_sum) / dcount * 1000.0
-            if mean_ms > 0:
-                m.tpot_recent_ms = (
-                    mean_ms
-                    if m.tpot_recent_ms == 0
-                    else m.tpot_recent_ms + 0.3 * (mean_ms - m.tpot_recent_ms)
-                )
-        m.tpot_sum, m.tpot_count = p.tpot_sum, p.tpot_count  # also resets after a restart
+    """Copy what the page carried; signals the page lacks keep their previous value.
+    A histogram's cumulative sum/count become a recent mean (EWMA of scrape deltas)."""
+    values = p.values
+    for name, value in values.items():
+        if name not in _HISTOGRAM_PARTS:
+            setattr(m, name, value)
+    for field in HISTOGRAM_FIELDS:
+        total, count = values.get(field + "_sum"), values.get(field + "_count")
+        if total is not None and count is not None:
+            _apply_histogram(m, field, total, count)
     m.updated_at = now
     m.scrape_errors = 0
+
+
+_HISTOGRAM_PARTS = frozenset(f + s for f in HISTOGRAM_FIELDS for s in ("_sum", "_count"))
+
+
+def _apply_histogram(m: EngineMetrics, field: str, total: float, count: float) -> None:
+    prev_total, prev_count = getattr(m, field + "_sum"), getattr(m, field + "_count")
+    dcount = count - prev_count
+    if dcount > 0 and prev_count >= 0:
+        mean_ms = (total - prev_total) / dcount * 1000.0
+        if mean_ms > 0:
+            recent = getattr(m, field + "_recent_ms")
+            recent = mean_ms if recent == 0 else recent + 0.3 * (mean_ms - recent)
+            setattr(m, field + "_recent_ms", recent)
+    setattr(m, field + "_sum", total)  # also resets the baseline after a restart
+    setattr(m, field + "_count", count)
 
 
 class ScrapeError(Exception):

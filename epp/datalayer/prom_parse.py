@@ -1,22 +1,12 @@
 """A narrow, fast parser for model-server `/metrics` pages (Prometheus text format).
 
-Only the handful of samples the EPP uses are looked at (REFERENCE.md §3):
-
-- waiting:  `vllm:num_requests_waiting`  | `sglang:num_queue_reqs`
-- running:  `vllm:num_requests_running`  | `sglang:num_running_reqs`
-- KV usage: `vllm:kv_cache_usage_perc` (older `vllm:gpu_cache_usage_perc`) | `sglang:token_usage`
-- cache:    `vllm:cache_config_info{block_size,num_gpu_blocks}`
-            | `sglang:cache_config_info{page_size,num_pages}`
-- LoRA:     `vllm:lora_requests_info{running_lora_adapters,...}` (value = timestamp)
-- TPOT:     `vllm:inter_token_latency_seconds` (older `vllm:time_per_output_token_seconds`)
-            histogram `_sum` / `_count`, summed over series (the scraper turns deltas of
-            these into a recent mean: how fast this engine really decodes)
-
-Both families are read whatever the engine; `prefer` picks the family when a page has both.
-Several series of one sample (one per `model_name` or per data-parallel `engine`) are
-combined: queue and running counts are summed, KV usage takes the maximum (the fullest
-engine), the cache shape takes the largest values, and for `lora_requests_info` the series
-with the newest timestamp value wins (vLLM leaves old label sets on the page).
+Which samples are read, and into which `EngineMetrics` field, is the per-engine tables in
+`engine_metrics.py`; this module compiles them once into a lookup by sample name. Several
+series of one sample (one per `model_name` or per data-parallel `engine`) are folded as
+the row says: queue and running counts are summed, KV usage takes the maximum (the
+fullest engine), info labels (the cache shape) take the largest values, a label list
+(`lora_requests_info`) comes from the series with the newest value, histogram `_sum` /
+`_count` are summed.
 
 Fast path: the page is bytes; we jump from one `# TYPE` line to the next and only split the
 sample lines of wanted families into fields, so the ~300-line histogram-heavy vLLM page
@@ -27,141 +17,243 @@ finds nothing) fall back to a scan of every line by prefix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable
+from typing import Any
 
-# signal slots
-_WAITING, _RUNNING, _KV, _KV_OLD, _CACHE, _LORA, _ITL_SUM, _ITL_COUNT, _TPOT_SUM, _TPOT_COUNT = (
-    range(10)
+from epp.datalayer.endpoint import EngineMetrics
+from epp.datalayer.engine_metrics import (
+    ENGINES,
+    LOAD_FIELDS,
+    MAX,
+    SUM,
+    Gauge,
+    Histogram,
+    InfoLabels,
+    LabelList,
+    Row,
 )
-_NSLOTS = 10
-_SUMMED = frozenset({_WAITING, _RUNNING, _ITL_SUM, _ITL_COUNT, _TPOT_SUM, _TPOT_COUNT})
-VLLM, SGLANG = 0, 1
 
-_SAMPLES: dict[bytes, tuple[int, int]] = {
-    b"vllm:num_requests_waiting": (VLLM, _WAITING),
-    b"vllm:num_requests_running": (VLLM, _RUNNING),
-    b"vllm:kv_cache_usage_perc": (VLLM, _KV),
-    b"vllm:gpu_cache_usage_perc": (VLLM, _KV_OLD),
-    b"vllm:cache_config_info": (VLLM, _CACHE),
-    b"vllm:lora_requests_info": (VLLM, _LORA),
-    b"sglang:num_queue_reqs": (SGLANG, _WAITING),
-    b"sglang:num_running_reqs": (SGLANG, _RUNNING),
-    b"sglang:token_usage": (SGLANG, _KV),
-    b"sglang:cache_config_info": (SGLANG, _CACHE),
-    b"vllm:inter_token_latency_seconds_sum": (VLLM, _ITL_SUM),
-    b"vllm:inter_token_latency_seconds_count": (VLLM, _ITL_COUNT),
-    b"vllm:time_per_output_token_seconds_sum": (VLLM, _TPOT_SUM),
-    b"vllm:time_per_output_token_seconds_count": (VLLM, _TPOT_COUNT),
-}
-_HISTOGRAMS = (b"vllm:inter_token_latency_seconds", b"vllm:time_per_output_token_seconds")
-# `# TYPE` family names that hold wanted samples (an OpenMetrics `info` family drops `_info`).
-_FAMILIES = frozenset(
-    list(_SAMPLES)
-    + [n[: -len(b"_info")] for n in _SAMPLES if n.endswith(b"_info")]
-    + list(_HISTOGRAMS)
-)
-_PREFIXES = tuple(_SAMPLES)  # cheap C-level pre-filter for the line scan
-_CACHE_LABELS = {VLLM: ("block_size", "num_gpu_blocks"), SGLANG: ("page_size", "num_pages")}
+# How a sample folds into its accumulator slot.
+_OP_SUM, _OP_MAX, _OP_LABELS, _OP_NEWEST = range(4)
+# sample name -> ((slot, op, where-label or None, where-value), ...)
+_Target = tuple[int, int, str | None, str | None]
+_Reader = Callable[[list[Any], dict[str, Any]], None]
 
 
-@dataclass(slots=True)
-class ParsedMetrics:
-    """What a page said; None = the page did not carry that signal."""
-
-    waiting: float | None = None
-    running: float | None = None
-    kv_usage: float | None = None  # 0..1
-    block_size: int | None = None
-    num_blocks: int | None = None
-    running_loras: tuple[str, ...] | None = None
-    tpot_sum: float | None = None  # cumulative seconds over all decoded tokens
-    tpot_count: float | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.waiting is None and self.running is None and self.kv_usage is None
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(EngineMetrics)
+    return {k: typing.get_origin(v) or v for k, v in hints.items()}
 
 
-class _Acc:
-    """Per-family accumulators, combined as described in the module docstring."""
-
-    __slots__ = ("found", "vals")
-
-    def __init__(self) -> None:
-        self.vals: list[list[object]] = [[None] * _NSLOTS, [None] * _NSLOTS]
-        self.found = 0
-
-    def add(self, fam: int, slot: int, labels: bytes | None, value: float) -> None:
-        self.found += 1
-        v = self.vals[fam]
-        cur = v[slot]
-        if slot in _SUMMED:
-            v[slot] = value if cur is None else cur + value  # type: ignore[operator]
-        elif slot <= _KV_OLD:
-            if cur is None or value > cur:  # type: ignore[operator]
-                v[slot] = value
-        elif slot == _CACHE:
-            # Label sets are decoded lazily in `result` (usually one series per page).
-            if cur is None:
-                v[slot] = [labels or b""]
-            else:
-                cur.append(labels or b"")  # type: ignore[attr-defined]
-        elif cur is None or cur[0] < value:  # type: ignore[index]
-            v[slot] = (value, labels or b"")  # _LORA: the newest series wins
-
-    def result(self, prefer: int) -> ParsedMetrics:
-        first, second = self.vals[prefer], self.vals[1 - prefer]
-
-        def pick(slot: int) -> object:
-            x = first[slot]
-            return second[slot] if x is None else x
-
-        out = ParsedMetrics()
-        w, r = pick(_WAITING), pick(_RUNNING)
-        out.waiting = w if isinstance(w, float) else None
-        out.running = r if isinstance(r, float) else None
-        kv = first[_KV]
-        if kv is None:
-            kv = first[_KV_OLD]
-        if kv is None:
-            kv = second[_KV] if second[_KV] is not None else second[_KV_OLD]
-        if isinstance(kv, float):
-            out.kv_usage = min(max(kv, 0.0), 1.0)
-        fam = prefer if first[_CACHE] is not None else 1 - prefer
-        cache = self.vals[fam][_CACHE]
-        if isinstance(cache, list):
-            bkey, nkey = _CACHE_LABELS[fam]
-            for raw in cache:
-                out.block_size = _max_opt(out.block_size, _int_or_none(label(raw, bkey)))
-                out.num_blocks = _max_opt(out.num_blocks, _int_or_none(label(raw, nkey)))
-        isum, icount = first[_ITL_SUM], first[_ITL_COUNT]
-        if not isinstance(icount, float):
-            isum, icount = first[_TPOT_SUM], first[_TPOT_COUNT]
-        if isinstance(isum, float) and isinstance(icount, float):
-            out.tpot_sum, out.tpot_count = isum, icount
-        lora = pick(_LORA)
-        if isinstance(lora, tuple):
-            running = label(lora[1], "running_lora_adapters") or ""
-            out.running_loras = tuple(x.strip() for x in running.split(",") if x.strip())
-        return out
+def _positive_int(v: float | None) -> int | None:
+    if v is None or not math.isfinite(v):
+        return None
+    i = int(v)
+    return i if i > 0 else None
 
 
 def _int_or_none(s: str | None) -> int | None:
     if not s:
         return None
     try:
-        v = int(float(s))
-    except (ValueError, OverflowError):
+        return _positive_int(float(s))
+    except ValueError:
         return None
-    return v if v > 0 else None
 
 
-def _max_opt(a: int | None, b: int | None) -> int | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
+class _Compiled:
+    """The engine tables as a sample-name lookup plus per-engine result readers."""
+
+    def __init__(self, engines: dict[str, tuple[Row, ...]]) -> None:
+        self.samples: dict[bytes, tuple[_Target, ...]] = {}
+        self.families: set[bytes] = set()
+        self.readers: list[list[_Reader]] = []
+        self.slot_ranges: list[tuple[int, int]] = []
+        self.histograms: set[str] = set()
+        self.nslots = 0
+        types = _field_types()
+        for rows in engines.values():
+            lo = self.nslots
+            self.readers.append([self._compile(row, types) for row in rows])
+            self.slot_ranges.append((lo, self.nslots))
+        self.order = {
+            name: (i, *(j for j in range(len(engines)) if j != i))
+            for i, name in enumerate(engines)
+        }
+        self.default_order = self.order[next(iter(engines))]
+
+    def _slot(self, name: str, op: int, where: tuple[str, str] | None = None) -> int:
+        slot = self.nslots
+        self.nslots += 1
+        key = name.encode()
+        target = (slot, op, where[0] if where else None, where[1] if where else None)
+        self.samples[key] = (*self.samples.get(key, ()), target)
+        self.families.add(key)
+        for suffix in (b"_info", b"_total"):  # OpenMetrics family names drop these
+            if key.endswith(suffix):
+                self.families.add(key[: -len(suffix)])
+        return slot
+
+    def _compile(self, row: Row, types: dict[str, type]) -> _Reader:
+        def check(field: str, want: type | None = None) -> None:
+            if field not in types or (want is not None and types[field] is not want):
+                raise TypeError(f"engine metric row {row}: EngineMetrics has no {field!r} "
+                                f"field{f' of type {want.__name__}' if want else ''}")
+
+        if isinstance(row, Gauge):
+            check(row.field)
+            return self._gauge(row, types[row.field] is int)
+        if isinstance(row, InfoLabels):
+            for field, _ in row.fields:
+                check(field, int)
+            return self._info(row)
+        if isinstance(row, LabelList):
+            check(row.field, tuple)
+            return self._label_list(row)
+        for suffix in ("_sum", "_count", "_recent_ms"):
+            check(row.field + suffix, float)
+        self.histograms.add(row.field)
+        return self._histogram(row)
+
+    def _gauge(self, row: Gauge, integer: bool) -> _Reader:
+        if row.fold not in (SUM, MAX):
+            raise ValueError(f"engine metric row {row}: fold must be {SUM!r} or {MAX!r}")
+        slot = self._slot(row.name, _OP_SUM if row.fold == SUM else _OP_MAX, row.where)
+        field, clamp = row.field, row.clamp
+
+        def read(vals: list[Any], out: dict[str, Any]) -> None:
+            v = vals[slot]
+            if v is None or field in out:
+                return
+            if integer:
+                v = _positive_int(v)
+                if v is None:
+                    return
+            elif clamp is not None:
+                v = min(max(v, clamp[0]), clamp[1])
+            out[field] = v
+
+        return read
+
+    def _info(self, row: InfoLabels) -> _Reader:
+        slot = self._slot(row.name, _OP_LABELS)
+        fields = row.fields
+
+        def read(vals: list[Any], out: dict[str, Any]) -> None:
+            series = vals[slot]
+            if series is None:
+                return
+            for field, key in fields:
+                if field in out:
+                    continue
+                best: int | None = None
+                for raw in series:  # decoded lazily: usually one series per page
+                    v = _int_or_none(label(raw, key))
+                    if v is not None and (best is None or v > best):
+                        best = v
+                if best is not None:
+                    out[field] = best
+
+        return read
+
+    def _label_list(self, row: LabelList) -> _Reader:
+        slot = self._slot(row.name, _OP_NEWEST)
+        field, key = row.field, row.label
+
+        def read(vals: list[Any], out: dict[str, Any]) -> None:
+            newest = vals[slot]
+            if newest is None or field in out:
+                return
+            text = label(newest[1], key) or ""
+            out[field] = tuple(x.strip() for x in text.split(",") if x.strip())
+
+        return read
+
+    def _histogram(self, row: Histogram) -> _Reader:
+        s_slot = self._slot(row.name + "_sum", _OP_SUM)
+        c_slot = self._slot(row.name + "_count", _OP_SUM)
+        self.families.add(row.name.encode())  # the `# TYPE` line names the histogram
+        sum_key, count_key = row.field + "_sum", row.field + "_count"
+
+        def read(vals: list[Any], out: dict[str, Any]) -> None:
+            s, c = vals[s_slot], vals[c_slot]
+            if s is None or c is None or count_key in out:
+                return
+            out[sum_key], out[count_key] = s, c
+
+        return read
+
+
+_C = _Compiled(ENGINES)
+_SAMPLES = _C.samples
+_FAMILIES = frozenset(_C.families)
+_PREFIXES = tuple(_SAMPLES)  # cheap C-level pre-filter for the line scan
+HISTOGRAM_FIELDS = frozenset(_C.histograms)
+
+
+class ParsedMetrics:
+    """What a page said: `EngineMetrics` field -> value, only for signals the page carried
+    (histograms as `<field>_sum` and `<field>_count`). Attribute access reads a field or
+    None."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: dict[str, Any] | None = None) -> None:
+        self.values: dict[str, Any] = values if values is not None else {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.values.get(name)
+
+    @property
+    def empty(self) -> bool:
+        return not any(f in self.values for f in LOAD_FIELDS)
+
+    def __repr__(self) -> str:
+        return f"ParsedMetrics({self.values!r})"
+
+
+class _Acc:
+    """Per-slot accumulators, folded as each slot's op says."""
+
+    __slots__ = ("found", "vals")
+
+    def __init__(self) -> None:
+        self.vals: list[Any] = [None] * _C.nslots
+        self.found = 0
+
+    def add(self, targets: tuple[_Target, ...], labels: bytes | None, value: float) -> None:
+        vals = self.vals
+        for slot, op, wkey, wval in targets:
+            if wkey is not None and (labels is None or label(labels, wkey) != wval):
+                continue
+            self.found += 1
+            cur = vals[slot]
+            if op == _OP_SUM:
+                vals[slot] = value if cur is None else cur + value
+            elif op == _OP_MAX:
+                if cur is None or value > cur:
+                    vals[slot] = value
+            elif op == _OP_LABELS:
+                if cur is None:
+                    vals[slot] = [labels or b""]
+                else:
+                    cur.append(labels or b"")
+            elif cur is None or cur[0] < value:  # _OP_NEWEST
+                vals[slot] = (value, labels or b"")
+
+    def result(self, order: tuple[int, ...]) -> ParsedMetrics:
+        vals = self.vals
+        out: dict[str, Any] = {}
+        for e in order:
+            lo, hi = _C.slot_ranges[e]
+            if not any(v is not None for v in vals[lo:hi]):
+                continue
+            for read in _C.readers[e]:
+                read(vals, out)
+        return ParsedMetrics(out)
 
 
 def _sample(acc: _Acc, line: bytes) -> None:
@@ -194,7 +286,7 @@ def _sample(acc: _Acc, line: bytes) -> None:
         return
     if not math.isfinite(value):
         return
-    acc.add(ent[0], ent[1], labels, value)
+    acc.add(ent, labels, value)
 
 
 def _scan_by_type(data: bytes, acc: _Acc) -> bool:
@@ -236,12 +328,12 @@ def _scan_lines(data: bytes, acc: _Acc) -> None:
 
 
 def parse_metrics(data: bytes, prefer: str = "vllm") -> ParsedMetrics:
-    """Parse a `/metrics` page. `prefer` is the endpoint's engine (`vllm`, `sglang`, ...)."""
+    """Parse a `/metrics` page. `prefer` is the endpoint's engine (a key of `ENGINES`)."""
     acc = _Acc()
     if not _scan_by_type(data, acc) or acc.found == 0:
         acc = _Acc()
         _scan_lines(data, acc)
-    return acc.result(SGLANG if prefer == "sglang" else VLLM)
+    return acc.result(_C.order.get(prefer, _C.default_order))
 
 
 def label(raw: bytes, key: str) -> str | None:

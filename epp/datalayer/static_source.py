@@ -12,7 +12,7 @@ entries or a mapping with one key, `endpoints`, holding that list::
           model: m                  # model served ("" / absent = any model)
           business: prod            # absent = "unassigned"
           role: decode              # prefill | decode | both (also llm-d.ai/role)
-          engine-type: vllm         # vllm | sglang | sim (metric names to scrape)
+          engine-type: vllm         # vllm | sglang | trtllm | sim (metric names to scrape)
         ready: true                 # optional, default true
         metricsPort: 8000           # optional, default = the target port
       - address: 127.0.0.3
