@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,27 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def bootstrap_ci(
+    values: Sequence[float], q: float, *, iterations: int = 1000, seed: int = 1,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the `q`th percentile (seeded)."""
+    n = len(values)
+    if n < 2:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    s = list(values)
+    stats = sorted(
+        percentile([s[rng.randrange(n)] for _ in range(n)], q) for _ in range(iterations)
+    )
+    lo = stats[int((1 - level) / 2 * (iterations - 1))]
+    hi = stats[int((1 + level) / 2 * (iterations - 1))]
+    return (lo, hi)
+
+
 def summarize(
     results: Sequence[Result], *, wall_s: float, time_scale: float, slo_ttft_s: float,
-    slo_tpot_s: float, scheduled: int,
+    slo_tpot_s: float, scheduled: int, per_tenant: bool = True,
 ) -> dict[str, Any]:
     """Latencies and throughputs in model time (wall / time_scale)."""
     k = 1.0 / time_scale
@@ -46,6 +65,8 @@ def summarize(
         for q in (50, 90, 99):
             out[f"{name}_p{q}"] = percentile(vals, q)
         out[f"{name}_mean"] = sum(vals) / len(vals) if vals else math.nan
+    for q in (50, 90):
+        out[f"ttft_p{q}_ci"] = list(bootstrap_ci(metrics["ttft"], q))
     dur = wall_s * k if wall_s > 0 else math.nan
     out["request_throughput"] = len(ok) / dur
     out["output_throughput"] = sum(r.output_tokens for r in ok) / dur
@@ -56,12 +77,30 @@ def summarize(
         if r.ttft * k <= slo_ttft_s and (r.output_tokens <= 1 or r.tpot * k <= slo_tpot_s)
     ]
     out["slo_attainment"] = len(good) / len(results) if results else 0.0
+    out["goodput"] = len(good) / dur  # SLO-meeting requests per (model) second
     served: dict[str, int] = {}
     for r in results:
         if r.server:
             served[r.server] = served.get(r.server, 0) + 1
     out["served_by_header"] = served
+    tenants = sorted({r.tenant for r in results if r.tenant})
+    if tenants and per_tenant:
+        out["by_tenant"] = {
+            t: summarize(
+                [r for r in results if r.tenant == t], wall_s=wall_s, time_scale=time_scale,
+                slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
+                scheduled=sum(1 for r in results if r.tenant == t), per_tenant=False,
+            )
+            for t in tenants
+        }
     return out
+
+
+def _ci(s: dict[str, Any], key: str) -> str:
+    ci = s.get(f"{key}_ci")
+    if not ci or any(isinstance(v, float) and math.isnan(v) for v in ci):
+        return _fmt(s[key])
+    return f"{_fmt(s[key])} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -84,27 +123,49 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         f"(figures below are model time: wall / time_scale). Seed {sc['seed']}; "
         f"SLO: TTFT <= {sc['slo_ttft_s']} s, TPOT <= {sc['slo_tpot_s']} s.",
         "",
+        "TTFT p50/p90 with a 95% bootstrap confidence interval in brackets. Goodput: "
+        "requests meeting both SLOs per model second.",
+        "",
         "| router | rate (req/s) | done/sent | err | TTFT p50 | TTFT p90 | TTFT p99 | "
-        "TPOT p50 | TPOT p90 | ITL p90 | E2E p90 | req/s | out tok/s | cached | SLO |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "TPOT p50 | TPOT p90 | ITL p90 | E2E p90 | req/s | out tok/s | cached | SLO | goodput |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ph in data["phases"]:
         s = ph["summary"]
         lines.append(
             f"| {ph['router']} | {ph['rate']:g} | {s['completed']}/{s['sent']} | {s['errors']} "
-            f"| {_fmt(s['ttft_p50'])} | {_fmt(s['ttft_p90'])} | {_fmt(s['ttft_p99'])} "
+            f"| {_ci(s, 'ttft_p50')} | {_ci(s, 'ttft_p90')} | {_fmt(s['ttft_p99'])} "
             f"| {_fmt(s['tpot_p50'], 4)} | {_fmt(s['tpot_p90'], 4)} | {_fmt(s['itl_p90'], 4)} "
             f"| {_fmt(s['e2e_p90'])} | {_fmt(s['request_throughput'], 2)} "
             f"| {_fmt(s['output_throughput'], 1)} | {_fmt(s['cached_ratio'], 2)} "
-            f"| {_fmt(s['slo_attainment'], 2)} |"
+            f"| {_fmt(s['slo_attainment'], 2)} | {_fmt(s.get('goodput', math.nan), 2)} |"
         )
     for rate, o in data.get("oracle", {}).items():
         lines.append(
             f"| oracle (computed) | {float(rate):g} | - | - | {_fmt(o['ttft_p50'])} "
             f"| {_fmt(o['ttft_p90'])} | {_fmt(o['ttft_p99'])} | {_fmt(o['tpot_floor'], 4)} | - "
             f"| - | - | {_fmt(o['request_throughput'], 2)} | {_fmt(o['output_throughput'], 1)} "
-            f"| {_fmt(o['cached_ratio'], 2)} | - |"
+            f"| {_fmt(o['cached_ratio'], 2)} | - | - |"
         )
+    tenant_rows = [
+        (ph, t, ts) for ph in data["phases"] for t, ts in ph["summary"].get("by_tenant", {}).items()
+    ]
+    if tenant_rows:
+        lines += [
+            "", "Per tenant:", "",
+            "| router | rate | tenant | done/sent | TTFT p50 | TTFT p90 | TPOT p50 | SLO | goodput |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for ph, t, ts in tenant_rows:
+            lines.append(
+                f"| {ph['router']} | {ph['rate']:g} | {t} | {ts['completed']}/{ts['sent']} "
+                f"| {_ci(ts, 'ttft_p50')} | {_ci(ts, 'ttft_p90')} | {_fmt(ts['tpot_p50'], 4)} "
+                f"| {_fmt(ts['slo_attainment'], 2)} | {_fmt(ts['goodput'], 2)} |"
+            )
+    cost_rows = [ph for ph in data["phases"] if "pod_cost" in ph]
+    if cost_rows:
+        lines += ["", "Summed pod cost (requests served x the pod's `cost` label):", ""]
+        lines += [f"- {ph['router']} @ {ph['rate']:g}: {ph['pod_cost']:.1f}" for ph in cost_rows]
     if data.get("skipped"):
         lines += ["", "Skipped routers:", ""]
         lines += [f"- `{name}`: {why.splitlines()[0]}" for name, why in data["skipped"].items()]

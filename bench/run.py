@@ -130,9 +130,12 @@ async def run_scenario(
                         print(f"[{sc.name}] {spec.name} @ {rate:g} req/s ...", flush=True)
                         stop = asyncio.Event()
                         sampler = asyncio.create_task(sample_pods(pool.urls, stop))
+                        schedule = schedules[rate]
+                        bound = sc.max_phase_s or (
+                            (schedule[-1].at if schedule else 0.0) * sc.time_scale + 60.0
+                        )
                         results, wall = await drive(
-                            url, model, schedules[rate], time_scale=sc.time_scale,
-                            max_wall_s=sc.max_phase_s,
+                            url, model, schedule, time_scale=sc.time_scale, max_wall_s=bound,
                         )
                         stop.set()
                         samples = await sampler
@@ -149,14 +152,21 @@ async def run_scenario(
                             f"cached {summary['cached_ratio']:.2f}",
                             flush=True,
                         )
-                        data["phases"].append({
+                        per_pod = {k: v.get("requests_total", 0) for k, v in states.items()}
+                        phase: dict[str, Any] = {
                             "router": spec.name,
                             "rate": rate,
                             "summary": summary,
-                            "per_pod": {k: v.get("requests_total", 0) for k, v in states.items()},
+                            "per_pod": per_pod,
                             "pod_states": states,
                             "pod_samples": samples,
-                        })
+                        }
+                        costs = {c.address: c.labels.get("cost") for c in sc.pool}
+                        if any(v is not None for v in costs.values()):
+                            phase["pod_cost"] = sum(
+                                n * float(costs.get(pod) or 1.0) for pod, n in per_pod.items()
+                            )
+                        data["phases"].append(phase)
             except RouterUnavailable as e:
                 print(f"[{sc.name}] skipping {spec.name}: {e}", flush=True)
                 data["skipped"][spec.name] = str(e)

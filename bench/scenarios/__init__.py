@@ -26,7 +26,8 @@ class Scenario:
     workload: WorkloadSpec
     rates: list[float]  # requests per model second
     requests_per_rate: int = 200
-    max_phase_s: float = 60.0  # wall-clock bound per (router, rate) phase
+    # Wall-clock bound per (router, rate) phase; 0 = the schedule's length plus 60 s.
+    max_phase_s: float = 0.0
     slo_ttft_s: float = 1.0
     slo_tpot_s: float = 0.05
     seed: int = 1
@@ -43,7 +44,7 @@ class Scenario:
             self,
             rates=rates,
             requests_per_rate=max(20, self.requests_per_rate // 4),
-            max_phase_s=min(self.max_phase_s, 45.0),
+            max_phase_s=min(self.max_phase_s, 45.0) if self.max_phase_s else 45.0,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +80,8 @@ def pool_of(
     return out
 
 
+PEERS_AND_EPP = ["round_robin", "vllm-router:cache_aware", "sglang-router:cache_aware", "epp"]
+
 # Shape shared by most scenarios: a small H100-like engine (batch 32, KV for ~3 system
 # prompts) so cache-blind routing thrashes at rates a 2-core machine can simulate.
 _ENGINE: dict[str, Any] = {
@@ -97,12 +100,11 @@ def _registry() -> dict[str, Scenario]:
         pool=pool_of(4, **_ENGINE),
         workload=WorkloadSpec(kind="shared_prefix", groups=8, users_per_group=4,
                               system_tokens=2000, question_tokens=60, output_tokens=32),
-        rates=[2.0, 4.0, 8.0],
-        requests_per_rate=160,
+        rates=[4.0, 8.0, 12.0],
+        requests_per_rate=400,
         slo_ttft_s=1.0,
         slo_tpot_s=0.05,
-        default_routers=["round_robin", "vllm-router:cache_aware", "sglang-router:cache_aware",
-                         "epp"],
+        default_routers=PEERS_AND_EPP,
     )
     s["multi_turn"] = Scenario(
         name="multi_turn",
@@ -120,9 +122,10 @@ def _registry() -> dict[str, Scenario]:
         "(100 in, 128 out): prefill interference with decodes",
         pool=pool_of(4, **_ENGINE),
         workload=WorkloadSpec(kind="mixed", long_fraction=0.5),
-        rates=[1.0, 2.0, 3.0],
-        requests_per_rate=120,
+        rates=[2.0, 3.0],
+        requests_per_rate=400,
         slo_ttft_s=2.0,
+        default_routers=PEERS_AND_EPP,
     )
     s["bursts"] = Scenario(
         name="bursts",
@@ -131,7 +134,66 @@ def _registry() -> dict[str, Scenario]:
         workload=WorkloadSpec(kind="shared_prefix", groups=8, system_tokens=2000,
                               output_tokens=32, burst_factor=3.0, burst_period_s=6.0),
         rates=[3.0, 6.0],
-        requests_per_rate=160,
+        requests_per_rate=400,
+        default_routers=PEERS_AND_EPP,
+    )
+    s["kv_pressure"] = Scenario(
+        name="kv_pressure",
+        description="28 groups x 4 users, 2000-token system prompts: more prefixes than the "
+        "pool's KV holds at once (each pod caches ~5 of them)",
+        pool=pool_of(4, **_ENGINE),
+        workload=WorkloadSpec(kind="shared_prefix", groups=28, users_per_group=4,
+                              system_tokens=2000, question_tokens=60, output_tokens=32),
+        rates=[4.0, 8.0],
+        requests_per_rate=400,
+        default_routers=PEERS_AND_EPP,
+    )
+    s["hot_prefix"] = Scenario(
+        name="hot_prefix",
+        description="8 groups on 6 pods, 2 of them carry 80% of the traffic; 128-token "
+        "answers and 8 sequences per pod, so one pod cannot serve a hot group alone",
+        pool=pool_of(6, **{**_ENGINE, "max_num_seqs": 8}),
+        workload=WorkloadSpec(kind="shared_prefix", groups=8, users_per_group=4,
+                              system_tokens=2000, question_tokens=100, output_tokens=128,
+                              hot_groups=2, hot_fraction=0.8),
+        rates=[6.0, 12.0],
+        requests_per_rate=400,
+        slo_tpot_s=0.1,
+        default_routers=PEERS_AND_EPP,
+    )
+    s["hetero"] = Scenario(
+        name="hetero",
+        description="pods of different speeds (1x, 1x, 1.5x and 2x slower) and costs (label "
+        "cost: 1, 1, 0.6, 0.4); requests carry TTFT/TPOT SLO headers",
+        pool=pool_of(
+            4,
+            per_server=[
+                {"labels": {"cost": "1.0"}},
+                {"labels": {"cost": "1.0"}},
+                {"slow_factor": 1.5, "labels": {"cost": "0.6"}},
+                {"slow_factor": 2.0, "labels": {"cost": "0.4"}},
+            ],
+            **_ENGINE,
+        ),
+        workload=WorkloadSpec(kind="shared_prefix", groups=8, users_per_group=4,
+                              system_tokens=2000, question_tokens=60, output_tokens=64,
+                              headers={"x-slo-ttft-ms": "1000", "x-slo-tpot-ms": "50"}),
+        rates=[4.0, 8.0],
+        requests_per_rate=400,
+        default_routers=PEERS_AND_EPP,
+    )
+    s["multi_tenant"] = Scenario(
+        name="multi_tenant",
+        description="two tenants on one pool (x-gateway-inference-fairness-id): tenant-a "
+        "chats (shared prefixes) at 2 req/s; tenant-b sends 3000-token fresh prompts at its "
+        "share (rate 4: 2 req/s) or floods at 3x its share (rate 8: 6 req/s)",
+        pool=pool_of(4, **_ENGINE),
+        workload=WorkloadSpec(kind="multi_tenant", groups=8, users_per_group=4,
+                              system_tokens=2000, question_tokens=60, output_tokens=32,
+                              steady_rate=2.0, long_prompt_tokens=3000, long_output_tokens=32),
+        rates=[4.0, 8.0],
+        requests_per_rate=800,
+        default_routers=PEERS_AND_EPP,
     )
     s["pd"] = Scenario(
         name="pd",

@@ -30,6 +30,7 @@ class Result:
     server: str = ""
     error: str = ""
     group: str = ""
+    tenant: str = ""
 
     @property
     def tpot(self) -> float:
@@ -48,7 +49,7 @@ async def _one(
         "stream_options": {"include_usage": True},
     }
     start = time.monotonic()
-    res = Result(ok=False, status=0, start=start - t0, group=spec.group)
+    res = Result(ok=False, status=0, start=start - t0, group=spec.group, tenant=spec.tenant)
     reply: list[str] = []
     try:
         async with http.post(

@@ -23,11 +23,12 @@ class RequestSpec:
     group: str = ""  # shared-prefix group, for the oracle and reports
     prefix_tokens: int = 0  # tokens shared with other requests of the group
     headers: dict[str, str] = field(default_factory=dict)
+    tenant: str = ""  # multi-tenant scenarios: who sent it (reports break results down)
 
 
 @dataclass(slots=True)
 class WorkloadSpec:
-    kind: str = "shared_prefix"  # shared_prefix | multi_turn | mixed | overhead
+    kind: str = "shared_prefix"  # shared_prefix | multi_turn | mixed | overhead | multi_tenant
     groups: int = 8
     users_per_group: int = 4
     system_tokens: int = 2000
@@ -41,6 +42,16 @@ class WorkloadSpec:
     short_output_tokens: int = 128
     burst_factor: float = 1.0  # >1: alternating bursts at rate*factor and lulls
     burst_period_s: float = 4.0
+    # Group popularity: Zipf exponent over groups (0 = uniform), or the first `hot_groups`
+    # groups carry `hot_fraction` of the traffic (the rest share what is left evenly).
+    zipf_s: float = 0.0
+    hot_groups: int = 0
+    hot_fraction: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
+    # multi_tenant: tenant A (shared-prefix chat) sends `steady_rate`; tenant B (long fresh
+    # prompts, `long_*` sizes) sends the rest of the phase's rate.
+    steady_rate: float = 0.0
+    tenant_header: str = "x-gateway-inference-fairness-id"
 
 
 def arrivals(rng: random.Random, rate: float, count: int, spec: WorkloadSpec) -> list[float]:
@@ -58,26 +69,80 @@ def arrivals(rng: random.Random, rate: float, count: int, spec: WorkloadSpec) ->
     return out
 
 
+def group_weights(spec: WorkloadSpec) -> list[float]:
+    n = spec.groups
+    if spec.hot_groups > 0 and 0 < spec.hot_fraction < 1 and spec.hot_groups < n:
+        hot = spec.hot_fraction / spec.hot_groups
+        cold = (1 - spec.hot_fraction) / (n - spec.hot_groups)
+        return [hot if g < spec.hot_groups else cold for g in range(n)]
+    if spec.zipf_s > 0:
+        return [1.0 / (g + 1) ** spec.zipf_s for g in range(n)]
+    return [1.0] * n
+
+
+def _shared_prefix(
+    spec: WorkloadSpec, times: list[float], rng: random.Random, text_rng: random.Random,
+    tenant: str = "",
+) -> list[RequestSpec]:
+    systems = [text_of(text_rng, spec.system_tokens) for _ in range(spec.groups)]
+    weights = group_weights(spec)
+    uniform = len(set(weights)) == 1
+    groups = range(spec.groups)
+    headers = dict(spec.headers)
+    if tenant:
+        headers[spec.tenant_header] = tenant
+    out = []
+    for t in times:
+        # randrange for uniform popularity keeps the schedules of earlier results
+        g = rng.randrange(spec.groups) if uniform else rng.choices(groups, weights)[0]
+        u = rng.randrange(spec.users_per_group)
+        q = text_of(rng, spec.question_tokens)
+        msgs = [
+            {"role": "system", "content": systems[g]},
+            {"role": "user", "content": f"user{u}: {q}"},
+        ]
+        out.append(
+            RequestSpec(t, msgs, spec.output_tokens, group=f"g{g}",
+                        prefix_tokens=spec.system_tokens, headers=headers, tenant=tenant)
+        )
+    return out
+
+
+def _multi_tenant(
+    spec: WorkloadSpec, rate: float, count: int, rng: random.Random, text_rng: random.Random
+) -> list[RequestSpec]:
+    """Tenant A: shared-prefix chat at `steady_rate`. Tenant B: long fresh prompts at
+    `rate - steady_rate`. `count` requests in all, split in proportion to the rates."""
+    steady = min(spec.steady_rate, rate)
+    other = rate - steady
+    n_a = round(count * steady / rate) if rate > 0 else count
+    n_b = count - n_a
+    calm = WorkloadSpec(**{**_fields(spec), "burst_factor": 1.0})
+    out = _shared_prefix(spec, arrivals(rng, steady, n_a, calm), rng, text_rng, "tenant-a")
+    if n_b and other > 0:
+        headers = {**spec.headers, spec.tenant_header: "tenant-b"}
+        for t in arrivals(rng, other, n_b, calm):
+            msgs = [{"role": "user", "content": text_of(rng, spec.long_prompt_tokens)}]
+            out.append(RequestSpec(t, msgs, spec.long_output_tokens, group="long",
+                                   headers=headers, tenant="tenant-b"))
+    out.sort(key=lambda r: r.at)
+    return out
+
+
+def _fields(spec: WorkloadSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
 def build(spec: WorkloadSpec, rate: float, count: int, seed: int) -> list[RequestSpec]:
     rng = random.Random(seed)
-    times = arrivals(rng, rate, count, spec)
     text_rng = random.Random(seed * 7919 + 1)
+    if spec.kind == "multi_tenant":
+        return _multi_tenant(spec, rate, count, rng, text_rng)
+    times = arrivals(rng, rate, count, spec)
     if spec.kind == "shared_prefix":
-        systems = [text_of(text_rng, spec.system_tokens) for _ in range(spec.groups)]
-        out = []
-        for t in times:
-            g = rng.randrange(spec.groups)
-            u = rng.randrange(spec.users_per_group)
-            q = text_of(rng, spec.question_tokens)
-            msgs = [
-                {"role": "system", "content": systems[g]},
-                {"role": "user", "content": f"user{u}: {q}"},
-            ]
-            out.append(
-                RequestSpec(t, msgs, spec.output_tokens, group=f"g{g}",
-                            prefix_tokens=spec.system_tokens)
-            )
-        return out
+        return _shared_prefix(spec, times, rng, text_rng)
     if spec.kind == "multi_turn":
         # Sessions start over time; each session sends `turns` requests, the driver chains
         # them (a turn waits for the previous reply) and prepends the history.
@@ -103,10 +168,12 @@ def build(spec: WorkloadSpec, rate: float, count: int, seed: int) -> list[Reques
         for t in times:
             if rng.random() < spec.long_fraction:
                 msgs = [{"role": "user", "content": text_of(rng, spec.long_prompt_tokens)}]
-                out.append(RequestSpec(t, msgs, spec.long_output_tokens, group="long"))
+                out.append(RequestSpec(t, msgs, spec.long_output_tokens, group="long",
+                                       headers=dict(spec.headers)))
             else:
                 msgs = [{"role": "user", "content": text_of(rng, spec.short_prompt_tokens)}]
-                out.append(RequestSpec(t, msgs, spec.short_output_tokens, group="short"))
+                out.append(RequestSpec(t, msgs, spec.short_output_tokens, group="short",
+                                       headers=dict(spec.headers)))
         return out
     if spec.kind == "overhead":
         return [
