@@ -14,7 +14,7 @@ what the EPP relies on (ports in range, 1-8 target ports, a non-empty selector).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -36,10 +36,6 @@ FailureMode = Literal["FailOpen", "FailClose"]
 
 class _Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    def to_wire(self) -> dict[str, Any]:
-        """The JSON form (camelCase, unset optionals left out)."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class ObjectMeta(_Wire):

@@ -37,12 +37,12 @@ from dataclasses import asdict
 from typing import Any, cast
 
 import pydantic
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.config.config_exception import ConfigException
+from kubernetes_asyncio import client
 
 from epp.api import inference as api
 from epp.datalayer.datastore import Criticality, Datastore, ModelInfo, Objective, TargetModel
 from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.kube_client import load_api_client
 from epp.datalayer.kube_pods import Pod, pod_endpoints, pod_key, slim_pod
 from epp.datalayer.kube_watch import ListCall, Obj, Reflector, WatchStats
 from epp.datalayer.labels import DEFAULT_LABEL_KEYS, LabelKeys
@@ -64,19 +64,6 @@ def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
             log.exception("kube source: cannot handle %s", fn.__name__)
 
     return wrapper
-
-
-async def load_api_client(kubeconfig: str | None) -> client.ApiClient:
-    """Kubeconfig file if given; else in-cluster config; else the default kubeconfig."""
-    cfg = client.Configuration()
-    if kubeconfig:
-        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except ConfigException:
-            await config.load_kube_config(client_configuration=cfg)
-    return client.ApiClient(configuration=cfg)
 
 
 class KubeSource:

@@ -1,4 +1,4 @@
-"""Optional subscriber to vLLM KV-cache events over ZMQ (REFERENCE.md §4).
+"""Optional subscriber to vLLM KV-cache events over ZMQ (vLLM `--kv-events-config`).
 
 Wire format (vLLM `--kv-events-config`, publisher = ZMQ PUB):
     frames  [topic, seq (8-byte big-endian), payload (msgpack)]
@@ -162,7 +162,8 @@ def parse_topic(topic: bytes | str) -> tuple[str, str] | None:
 
 
 def encode_batch(events: Iterable[KVEvent], ts: float = 0.0, dp_rank: int | None = None) -> bytes:
-    """The inverse of `decode_batch` (vLLM's layout); used by the simulator and tests."""
+    """The inverse of `decode_batch` (vLLM's layout), for publishers written in Python
+    (the tests use it; the simulator packs its events itself)."""
     out: list[list[Any]] = []
     for ev in events:
         if isinstance(ev, BlockStored):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio import client as kclient
-from kubernetes_asyncio import config as kconfig
 from kubernetes_asyncio.client.rest import ApiException
+
+from epp.datalayer.kube_client import load_api_client
 
 JSON = dict[str, Any]
 
@@ -64,15 +65,7 @@ class Kube:
 
     @classmethod
     async def connect(cls, kubeconfig: str = "") -> Kube:
-        conf = kclient.Configuration()
-        if kubeconfig:
-            await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=conf)
-        else:
-            try:
-                kconfig.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
-            except kconfig.ConfigException:
-                await kconfig.load_kube_config(client_configuration=conf)
-        return cls(kclient.ApiClient(configuration=conf))
+        return cls(await load_api_client(kubeconfig or None))
 
     async def close(self) -> None:
         await self.api.close()

@@ -1,4 +1,4 @@
-"""KV-cache events over ZMQ PUB in vLLM's wire format (REFERENCE.md §4).
+"""KV-cache events over ZMQ PUB in vLLM's wire format (`--kv-events-config`).
 
 Frames: [topic, 8-byte big-endian sequence number, msgpack([ts, events, dp_rank])], topic
 `kv@<ip>:<port>@<model>`; events are tagged arrays (BlockStored / BlockRemoved /
