@@ -23,10 +23,11 @@ class Histogram:
     def __post_init__(self) -> None:
         self.counts = [0] * (len(self.buckets) + 1)
 
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, v)] += 1
-        self.total += v
-        self.n += 1
+    def observe(self, v: float, count: int = 1) -> None:
+        """`count` observations of the same value `v`."""
+        self.counts[bisect.bisect_left(self.buckets, v)] += count
+        self.total += v * count
+        self.n += count
 
     def render(self, name: str, labels: str) -> list[str]:
         out = []

@@ -13,7 +13,6 @@ from aiohttp import web
 
 from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, EngineError, Request
-from epp.sim.kvcache import ROOT_HASH, chain_hash
 from epp.sim.kvevents import KVEventPublisher
 from epp.sim.metrics import EngineStats, render_sglang, render_vllm
 from epp.sim.tokenizer import encode, render_chat
@@ -169,12 +168,7 @@ class SimServer:
         scale = self.cfg.time_scale
         await asyncio.sleep(self.cfg.api_overhead_s * scale)
         if remote_prefilled:
-            local = self.engine.pool.lookup_prefix(_prompt_hashes(ids, self.cfg.block_size))
-            remote_tokens = max(0, len(ids) - len(local) * self.cfg.block_size)
-            cost = self.cfg.kv_transfer_latency_s + (
-                remote_tokens * self.cfg.kv_bytes_per_token / (self.cfg.kv_transfer_gbps * 1e9)
-            )
-            await asyncio.sleep(cost * scale)
+            await asyncio.sleep(self.engine.kv_transfer_s(ids) * scale)
         req = Request(
             prompt_ids=ids,
             max_tokens=max_tokens,
@@ -182,7 +176,7 @@ class SimServer:
             remote_prefilled=remote_prefilled,
             arrival=arrival,
         )
-        if self.cfg.max_waiting and self.engine.num_waiting >= self.cfg.max_waiting:
+        if self.engine.queue_full():
             self.stats.requests_error += 1
             return _error("waiting queue is full", 429, "RateLimitError", h)
         try:
@@ -413,11 +407,3 @@ class SimServer:
             self.requests_total = 0
         return _json({"reset": ok}, status=200 if ok else 409, headers=self._headers)
 
-
-def _prompt_hashes(ids: list[int], block_size: int) -> list[int]:
-    out: list[int] = []
-    parent = ROOT_HASH
-    for j in range(len(ids) // block_size):
-        parent = chain_hash(parent, ids[j * block_size : (j + 1) * block_size])
-        out.append(parent)
-    return out
