@@ -6,8 +6,9 @@ because the EPP is single-threaded asyncio. Hot fields are slotted attributes.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+
+from epp import clock
 
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
@@ -54,7 +55,7 @@ class EngineMetrics:
     def age(self, now: float | None = None) -> float:
         if self.updated_at == 0.0:
             return float("inf")
-        return (now if now is not None else time.monotonic()) - self.updated_at
+        return (now if now is not None else clock.now()) - self.updated_at
 
 
 @dataclass(slots=True)

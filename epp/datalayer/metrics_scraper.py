@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 
 import aiohttp
 
+from epp import clock
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, EngineMetrics
 from epp.datalayer.prom_parse import HISTOGRAM_FIELDS, ParsedMetrics, parse_metrics
@@ -191,7 +191,7 @@ class MetricsScraper:
             return False
         if ep.metrics.scrape_errors:
             log.info("scrape %s: recovered after %d failures", url, ep.metrics.scrape_errors)
-        apply_metrics(ep.metrics, parsed, time.monotonic())
+        apply_metrics(ep.metrics, parsed, clock.now())
         return True
 
     def _failed(self, ep: Endpoint, url: str, why: str, *, logged: bool = False) -> None:

@@ -30,6 +30,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp import clock
 from epp.extproc import messages as m
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.director import Decision, Director
@@ -292,7 +293,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         d = st.decision
         if d is None:
             return m.response_headers_continue()
-        now = time.monotonic()
+        now = clock.now()
         self.metrics.ttft.labels(d.request.model).observe(now - d.started)
         if not d.request.stream:
             # Headers of a non-streamed answer come at its end: not a TTFT to learn from.
@@ -326,7 +327,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         )
         if d.request.stream and not d.first_byte_at and chunk:
             self._cancel_timer(st)
-            self.director.first_byte(d, time.monotonic(), learn=True)
+            self.director.first_byte(d, clock.now(), learn=True)
         if b'"usage"' in chunk:
             usage = {k: rx.findall(chunk) for k, rx in _USAGE_RE.items()}
             model = d.request.model
@@ -355,5 +356,5 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         self.director.release(d)
         self.metrics.request_duration.labels(d.request.model, d.request.routed_model).observe(
-            time.monotonic() - d.started
+            clock.now() - d.started
         )

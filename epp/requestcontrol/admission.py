@@ -8,9 +8,9 @@ requests (priority < 0) are rejected with 429 then; others are queued by the eng
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+from epp import clock
 from epp.datalayer.endpoint import Endpoint
 
 
@@ -33,5 +33,5 @@ class SaturationPolicy:
         )
 
     def pool_saturated(self, candidates: list[Endpoint]) -> bool:
-        now = time.monotonic()
+        now = clock.now()
         return all(self.endpoint_saturated(ep, now) for ep in candidates)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from epp import clock
 from epp.api.headers import HeaderNames
 from epp.datalayer.datastore import Criticality, Datastore, ModelInfo
 from epp.datalayer.endpoint import Endpoint
@@ -150,7 +150,7 @@ class Director:
             result = self.scheduler.schedule(req, admitted.candidates)
         except SchedulingError as e:
             raise unavailable(str(e)) from e
-        decision = Decision(req, result, admitted.rewritten_model, time.monotonic())
+        decision = Decision(req, result, admitted.rewritten_model, clock.now())
         for hook in self._pre:
             hook.pre_request(decision)
         if self.on_pick is not None:
@@ -177,7 +177,7 @@ class Director:
         before the first token, nor the end of a non-streamed answer)."""
         if d.first_byte_at or d.released:
             return
-        d.first_byte_at = now if now is not None else time.monotonic()
+        d.first_byte_at = now if now is not None else clock.now()
         for hook in self._first:
             hook.first_token(d, d.first_byte_at, learn)
         self._settle_prefill(d)
@@ -193,7 +193,7 @@ class Director:
         """End of a successful response with `output_tokens` generated (from usage)."""
         if d.released:
             return
-        end = now if now is not None else time.monotonic()
+        end = now if now is not None else clock.now()
         for hook in self._complete:
             hook.complete(d, output_tokens, end)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
+from epp import clock
 from epp.datalayer.endpoint import (
     ROLE_BOTH,
     ROLE_DECODE,
@@ -97,7 +96,7 @@ class HealthFilter(Filter):
         self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
     ) -> list[Endpoint]:
         ready = [ep for ep in endpoints if ep.ready]
-        now = time.monotonic()
+        now = clock.now()
         fresh = [
             ep
             for ep in ready
