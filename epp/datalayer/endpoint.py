@@ -73,6 +73,22 @@ class InFlight:
 
 
 @dataclass(slots=True)
+class PrefillQueue:
+    """Fluid model of the engine's prefill queue as the EPP fed it: uncached prompt tokens
+    sent here and not yet prefilled, as of `backlog_at` (monotonic seconds); it drains at
+    the endpoint's prefill rate (see epp.scheduling.latency_model). Unlike `InFlight` it is
+    an estimate that decays with time, not a count that returns to zero."""
+
+    backlog_tokens: float = 0.0
+    backlog_at: float = 0.0
+    # Only grows: a request's position in the queue, for the first-token correction.
+    charged_total: float = 0.0
+    # Recent pick rate (requests/s, decaying) and when the last pick happened.
+    pick_rate: float = 0.0
+    last_pick_at: float = 0.0
+
+
+@dataclass(slots=True)
 class LatencyStats:
     """Online estimates learned from observed responses (EWMA, milliseconds)."""
 
@@ -104,6 +120,7 @@ class Endpoint:
     key: str = ""  # "ip:port", the value Envoy routes on
     metrics: EngineMetrics = field(default_factory=EngineMetrics)
     inflight: InFlight = field(default_factory=InFlight)
+    queue: PrefillQueue = field(default_factory=PrefillQueue)
     latency: LatencyStats = field(default_factory=LatencyStats)
     served_models: frozenset[str] = frozenset()  # from /v1/models or labels; empty = unknown
 

@@ -26,6 +26,9 @@ class Decision:
     first_byte_at: float = 0.0
     prefill_settled: bool = False
     released: bool = False
+    # Position of the request's prefill in its endpoint's queue (PrefillQueue.charged_total
+    # right after it was charged), for the in-flight accounting's first-token correction.
+    queue_position: float = 0.0
     # Scratch space for lifecycle hooks that need per-request state (keyed by hook name).
     hook_state: dict[str, Any] | None = None
 

@@ -9,9 +9,12 @@ observations after a few requests.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from epp.datalayer.endpoint import Endpoint
+
+PICK_RATE_TAU_S = 5.0  # time constant of the per-endpoint pick-rate estimate
 
 
 @dataclass(slots=True)
@@ -64,6 +67,44 @@ class LatencyModel:
         base = lat.tpot_ms or self.priors.tpot_ms
         per_seq = lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms
         return base + per_seq * (self.batch_size(ep) + extra_seqs)
+
+    # ---- prefill queue, fluid model ------------------------------------------------------------
+    def prefill_tokens_per_s(self, ep: Endpoint, slow: float = 1.0) -> float:
+        rate_ms = ep.latency.prefill_ms_per_token or self.priors.prefill_ms_per_token
+        return 1000.0 / (rate_ms * slow)
+
+    def backlog_tokens(self, ep: Endpoint, now: float, tokens_per_s: float) -> float:
+        """Uncached prompt tokens sent to `ep` and probably not prefilled yet at `now`."""
+        inf = ep.queue
+        b = inf.backlog_tokens
+        if b <= 0.0:
+            return 0.0
+        b -= tokens_per_s * (now - inf.backlog_at)
+        return b if b > 0.0 else 0.0
+
+    def charge_backlog(self, ep: Endpoint, tokens: int, now: float) -> None:
+        inf = ep.queue
+        inf.backlog_tokens = self.backlog_tokens(ep, now, self.prefill_tokens_per_s(ep)) + tokens
+        inf.backlog_at = now
+        inf.charged_total += tokens
+        inf.pick_rate = self.pick_rate(ep, now) + 1.0 / PICK_RATE_TAU_S
+        inf.last_pick_at = now
+
+    def settle_backlog(self, ep: Endpoint, position: float, now: float) -> None:
+        """A request queued at `position` (charged_total right after its charge) has its
+        first token: everything charged before it is prefilled too."""
+        inf = ep.queue
+        ahead_of_now = inf.charged_total - position
+        current = self.backlog_tokens(ep, now, self.prefill_tokens_per_s(ep))
+        inf.backlog_tokens = min(current, max(0.0, ahead_of_now))
+        inf.backlog_at = now
+
+    def pick_rate(self, ep: Endpoint, now: float) -> float:
+        """Requests per second recently sent to `ep` (exponentially decaying average)."""
+        inf = ep.queue
+        if inf.pick_rate <= 0.0:
+            return 0.0
+        return inf.pick_rate * math.exp(-(now - inf.last_pick_at) / PICK_RATE_TAU_S)
 
     # ---- learning ----------------------------------------------------------------------------
     def observe_sent(self, ep: Endpoint, uncached_tokens: int) -> None:

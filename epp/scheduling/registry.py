@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from epp.scheduling.framework import Plugin
+from epp.scheduling.plugins.delay_cost_scorer import DelayCostScorer
 from epp.scheduling.plugins.filters import (
     BusinessFilter,
     DecodeFilter,
@@ -35,6 +36,7 @@ PLUGINS: dict[str, type[Plugin]] = {
         SessionAffinityScorer,
         LatencyScorer,
         SLOScorer,
+        DelayCostScorer,
         MaxScorePicker,
         WeightedRandomPicker,
         RandomPicker,

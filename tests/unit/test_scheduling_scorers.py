@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -254,3 +254,72 @@ def test_latency_scorer_tpot_slo_penalises_big_batches() -> None:
     r = req(b"p" * 40, slo_tpot_ms=30.0)
     s = score(LatencyScorer, e, r)
     assert s[0] > 0.5 > s[1], s
+
+
+# ---- delay-cost-scorer -----------------------------------------------------------------------
+@pytest.fixture
+def fake_clock() -> Iterator[list[float]]:
+    from epp import clock
+
+    now = [100.0]
+    clock.set_clock(lambda: now[0])
+    yield now
+    clock.set_clock(None)
+
+
+def _delay_cost_setup(clock: list[float], n: int = 2):  # type: ignore[no-untyped-def]
+    from epp.scheduling.plugins.delay_cost_scorer import DelayCostScorer
+    from epp.scheduling.services import Services
+
+    services = Services()
+    scorer = DelayCostScorer("dc", {}, services)
+    eps = [Endpoint(f"10.0.0.{i}", 8000) for i in range(1, n + 1)]
+    return scorer, services, eps, clock
+
+
+def _req(prompt: bytes, rid: str = "r") -> InferenceRequest:
+    return InferenceRequest(rid, "m", prompt=prompt, prompt_tokens=len(prompt) // 4)
+
+
+def test_delay_cost_keeps_a_cached_prefix_until_its_queue_costs_more(
+    fake_clock: list[float],
+) -> None:
+    scorer, services, (warm, cold), clock = _delay_cost_setup(fake_clock)
+    system = b"s" * 8000  # ~2000 tokens
+    services.prefix_index.insert(warm, services.prefix_index.hash_prompt("m", system))
+    r = _req(system + b"q" * 240)
+    scores = scorer.score(CycleState(), r, [warm, cold])
+    assert scores[0] == 1.0 and scores[1] < 0.2
+    # a long prefill queue on the warm pod (2 s of work) makes the cold pod cheaper
+    services.latency.charge_backlog(warm, 8000, clock[0])
+    scores = scorer.score(CycleState(), r, [warm, cold])
+    assert scores[1] == 1.0 and scores[0] < 1.0
+    # ...and the queue drains with time: after 3 s the warm pod is the choice again
+    clock[0] += 3.0
+    scores = scorer.score(CycleState(), r, [warm, cold])
+    assert scores[0] == 1.0
+
+
+def test_delay_cost_sends_new_prefixes_where_nothing_is_evicted(fake_clock: list[float]) -> None:
+    scorer, services, (full, empty), _ = _delay_cost_setup(fake_clock)
+    full.metrics.block_size, full.metrics.num_blocks = 16, 400  # 6400 tokens of KV
+    empty.metrics.block_size, empty.metrics.num_blocks = 16, 400
+    index = services.prefix_index
+    index.insert(full, index.hash_prompt("m", b"x" * 25600))  # fills its 100 blocks
+    scores = scorer.score(CycleState(), _req(b"new prompt " * 800), [full, empty])
+    assert scores[1] == 1.0 and scores[0] < 1.0
+
+
+def test_delay_cost_avoids_a_clearly_slower_pod(fake_clock: list[float]) -> None:
+    scorer, _, (fast, slow), _ = _delay_cost_setup(fake_clock)
+    fast.metrics.tpot_recent_ms = 12.0
+    slow.metrics.tpot_recent_ms = 30.0
+    scores = scorer.score(CycleState(), _req(b"hello " * 100), [fast, slow])
+    assert scores[0] == 1.0 and scores[1] < 0.5
+
+
+def test_delay_cost_rejects_negative_weights() -> None:
+    from epp.scheduling.plugins.delay_cost_scorer import DelayCostScorer
+
+    with pytest.raises(ValueError, match="queueWeight"):
+        DelayCostScorer("dc", {"queueWeight": -1})
