@@ -119,6 +119,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-body-bytes", type=int, default=16 << 20)
     g.add_argument("--drain-timeout", type=float, default=30.0)
+    g = p.add_argument_group("TLS (ext_proc port)")
+    g.add_argument(
+        "--secure-serving",
+        action="store_true",
+        help="serve ext_proc over TLS (default: off, plaintext for local runs); the pair "
+        "from --cert-path, else a self-signed one generated at start",
+    )
+    g.add_argument(
+        "--cert-path",
+        default=None,
+        help="directory with tls.crt and tls.key, re-read when they change (default: none)",
+    )
+    g = p.add_argument_group("standalone Envoy")
+    g.add_argument(
+        "--envoy-eds-file",
+        default=None,
+        help="keep this Envoy EDS file (ClusterLoadAssignment of cluster 'pool') in step "
+        "with the endpoints, for the override_host gateway config (default: off)",
+    )
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", default="info")
     g.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -200,7 +219,17 @@ class App:
         ]
         self.grpc_server = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self.grpc_server)
-        self.ports["grpc"] = self.grpc_server.add_insecure_port(f"{a.bind_address}:{a.grpc_port}")
+        grpc_addr = f"{a.bind_address}:{a.grpc_port}"
+        if a.secure_serving:
+            from epp.extproc.tls import server_credentials
+
+            try:
+                creds = server_credentials(a.cert_path)
+            except OSError as e:
+                raise ConfigFileError(f"--cert-path {a.cert_path}: {e}") from e
+            self.ports["grpc"] = self.grpc_server.add_secure_port(grpc_addr, creds)
+        else:
+            self.ports["grpc"] = self.grpc_server.add_insecure_port(grpc_addr)
         self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health.add_to(self.health_server)
         self.ports["health"] = self.health_server.add_insecure_port(
@@ -263,6 +292,10 @@ class App:
             )
         if a.kv_events_port:
             self._subscribe_kv_events(a.kv_events_port)
+        if a.envoy_eds_file:
+            from epp.datalayer.eds_file import EdsFileWriter
+
+            self.components.append(EdsFileWriter(self.datastore, a.envoy_eds_file))
         if a.scrape_interval > 0:
             from epp.datalayer.metrics_scraper import MetricsScraper
 

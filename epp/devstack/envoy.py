@@ -1,12 +1,25 @@
 """Envoy for the standalone gateway: config rendering and the process.
 
 The rendered config is the one shipped as `manifests/gateway/envoy-standalone.yaml`
-(regenerate with `python -m epp.devstack.envoy`). Design points (Envoy facts: docs/gateway.md):
+(regenerate with `python -m epp.devstack.envoy`). Design points (docs/reliability.md):
 * a `header_mutation` filter before ext_proc removes any client-supplied
-  `x-gateway-destination-endpoint` / `x-prefiller-host-port` (no spoofing, even fail-open);
-* the upstream is an ORIGINAL_DST cluster routed by `x-gateway-destination-endpoint`;
+  `x-gateway-destination-endpoint` / `x-prefiller-host-port` (no spoofing, even fail-open),
+  and on the way back the internal `x-gateway-destination-endpoint-served` header;
+* the upstream cluster uses the `override_host` load-balancing policy reading the EPP's
+  `envoy.lb` metadata: the target first, then the EPP's fallbacks, one per attempt, and only
+  hosts the cluster knows (fed by file-based EDS that `epp serve --envoy-eds-file` writes).
+  When the list is used up, a subset policy that matches nothing answers 503: Envoy never
+  routes to a pod the EPP did not name. `upstream="original_dst"` keeps the older single-host
+  ORIGINAL_DST cluster (no fallbacks, no retries);
+* retries: connect failures, refused streams and resets before any response byte
+  (`connect-failure,refused-stream,reset`); Envoy never retries once response headers have
+  gone downstream, so a stream cut mid-response is never replayed;
+* the route adds the served upstream address as `x-gateway-destination-endpoint-served`
+  and the attempt count, so the EPP sees in response processing which hosts failed;
 * response processing is limited to headers (first byte, status) unless asked for: the body
-  phase roughly halves throughput and is only needed for usage accounting.
+  phase roughly halves throughput and is only needed for usage accounting;
+* `epp_tls`: Envoy talks TLS to the EPP's ext_proc port (`epp serve --secure-serving`),
+  verifying it against `epp_ca_file` when given.
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ from epp.api import headers
 
 DEST_HEADER = headers.DESTINATION
 PREFILL_HEADER = headers.PREFILLER
+SERVED_HEADER = headers.DESTINATION_SERVED
+RETRY_ON = "connect-failure,refused-stream,reset"
+DEFAULT_EDS_PATH = "/etc/envoy/eds/pool.yaml"
 
 
 def envoy_binary() -> str:
@@ -56,6 +72,13 @@ class EnvoyOptions:
     fail_open: bool = False
     buffer_limit_bytes: int = 32 << 20
     route_timeout_s: int = 600
+    upstream: str = "override_host"  # or "original_dst" (one host, no retries)
+    eds_path: str = DEFAULT_EDS_PATH  # ClusterLoadAssignment file (`epp serve --envoy-eds-file`)
+    retries: int = 2  # extra attempts on the EPP's fallbacks (it returns up to 3 endpoints)
+    connect_timeout_s: float = 2.0
+    epp_tls: bool = False  # TLS to the EPP (`epp serve --secure-serving`)
+    epp_ca_file: str | None = None  # verify the EPP's certificate against this CA
+    epp_sni: str = "epp"  # server name sent to (and, with a CA, checked on) the EPP
 
 
 def _socket(address: str, port: int) -> dict[str, Any]:
@@ -78,11 +101,14 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "failure_mode_allow": o.fail_open,
         "message_timeout": "30s",
         "allow_mode_override": True,
+        # Without this Envoy drops the EPP's `envoy.lb` metadata (the override_host source).
+        "metadata_options": {"receiving_namespaces": {"untyped": [headers.LB_METADATA_NAMESPACE]}},
     }
     strip = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
         "mutations": {
             "request_mutations": [{"remove": DEST_HEADER}, {"remove": PREFILL_HEADER}],
+            "response_mutations": [{"remove": SERVED_HEADER}],
         },
     }
     hcm = {
@@ -96,12 +122,8 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
                 {
                     "name": "all",
                     "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": "pool", "timeout": f"{o.route_timeout_s}s"},
-                        }
-                    ],
+                    "include_attempt_count_in_response": True,
+                    "routes": [{"match": {"prefix": "/"}, **_route(o)}],
                 }
             ],
         },
@@ -138,15 +160,9 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
             ],
         },
     }
-    pool_cluster = {
-        "name": "pool",
-        "type": "ORIGINAL_DST",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "connect_timeout": "5s",
-        "per_connection_buffer_limit_bytes": o.buffer_limit_bytes,
-        "original_dst_lb_config": {"use_http_header": True, "http_header_name": DEST_HEADER},
-    }
-    return {
+    if o.epp_tls:
+        epp_cluster["transport_socket"] = _epp_tls(o)
+    cfg: dict[str, Any] = {
         "admin": {"address": _socket("127.0.0.1", o.admin_port)},
         "static_resources": {
             "listeners": [
@@ -166,7 +182,113 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [pool_cluster, epp_cluster],
+            "clusters": [_pool_cluster(o), epp_cluster],
+        },
+    }
+    if o.upstream == "override_host":  # EDS needs a node identity
+        cfg = {"node": {"id": "epp-gateway", "cluster": "epp-gateway"}, **cfg}
+    return cfg
+
+
+def _route(o: EnvoyOptions) -> dict[str, Any]:
+    route: dict[str, Any] = {"cluster": "pool", "timeout": f"{o.route_timeout_s}s"}
+    if o.upstream == "override_host" and o.retries > 0:
+        route["retry_policy"] = {
+            "retry_on": RETRY_ON,
+            "num_retries": o.retries,
+            "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+        }
+    return {
+        "route": route,
+        # Which pod answered: read by the EPP in response processing, removed before the client.
+        "response_headers_to_add": [
+            {"header": {"key": SERVED_HEADER, "value": "%UPSTREAM_REMOTE_ADDRESS%"}}
+        ],
+    }
+
+
+def _typed(name: str, type_url: str, **config: Any) -> dict[str, Any]:
+    return {"typed_extension_config": {"name": name, "typed_config": {"@type": type_url, **config}}}
+
+
+_LB = "type.googleapis.com/envoy.extensions.load_balancing_policies."
+
+
+def _pool_cluster(o: EnvoyOptions) -> dict[str, Any]:
+    common = {
+        "name": "pool",
+        "connect_timeout": f"{o.connect_timeout_s}s",
+        "per_connection_buffer_limit_bytes": o.buffer_limit_bytes,
+        # Envoy's defaults (1024 requests, 3 concurrent retries) would turn a dying pod's
+        # burst of retries into 503s: the EPP does the load control.
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 1 << 20,
+                    "max_pending_requests": 1 << 20,
+                    "max_requests": 1 << 20,
+                    "max_retries": 1 << 20,
+                }
+            ]
+        },
+    }
+    if o.upstream == "original_dst":
+        return {
+            **common,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DEST_HEADER},
+        }
+    if o.upstream != "override_host":
+        raise ValueError(f"upstream must be override_host or original_dst, not {o.upstream!r}")
+    # Once the EPP's list is used up: a subset policy with a selector no host matches and no
+    # fallback, i.e. "no host" (503) rather than any pod of the cluster.
+    nothing = _typed(
+        "envoy.load_balancing_policies.subset",
+        _LB + "subset.v3.Subset",
+        fallback_policy="NO_FALLBACK",
+        subset_selectors=[{"keys": ["epp-never-matches"]}],
+        subset_lb_policy={
+            "policies": [_typed("envoy.load_balancing_policies.random", _LB + "random.v3.Random")]
+        },
+    )
+    override_host = _typed(
+        "envoy.load_balancing_policies.override_host",
+        _LB + "override_host.v3.OverrideHost",
+        # One source only: hosts of every source are concatenated.
+        override_host_sources=[
+            {"metadata": {"key": headers.LB_METADATA_NAMESPACE, "path": [{"key": DEST_HEADER}]}}
+        ],
+        fallback_policy={"policies": [nothing]},
+    )
+    eds_dir = str(Path(o.eds_path).parent)
+    return {
+        **common,
+        "type": "EDS",
+        "eds_cluster_config": {
+            "eds_config": {
+                "path_config_source": {"path": o.eds_path, "watched_directory": {"path": eds_dir}},
+                "resource_api_version": "V3",
+            }
+        },
+        "load_balancing_policy": {"policies": [override_host]},
+    }
+
+
+def _epp_tls(o: EnvoyOptions) -> dict[str, Any]:
+    common: dict[str, Any] = {"alpn_protocols": ["h2"]}
+    if o.epp_ca_file:
+        common["validation_context"] = {
+            "trusted_ca": {"filename": o.epp_ca_file},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": o.epp_sni}}],
+        }
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "UpstreamTlsContext",
+            "sni": o.epp_sni,
+            "common_tls_context": common,
         },
     }
 
@@ -175,7 +297,9 @@ def render_round_robin_config(
     listen_port: int, admin_port: int, backends: list[tuple[str, int]]
 ) -> dict[str, Any]:
     """Plain Envoy round-robin to fixed backends: the baseline the EPP is measured against."""
-    cfg = render_envoy_config(EnvoyOptions(listen_port=listen_port, admin_port=admin_port))
+    cfg = render_envoy_config(
+        EnvoyOptions(listen_port=listen_port, admin_port=admin_port, upstream="original_dst")
+    )
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [hcm["http_filters"][-1]]
     cfg["static_resources"]["clusters"] = [
@@ -224,5 +348,20 @@ def start_envoy(
     )
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Print the standalone gateway's Envoy config.")
+    p.add_argument("--eds-path", default=DEFAULT_EDS_PATH, help="EDS file (%(default)s)")
+    p.add_argument("--epp-tls", action="store_true", help="TLS to the EPP (default: plaintext)")
+    p.add_argument("--epp-ca-file", help="CA that signed the EPP's certificate (default: none)")
+    p.add_argument("--upstream", choices=["override_host", "original_dst"], default="override_host")
+    a = p.parse_args(argv)
+    opts = EnvoyOptions(
+        eds_path=a.eds_path, epp_tls=a.epp_tls, epp_ca_file=a.epp_ca_file, upstream=a.upstream
+    )
+    yaml.safe_dump(render_envoy_config(opts), sys.stdout, sort_keys=False)
+
+
 if __name__ == "__main__":
-    yaml.safe_dump(render_envoy_config(EnvoyOptions()), sys.stdout, sort_keys=False)
+    main()

@@ -95,7 +95,9 @@ async def start_gateway(
     envoy_concurrency: int = 1,
     workdir: str | None = None,
     scrape_interval: float = 0.05,
+    envoy_overrides: dict[str, Any] | None = None,
 ) -> GatewayHandle:
+    """`envoy_overrides`: extra `EnvoyOptions` fields (upstream, retries, epp_tls, ...)."""
     # Debugging hooks for runs driven by other tools (bench.run): keep the logs in a fixed
     # folder and pass extra flags to `epp serve`.
     workdir = workdir or os.environ.get("EPP_DEVSTACK_WORKDIR") or None
@@ -116,6 +118,9 @@ async def start_gateway(
         _tmp=tmp,
     )
     gw.write_endpoints(endpoints)
+    envoy_extra = dict(envoy_overrides or {})
+    eds_path = wd / "eds" / "pool.yaml"  # written by the first EPP (--envoy-eds-file)
+    envoy_extra.setdefault("eds_path", str(eds_path))
     try:
         for i, (port, mport) in enumerate(zip(gw.epp_ports, gw.metrics_ports, strict=True)):
             cmd = [
@@ -138,6 +143,8 @@ async def start_gateway(
             ]
             if config_text is not None:
                 cmd += ["--config-text", config_text]
+            if i == 0:
+                cmd += ["--envoy-eds-file", envoy_extra["eds_path"]]
             cmd += list(epp_args)
             log = open(wd / f"epp-{i}.log", "wb")  # noqa: SIM115 (lives as long as the process)
             gw.epp_procs.append(
@@ -152,6 +159,7 @@ async def start_gateway(
             body_mode=body_mode,
             response_headers=response_headers,
             response_body=response_body,
+            **envoy_extra,
         )
         gw.envoy = start_envoy(render_envoy_config(opts), wd, concurrency=envoy_concurrency)
         await wait_http(f"{gw.admin_url}/ready", proc=gw.envoy)
