@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "reconcile": ("epp.reconcile.cli_reconcile", "run the ModelPool reconciler"),
     "render": ("epp.reconcile.cli_render", "render a ModelPool's objects offline"),
     "pool": ("epp.reconcile.cli_pool", "business assignment: status | assign | distribute"),
+    "sidecar": ("epp.sidecar.cli", "run the P/D decode-pod sidecar (remote prefill proxy)"),
     "sim": ("epp.sim.cli", "run vLLM-compatible model-server simulators"),
 }
 

@@ -31,6 +31,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp import clock
+from epp.api.headers import REQUEST_ID
 from epp.extproc import messages as m
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.director import Decision, Director
@@ -244,6 +245,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             remove = self.remove_no_prefill
         if new_body is not None:
             set_headers["content-length"] = str(len(new_body))
+        if REQUEST_ID not in st.headers:
+            # The id the decision is logged under, for the sidecar's and engine's logs too.
+            set_headers[REQUEST_ID] = d.request.request_id
         mutation = m.header_mutation(set_headers, remove)
         metadata = m.destination_metadata(self.dest_header, dest)
         if st.mode == BUFFERED:
@@ -270,6 +274,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             mt.prefix_hits.observe(1.0 - min(1.0, res.uncached_tokens / req.prompt_tokens))
         if res.slo_met is not None:
             mt.slo_predictions.labels("true" if res.slo_met else "false").inc()
+        if res.pd is not None:
+            mt.pd_decision(res.pd.decision, res.pd.reason)
         if self.settings.debug_decisions:
             log.info(
                 "decision",
@@ -281,6 +287,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     "uncached_tokens": res.uncached_tokens,
                     "predicted_ttft_ms": res.predicted_ttft_ms,
                     "slo_met": res.slo_met,
+                    "pd": None if res.pd is None else {
+                        "decision": res.pd.decision,
+                        "reason": res.pd.reason,
+                        "local_uncached": res.pd.local_uncached,
+                        "remote_uncached": res.pd.remote_uncached,
+                        "local_ms": res.pd.local_ms,
+                        "remote_ms": res.pd.remote_ms,
+                    },
                     "scores": {
                         name: {"total": p.scores, "plugins": p.per_plugin}
                         for name, p in res.profiles.items()

@@ -117,7 +117,15 @@ class EppMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.pd_decisions = Counter(
+            "epp_pd_decisions_total",
+            "Prefill/decode decisions on pools with prefill pods: disaggregated or local, "
+            "and why (remote-faster, local-faster, below-threshold, no-prefill-endpoint...).",
+            ["decision", "reason"],
+            registry=r,
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
+        self._pd_children: dict[tuple[str, str], Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
 
     def phase(self, name: str, seconds: float) -> None:
@@ -128,6 +136,14 @@ class EppMetrics:
         if child is None:
             child = self._plugin_children[(kind, name)] = self.plugin_duration.labels(kind, name)
         child.observe(seconds)
+
+    def pd_decision(self, decision: str, reason: str) -> None:
+        child = self._pd_children.get((decision, reason))
+        if child is None:
+            child = self._pd_children[(decision, reason)] = self.pd_decisions.labels(
+                decision, reason
+            )
+        child.inc()
 
     def attach_datastore(self, datastore: Datastore) -> None:
         self.registry.register(_PoolCollector(datastore, self.pool_name))

@@ -89,6 +89,22 @@ class ProfileResult:
 
 
 @dataclass(slots=True)
+class PDDecision:
+    """Why the P/D handler did or did not name a prefill endpoint (observability)."""
+
+    disaggregated: bool
+    reason: str  # e.g. remote-faster, local-faster, below-threshold, no-prefill-endpoint
+    local_uncached: int = 0
+    remote_uncached: int | None = None
+    local_ms: float | None = None  # predicted time to first token, prefilled locally
+    remote_ms: float | None = None  # ... prefilled on the prefill endpoint (hop included)
+
+    @property
+    def decision(self) -> str:
+        return "disaggregated" if self.disaggregated else "local"
+
+
+@dataclass(slots=True)
 class SchedulingResult:
     primary: list[Endpoint]  # target first, then fallbacks
     prefill: Endpoint | None = None
@@ -100,6 +116,7 @@ class SchedulingResult:
     # Prefill tokens already queued on the prefilling endpoint at pick time (PREDICTIONS).
     queued_prefill_tokens: int = 0
     prefix_hashes: list[int] = field(default_factory=list)  # block hashes (PREFIX_HASHES)
+    pd: PDDecision | None = None  # set by a P/D profile handler
 
     @property
     def target(self) -> Endpoint:

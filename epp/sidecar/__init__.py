@@ -1,0 +1,1 @@
+"""The P/D decode-pod sidecar (`epp sidecar`): see `epp.sidecar.server`."""

@@ -62,6 +62,10 @@ class SimServer:
         self._lifecycle: asyncio.Task[None] | None = None
         self.alive = False
         self.requests_total = 0
+        # P/D and cancellation counters (harness-visible in /sim/state).
+        self.prefill_only_total = 0  # requests with kv_transfer_params.do_remote_decode
+        self.remote_prefilled_total = 0  # requests that started from a remote prefill
+        self.aborted_total = 0  # requests the client abandoned before the end
         self.started_at = 0.0
 
     # ---------------------------------------------------------------- lifecycle
@@ -91,7 +95,10 @@ class SimServer:
 
     async def _bind(self) -> None:
         self.engine.start()
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        # handler_cancellation: a client that disconnects aborts its request, as vLLM does.
+        self._runner = web.AppRunner(
+            self._app(), access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
         await self._site.start()
@@ -164,6 +171,8 @@ class SimServer:
         kvp = body.get("kv_transfer_params") or {}
         remote_prefilled = bool(kvp.get("do_remote_prefill"))
         prefill_only = bool(kvp.get("do_remote_decode"))
+        self.prefill_only_total += prefill_only
+        self.remote_prefilled_total += remote_prefilled
         arrival = time.monotonic()
         scale = self.cfg.time_scale
         await asyncio.sleep(self.cfg.api_overhead_s * scale)
@@ -207,6 +216,8 @@ class SimServer:
             while await req.next_tokens():
                 pass
         except (asyncio.CancelledError, ConnectionResetError):
+            if not req.finished:
+                self.aborted_total += 1
             self.engine.abort(req)
             raise
         if req.error is not None:
@@ -384,6 +395,9 @@ class SimServer:
             "kv_usage": self.engine.pool.usage(),
             "cached_blocks": self.engine.pool.num_cached,
             "requests_total": self.requests_total,
+            "prefill_only_total": self.prefill_only_total,
+            "remote_prefilled_total": self.remote_prefilled_total,
+            "aborted_total": self.aborted_total,
             "requests_ok": s.requests_ok,
             "requests_error": s.requests_error,
             "prompt_tokens": s.prompt_tokens,
@@ -405,5 +419,6 @@ class SimServer:
             self.stats = EngineStats()
             self.engine.stats = self.stats
             self.requests_total = 0
+            self.prefill_only_total = self.remote_prefilled_total = self.aborted_total = 0
         return _json({"reset": ok}, status=200 if ok else 409, headers=self._headers)
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from epp.datalayer.endpoint import ROLE_DECODE, Endpoint
-from epp.scheduling.framework import ProfileHandler, ProfileRunner, SchedulingResult
+from epp.scheduling.framework import (
+    PDDecision,
+    ProfileHandler,
+    ProfileRunner,
+    SchedulingResult,
+)
 from epp.scheduling.plugins.common import uncached_tokens
 from epp.scheduling.request import CycleState, InferenceRequest
 
@@ -39,10 +44,15 @@ class PDProfileHandler(ProfileHandler):
     decode batch). A multi-turn conversation whose history is cached on the decode pod has
     few uncached tokens and stays local; a long fresh prompt goes to an idle prefill pod.
     Parameters: decodeProfile (decode), prefillProfile (prefill), threshold (256 tokens),
-    kvTransferMsPerKToken (1.0), hopOverheadMs (3.0), decodeStallWeight (0.5).
+    kvTransferMsPerKToken (1.0), hopOverheadMs (3.0), decodeStallWeight (0.5), and
+    `policy`: `cost` (the rule above, default), `threshold` (disaggregate whenever the
+    uncached prompt reaches `threshold`: the other routers' rule) or `always` (every request
+    with a prefill endpoint available: a PD-mode router's behaviour). Every result carries a
+    `PDDecision` (disaggregated or not, and why) for logs and metrics.
     """
 
     type_name = "pd-profile-handler"
+    POLICIES = ("cost", "threshold", "always")
 
     def configure(self) -> None:
         p = self.params
@@ -52,6 +62,11 @@ class PDProfileHandler(ProfileHandler):
         self.transfer_ms_per_ktok = float(p.get("kvTransferMsPerKToken", 1.0))
         self.hop_ms = float(p.get("hopOverheadMs", 3.0))
         self.stall_weight = float(p.get("decodeStallWeight", 0.5))
+        self.policy = str(p.get("policy", "cost"))
+        if self.policy not in self.POLICIES:
+            raise ValueError(
+                f"pd-profile-handler: policy must be one of {self.POLICIES}, got {self.policy!r}"
+            )
 
     def schedule(
         self,
@@ -67,30 +82,48 @@ class PDProfileHandler(ProfileHandler):
         result = SchedulingResult(primary=decode.ranked, profiles={self.decode_profile: decode})
         local_uncached = uncached_tokens(cycle, self.services, request, target)
         result.uncached_tokens = local_uncached
-        if local_uncached < self.threshold or not runner.has_profile(self.prefill_profile):
+        if not runner.has_profile(self.prefill_profile):
+            result.pd = PDDecision(False, "no-prefill-profile", local_uncached)
+            return result
+        if self.policy != "always" and local_uncached < self.threshold:
+            result.pd = PDDecision(False, "below-threshold", local_uncached)
             return result
         prefill_candidates = [ep for ep in candidates if ep.can_prefill() and ep is not target]
-        if not prefill_candidates:
-            return result
-        prefill = runner.run(self.prefill_profile, cycle, request, prefill_candidates)
+        prefill = (
+            runner.run(self.prefill_profile, cycle, request, prefill_candidates)
+            if prefill_candidates
+            else None
+        )
         if prefill is None or not prefill.ranked:
+            result.pd = PDDecision(False, "no-prefill-endpoint", local_uncached)
             return result
         pf = prefill.ranked[0]
-        model = self.services.latency
         remote_uncached = uncached_tokens(cycle, self.services, request, pf)
-        remote_ms = (
-            model.predict_ttft_ms(pf, remote_uncached)
-            + self.transfer_ms_per_ktok * request.prompt_tokens / 1000.0
-            + self.hop_ms
-        )
-        local_ms = model.predict_ttft_ms(target, local_uncached)
-        rate = target.latency.prefill_ms_per_token or model.priors.prefill_ms_per_token
-        # Prefilling locally stalls the decode batch running there for as long as it takes;
-        # on a dedicated decode pod count it even when idle, since the decodes that arrive
-        # meanwhile are what the pod is for.
-        busy = model.batch_size(target) > 0 or target.role == ROLE_DECODE
-        stall_ms = self.stall_weight * rate * local_uncached if busy else 0.0
-        if remote_ms < local_ms + stall_ms:
+        if self.policy == "cost":
+            model = self.services.latency
+            remote_ms = (
+                model.predict_ttft_ms(pf, remote_uncached)
+                + self.transfer_ms_per_ktok * request.prompt_tokens / 1000.0
+                + self.hop_ms
+            )
+            local_ms = model.predict_ttft_ms(target, local_uncached)
+            rate = target.latency.prefill_ms_per_token or model.priors.prefill_ms_per_token
+            # Prefilling locally stalls the decode batch running there for as long as it
+            # takes; on a dedicated decode pod count it even when idle, since the decodes
+            # that arrive meanwhile are what the pod is for.
+            busy = model.batch_size(target) > 0 or target.role == ROLE_DECODE
+            local_ms += self.stall_weight * rate * local_uncached if busy else 0.0
+            go = remote_ms < local_ms
+            reason = "remote-faster" if go else "local-faster"
+            result.pd = PDDecision(
+                go, reason, local_uncached, remote_uncached, round(local_ms, 3),
+                round(remote_ms, 3),
+            )  # fmt: skip
+        else:
+            go = True
+            reason = "always" if self.policy == "always" else "over-threshold"
+            result.pd = PDDecision(True, reason, local_uncached, remote_uncached)
+        if go:
             result.prefill = pf
             result.profiles[self.prefill_profile] = prefill
             result.uncached_tokens = remote_uncached

@@ -1,0 +1,5 @@
+import sys
+
+from epp.sidecar.cli import main
+
+sys.exit(main())
