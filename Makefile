@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# `make run PD=1:2`: a P/D pool (1 prefill, 2 decode simulators, sidecars on the decode ones).
+PD ?=
 run: $(STAMP)
-	$(BIN)/python -m epp.devstack.demo
+	$(BIN)/python -m epp.devstack.demo $(if $(PD),--pd $(PD))
 
 test: $(STAMP) kube-build
 	$(BIN)/ruff check .
