@@ -15,7 +15,7 @@ from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, EngineError, Request
 from epp.sim.kvevents import KVEventPublisher
 from epp.sim.metrics import EngineStats, render_sglang, render_vllm
-from epp.sim.tokenizer import encode, render_chat
+from epp.sim.tokenizer import render_chat, request_ids, vocab_size
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -32,20 +32,39 @@ def _error(message: str, status: int, kind: str, headers: dict[str, str]) -> web
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    """The prompt as text (chat: the rendered template); raises ValueError if malformed."""
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list")
         return render_chat(messages)
     prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        if prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        elif prompt and all(isinstance(t, int) for t in prompt):
-            return " ".join(f"t{t}" for t in prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-        raise ValueError("'prompt' must be a non-empty string")
+        raise ValueError("'prompt' must be a non-empty string or a list of token ids")
     return prompt
+
+
+def _prompt_ids(body: dict[str, Any], chat: bool) -> list[int]:
+    """Prompt token ids as vLLM computes them; raises ValueError if malformed."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            if not all(0 <= t < vocab_size() for t in prompt):
+                raise ValueError("token id out of vocabulary")
+            return list(prompt)
+        _prompt_text(body, chat)  # validates the shape
+    ids = request_ids("chat" if chat else "completions", body)
+    if ids is None:
+        raise ValueError("the prompt cannot be tokenized (chat template refused it?)")
+    return ids
 
 
 class SimServer:
@@ -151,7 +170,7 @@ class SimServer:
             body = orjson.loads(await request.read())
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
-            text = _prompt_text(body, chat)
+            ids = _prompt_ids(body, chat)
             max_tokens = int(
                 body.get("max_completion_tokens") or body.get("max_tokens") or (256 if chat else 16)
             )
@@ -167,7 +186,6 @@ class SimServer:
             self.stats.requests_error += 1
             return _error("injected failure", 500, "InternalServerError", h)
 
-        ids = encode(text)
         kvp = body.get("kv_transfer_params") or {}
         remote_prefilled = bool(kvp.get("do_remote_prefill"))
         prefill_only = bool(kvp.get("do_remote_decode"))
@@ -312,10 +330,9 @@ class SimServer:
     async def _tokenize(self, request: web.Request) -> web.Response:
         try:
             body = orjson.loads(await request.read())
-            text = _prompt_text(body, chat="messages" in body)
+            ids = _prompt_ids(body, chat="messages" in body)
         except (ValueError, TypeError, orjson.JSONDecodeError) as e:
             return _error(str(e), 400, "BadRequestError", self._headers)
-        ids = encode(text)
         return _json(
             {"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids},
             headers=self._headers,
@@ -325,9 +342,9 @@ class SimServer:
         try:
             body = orjson.loads(await request.read())
             text = _prompt_text(body, chat)
+            ids = _prompt_ids(body, chat)
         except (ValueError, TypeError, orjson.JSONDecodeError) as e:
             return _error(str(e), 400, "BadRequestError", self._headers)
-        ids = encode(text)
         return _json(
             {"prompt": text, "prompt_token_ids": ids, "token_ids": ids, "count": len(ids)},
             headers=self._headers,

@@ -30,6 +30,19 @@ FORBIDDEN: dict[str, set[str]] = {
         "observability",
     },
     "sim": {"datalayer", "scheduling", "requestcontrol", "extproc", "serve", "reconcile"},
+    # Shared by the EPP and the simulator: depends on neither.
+    "tokenization": {
+        "datalayer",
+        "scheduling",
+        "requestcontrol",
+        "extproc",
+        "serve",
+        "sidecar",
+        "reconcile",
+        "sim",
+        "devstack",
+        "observability",
+    },
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,8 +34,14 @@ FAST: dict[str, Any] = {
 }
 
 
+_SYL = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "so", "du", "fa")
+_PSEUDO = [a + b for a in _SYL for b in _SYL]  # each one token of the simulator's tokenizer
+
+
 def words(n: int, tag: str = "w") -> str:
-    return " ".join(f"{tag}{i:07d}" for i in range(n))  # 8 chars + space = 2 tokens per word
+    """`n` words of 2 tokens each; a different `tag` gives a different text."""
+    o = zlib.crc32(tag.encode())
+    return " ".join(f"{_PSEUDO[(o + i) % 144]} {_PSEUDO[(o // 7 + 5 * i) % 144]}" for i in range(n))
 
 
 @pytest.fixture

@@ -1,0 +1,353 @@
+"""A model's tokenizer from a local Hugging Face directory, with a cache for shared prefixes.
+
+`load_tokenizer(dir)` reads `tokenizer.json` (the Rust `tokenizers` library) and the chat
+template from `tokenizer_config.json` (or `chat_template.jinja` / `chat_template.json`).
+Nothing is fetched from a hub.
+
+Requests that share a prefix (a system prompt, a conversation's history) should not pay for
+tokenizing it again. Long texts are cut into chunks of about `chunk_chars` characters that
+end between two words (`letter␠letter`): with the pre-tokenizers of byte-level BPE
+tokenizers (GPT-2, Llama 3, Qwen, ...) no token crosses such a point, so the token ids of
+the whole text are the concatenation of the chunks' ids. Each chunk's ids are cached under a
+chained hash of the text up to its end. Chunking is enabled only for tokenizers whose
+normalizer and pre-tokenizer are of those kinds and that pass a self-test at load (whole
+versus chunked encodings of probe texts); otherwise every text is encoded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from tokenizers import Tokenizer
+
+from epp.tokenization.chat import ChatTemplate, ChatTemplateError
+
+log = logging.getLogger(__name__)
+
+_hash = xxhash.xxh3_64_intdigest
+# A point between two words: no token of a byte-level BPE pre-tokenizer crosses it.
+_BOUNDARY = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
+_SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents"}
+_SAFE_PRETOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
+_PROBES = (
+    "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?  Twice  spaced\n"
+    "new line and\ttabs;  numbers 1234567 and unicode café naïve résumé, done.",
+    "kalo mine ruta vozi pedu sofa kalo mine ruta vozi pedu sofa user: what is up",
+    "def f(x):\n    return x * 2  # comment here\n\nclass A B C d e f g h i j k l m",
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be used (missing or broken files)."""
+
+
+@dataclass(slots=True)
+class TokenizerStats:
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+    tokens_from_cache: int = 0
+    tokens_encoded: int = 0
+
+
+@dataclass(slots=True)
+class _ChunkCache:
+    max_tokens: int
+    entries: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)
+    tokens: int = 0
+
+    def get(self, key: int) -> list[int] | None:
+        ids = self.entries.get(key)
+        if ids is not None:
+            self.entries.move_to_end(key)
+        return ids
+
+    def put(self, key: int, ids: list[int]) -> None:
+        if key in self.entries:
+            return
+        self.entries[key] = ids
+        self.tokens += len(ids)
+        while self.tokens > self.max_tokens and self.entries:
+            _, old = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+
+class ModelTokenizer:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: Mapping[str, Any] | None = None,
+        *,
+        source: str = "",
+        chat_template: str | None = None,
+        chunk_chars: int = 1024,
+        cache_tokens: int = 4_000_000,
+        tokenizer_json: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.source = source
+        self._tok = tokenizer
+        self.config = dict(config or {})
+        self.chunk_chars = max(16, chunk_chars)
+        self._cache = _ChunkCache(cache_tokens)
+        self.stats = TokenizerStats()
+        self._batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        special = {
+            k: v
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (v := _token_text(self.config.get(k))) is not None
+        }
+        template = chat_template if chat_template is not None else _config_template(self.config)
+        self.chat: ChatTemplate | None = ChatTemplate(template, special) if template else None
+        self._prefix_ids, self._suffix_ids, self._specials_known = self._special_wrapping()
+        self.chunking = self._chunking_safe(tokenizer_json)
+
+    # ---- encoding --------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`, exactly as `tokenizer.encode(text).ids` would give them."""
+        if add_special_tokens and not self._specials_known:
+            return list(self._tok.encode(text, add_special_tokens=True).ids)
+        ids = self._encode_plain(text)
+        if add_special_tokens and (self._prefix_ids or self._suffix_ids):
+            return [*self._prefix_ids, *ids, *self._suffix_ids]
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        step = self.chunk_chars
+        n = len(text)
+        if not self.chunking or n < 2 * step:
+            ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+            self.stats.tokens_encoded += len(ids)
+            return ids
+        cache = self._cache
+        search = _BOUNDARY.search
+        parts: list[list[int] | None] = []
+        missing: list[tuple[int, int, str]] = []
+        pos = 0
+        h = 0
+        while pos < n:
+            m = search(text, pos + step) if pos + step < n else None
+            end = m.start() if m is not None else n
+            chunk = text[pos:end]
+            h = _hash(chunk.encode(), h)
+            got = cache.get(h)
+            if got is None:
+                missing.append((len(parts), h, chunk))
+            parts.append(got)
+            pos = end
+        st = self.stats
+        if missing:
+            encoded = self._batch([c for _, _, c in missing], add_special_tokens=False)
+            for (i, key, _), enc in zip(missing, encoded, strict=True):
+                ids = list(enc.ids)
+                cache.put(key, ids)
+                parts[i] = ids
+                st.tokens_encoded += len(ids)
+            st.chunk_misses += len(missing)
+        st.chunk_hits += len(parts) - len(missing)
+        out: list[int] = []
+        for p in parts:
+            assert p is not None
+            out += p
+        st.tokens_from_cache += len(out) - sum(len(parts[i] or ()) for i, _, _ in missing)
+        return out
+
+    def token_to_id(self, token: str) -> int | None:
+        tid: int | None = self._tok.token_to_id(token)
+        return tid
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text: str = self._tok.decode(list(ids), skip_special_tokens=False)
+        return text
+
+    # ---- requests ----------------------------------------------------------------------------
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+        if self.chat is None:
+            raise ChatTemplateError(f"{self.source or 'tokenizer'} has no chat template")
+        return self.chat.render(messages, **kwargs)
+
+    def request_ids(self, api: str, body: Mapping[str, Any]) -> list[int] | None:
+        """The prompt token ids an engine would compute for an OpenAI request body, or None
+        when this request cannot be tokenized here (other APIs, template errors, ...)."""
+        if api == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or self.chat is None:
+                return None
+            extra = body.get("chat_template_kwargs")
+            try:
+                text = self.chat.render(
+                    messages,
+                    add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                    continue_final_message=bool(body.get("continue_final_message", False)),
+                    tools=body.get("tools"),
+                    documents=body.get("documents"),
+                    extra=extra if isinstance(extra, dict) else None,
+                )
+            except ChatTemplateError as e:
+                log.debug("chat template refused a request: %s", e)
+                return None
+            return self.encode(text, bool(body.get("add_special_tokens", False)))
+        if api == "completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt:
+                prompt = prompt[0]  # a batch: each prompt is its own sequence; route by the first
+            if isinstance(prompt, str):
+                return self.encode(prompt, bool(body.get("add_special_tokens", True)))
+            if isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt
+            ):
+                return list(prompt)
+        return None
+
+    # ---- load-time checks ------------------------------------------------------------------------
+    def _special_wrapping(self) -> tuple[list[int], list[int], bool]:
+        """Which ids `add_special_tokens=True` puts around a text (e.g. BOS)."""
+        probe = "hello world"
+        plain = list(self._tok.encode(probe, add_special_tokens=False).ids)
+        full = list(self._tok.encode(probe, add_special_tokens=True).ids)
+        for i in range(len(full) - len(plain) + 1):
+            if full[i : i + len(plain)] == plain:
+                return full[:i], full[i + len(plain) :], True
+        return [], [], False
+
+    def _chunking_safe(self, tokenizer_json: Mapping[str, Any] | None) -> bool:
+        if tokenizer_json is not None:
+            if not _types_ok(tokenizer_json.get("normalizer"), _SAFE_NORMALIZERS, allow_none=True):
+                return False
+            if not _types_ok(tokenizer_json.get("pre_tokenizer"), _SAFE_PRETOKENIZERS):
+                return False
+            for t in tokenizer_json.get("added_tokens") or []:
+                if " " in str(t.get("content", "")) or t.get("lstrip") or t.get("rstrip"):
+                    return False
+        saved = self.chunk_chars
+        self.chunking = True
+        self.chunk_chars = 16
+        try:
+            for probe in _PROBES:
+                whole = list(self._tok.encode(probe, add_special_tokens=False).ids)
+                self._cache = _ChunkCache(self._cache.max_tokens)
+                if self._encode_plain(probe) != whole:
+                    log.warning("%s: chunked tokenization differs; prefix caching off", self.source)
+                    return False
+            return True
+        finally:
+            self.chunk_chars = saved
+            self._cache = _ChunkCache(self._cache.max_tokens)
+            self.stats = TokenizerStats()
+
+
+def _types_ok(node: Any, allowed: set[str], allow_none: bool = False) -> bool:
+    if node is None:
+        return allow_none
+    if not isinstance(node, dict):
+        return False
+    kind = node.get("type")
+    if kind == "Sequence":
+        subs = node.get("normalizers") or node.get("pretokenizers") or []
+        return all(_types_ok(s, allowed) for s in subs)
+    return kind in allowed
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _config_template(config: Mapping[str, Any]) -> str | None:
+    tpl = config.get("chat_template")
+    if isinstance(tpl, str):
+        return tpl
+    if isinstance(tpl, list):  # [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        chosen = named.get("default") or next(iter(named.values()), None)
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any) -> ModelTokenizer:
+    """A tokenizer directory (`tokenizer.json` [+ `tokenizer_config.json`]) -> ModelTokenizer.
+
+    Raises TokenizerError with a message naming the file when something is missing or broken.
+    """
+    d = Path(path)
+    tj = d / "tokenizer.json"
+    if not d.is_dir():
+        raise TokenizerError(f"tokenizer directory {d} does not exist")
+    if not tj.is_file():
+        raise TokenizerError(f"{tj} is missing (a Hugging Face tokenizer.json is required)")
+    try:
+        raw = tj.read_text()
+        tok_json = json.loads(raw)
+        tokenizer = Tokenizer.from_str(raw)
+    except (OSError, ValueError, Exception) as e:  # tokenizers raises a plain Exception
+        raise TokenizerError(f"{tj} cannot be loaded: {e}") from e
+    config: dict[str, Any] = {}
+    cfg_path = d / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            loaded = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{cfg_path} cannot be loaded: {e}") from e
+        if not isinstance(loaded, dict):
+            raise TokenizerError(f"{cfg_path} must hold a JSON object")
+        config = loaded
+    template: str | None = None
+    jinja_file = d / "chat_template.jinja"
+    json_file = d / "chat_template.json"
+    try:
+        if jinja_file.is_file():
+            template = jinja_file.read_text()
+        elif json_file.is_file():
+            template = _config_template(json.loads(json_file.read_text()))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"chat template in {d} cannot be loaded: {e}") from e
+    try:
+        return ModelTokenizer(
+            tokenizer, config, source=str(d), chat_template=template, tokenizer_json=tok_json,
+            **kwargs,
+        )
+    except ChatTemplateError as e:
+        raise TokenizerError(f"{d}: {e}") from e
+
+
+class TokenizerSet:
+    """Tokenizers by model name, with an optional default for every other model."""
+
+    def __init__(
+        self,
+        default: ModelTokenizer | None = None,
+        by_model: Mapping[str, ModelTokenizer] | None = None,
+    ) -> None:
+        self.default = default
+        self.by_model = dict(by_model or {})
+
+    def get(self, model: str) -> ModelTokenizer | None:
+        return self.by_model.get(model, self.default)
+
+    def __bool__(self) -> bool:
+        return self.default is not None or bool(self.by_model)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[str], **kwargs: Any) -> TokenizerSet:
+        """`DIR` (every model) or `MODEL=DIR` entries, as given to `--tokenizer-dir`."""
+        out = cls()
+        for spec in specs:
+            model, sep, path = spec.rpartition("=")
+            if not sep:
+                if out.default is not None:
+                    raise TokenizerError("--tokenizer-dir: more than one default directory")
+                out.default = load_tokenizer(path, **kwargs)
+            else:
+                if not model:
+                    raise TokenizerError(f"--tokenizer-dir {spec!r}: empty model name")
+                out.by_model[model] = load_tokenizer(path, **kwargs)
+        return out
