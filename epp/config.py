@@ -7,10 +7,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from epp.api.errors import UserError
 from epp.datalayer.datastore import Criticality, ModelInfo, Objective, TargetModel
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(UserError):
     pass
 
 

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +21,7 @@ import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp.api.errors import UserError
 from epp.api.headers import HeaderNames
 from epp.config import ConfigFileError, load_models_file, load_picker_config_text
 from epp.datalayer.datastore import Datastore
@@ -30,7 +33,6 @@ from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import SaturationPolicy
 from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director, DirectorSettings
-from epp.scheduling.config import ConfigError
 from epp.scheduling.services import Services
 
 log = logging.getLogger("epp.serve")
@@ -46,14 +48,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--bind-address", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)"
     )
-    g.add_argument("--grpc-port", type=int, default=9002)
-    g.add_argument("--grpc-health-port", type=int, default=9003)
-    g.add_argument("--metrics-port", type=int, default=9090)
+    g.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
+    g.add_argument(
+        "--grpc-health-port", type=int, default=9003, help="gRPC health service port"
+    )
+    g.add_argument(
+        "--metrics-port", type=int, default=9090, help="HTTP /metrics, /healthz, /readyz port"
+    )
     g = p.add_argument_group("scheduling")
-    g.add_argument("--config-file", help="EndpointPickerConfig YAML file")
-    g.add_argument("--config-text", help="EndpointPickerConfig YAML inline")
-    g.add_argument("--models-file", help="standalone models/objectives YAML (see docs)")
-    g.add_argument("--business-header", default="x-business")
+    g.add_argument(
+        "--config-file", help="EndpointPickerConfig YAML file (default: the built-in config)"
+    )
+    g.add_argument("--config-text", help="EndpointPickerConfig YAML inline; wins over --config-file")
+    g.add_argument(
+        "--models-file",
+        help="standalone models/objectives YAML, docs/standalone.md (default: none: any model)",
+    )
+    g.add_argument(
+        "--business-header", default="x-business", help="request header naming the business"
+    )
     g.add_argument(
         "--no-model-passthrough",
         action="store_true",
@@ -65,13 +78,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="EPP-side saturation limit per endpoint (0 = none)",
     )
-    g.add_argument("--queue-threshold", type=float, default=5.0)
-    g.add_argument("--kv-threshold", type=float, default=0.8)
+    g.add_argument(
+        "--queue-threshold",
+        type=float,
+        default=5.0,
+        help="an endpoint with more waiting requests counts as saturated (sheddable requests get 429)",
+    )
+    g.add_argument(
+        "--kv-threshold",
+        type=float,
+        default=0.8,
+        help="an endpoint with a fuller KV cache (0-1) counts as saturated",
+    )
     g = p.add_argument_group("discovery")
-    g.add_argument("--pool-name", help="InferencePool to watch (Kubernetes mode)")
-    g.add_argument("--pool-namespace", default="default")
-    g.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster or ~/.kube)")
-    g.add_argument("--endpoints-file", help="standalone: YAML list of endpoints, reloaded")
+    g.add_argument(
+        "--pool-name", help="InferencePool to watch: Kubernetes mode (default: standalone)"
+    )
+    g.add_argument("--pool-namespace", default="default", help="namespace of --pool-name")
+    g.add_argument(
+        "--kubeconfig", help="kubeconfig path (default: in-cluster, then $KUBECONFIG or ~/.kube/config)"
+    )
+    g.add_argument(
+        "--endpoints-file",
+        help="standalone: YAML list of endpoints, reloaded on change; see docs/endpoints.sample.yaml",
+    )
     g.add_argument(
         "--endpoint",
         action="append",
@@ -93,17 +123,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="standalone: ports for --endpoint entries given as a bare IP, p1,p2",
     )
-    g.add_argument("--label-model", default="model")
-    g.add_argument("--label-business", default="business")
-    g.add_argument("--label-role", default="role")
-    g.add_argument("--label-engine", default="engine-type")
+    g.add_argument("--label-model", default="model", help="label naming the served model")
+    g.add_argument(
+        "--label-business", default="business", help="label naming the business"
+    )
+    g.add_argument(
+        "--label-role", default="role", help="label naming the role: prefill | decode | both"
+    )
+    g.add_argument(
+        "--label-engine",
+        default="engine-type",
+        help="label naming the engine: vllm | sglang | trtllm | sim (which metric names)",
+    )
     g.add_argument(
         "--scrape-interval",
         type=float,
         default=0.05,
         help="model-server /metrics scrape period in seconds (0 = off)",
     )
-    g.add_argument("--metrics-stale-after", type=float, default=1.0)
+    g.add_argument(
+        "--metrics-stale-after",
+        type=float,
+        default=1.0,
+        help="seconds after which scraped metrics count as stale",
+    )
     g.add_argument(
         "--kv-events-port",
         type=int,
@@ -117,8 +160,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="FULL_DUPLEX_STREAMED",
         help="assumed request body mode when Envoy sends no protocol_config",
     )
-    g.add_argument("--max-body-bytes", type=int, default=16 << 20)
-    g.add_argument("--drain-timeout", type=float, default=30.0)
+    g.add_argument(
+        "--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413"
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds open streams may finish after SIGTERM",
+    )
     g = p.add_argument_group("TLS (ext_proc port)")
     g.add_argument(
         "--secure-serving",
@@ -139,8 +189,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with the endpoints, for the override_host gateway config (default: off)",
     )
     g = p.add_argument_group("logging")
-    g.add_argument("--log-level", default="info")
-    g.add_argument("--log-format", choices=["json", "text"], default="json")
+    g.add_argument(
+        "--log-level", default="info", help="debug | info | warning | error"
+    )
+    g.add_argument(
+        "--log-format", choices=["json", "text"], default="json", help="log line format"
+    )
     g.add_argument(
         "--debug-decisions",
         action="store_true",
@@ -163,6 +217,40 @@ def _parse_ports(text: str) -> list[int]:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise ConfigFileError(f"--endpoint-target-ports: {text!r} is not a list of ports") from None
+
+
+class PortInUseError(UserError):
+    pass
+
+
+def _check_port(host: str, port: int, flag: str) -> None:
+    """Fail with a clear line before grpc logs its own bind error (racy, hence only a check)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise PortInUseError(f"{flag}: cannot listen on {host}:{port} ({why})") from None
+
+
+def _grpc_port(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    flag: str,
+    creds: grpc.ServerCredentials | None = None,
+) -> int:
+    addr = f"{host}:{port}"
+    try:
+        if creds is not None:
+            return server.add_secure_port(addr, creds)
+        return server.add_insecure_port(addr)
+    except RuntimeError:  # grpc says only "Failed to bind to address"
+        raise PortInUseError(f"{flag}: cannot listen on {host}:{port}") from None
 
 
 @dataclass
@@ -212,6 +300,9 @@ class App:
             self.metrics,
             ExtProcSettings(a.body_mode, a.max_body_bytes, a.debug_decisions),
         )
+        _check_port(a.bind_address, a.grpc_port, "--grpc-port")
+        _check_port(a.bind_address, a.grpc_health_port, "--grpc-health-port")
+        _check_port(a.bind_address, a.metrics_port, "--metrics-port")
         opts = [
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
@@ -219,7 +310,6 @@ class App:
         ]
         self.grpc_server = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self.grpc_server)
-        grpc_addr = f"{a.bind_address}:{a.grpc_port}"
         if a.secure_serving:
             from epp.extproc.tls import server_credentials
 
@@ -227,13 +317,17 @@ class App:
                 creds = server_credentials(a.cert_path)
             except OSError as e:
                 raise ConfigFileError(f"--cert-path {a.cert_path}: {e}") from e
-            self.ports["grpc"] = self.grpc_server.add_secure_port(grpc_addr, creds)
+            self.ports["grpc"] = _grpc_port(
+                self.grpc_server, a.bind_address, a.grpc_port, "--grpc-port", creds
+            )
         else:
-            self.ports["grpc"] = self.grpc_server.add_insecure_port(grpc_addr)
+            self.ports["grpc"] = _grpc_port(
+                self.grpc_server, a.bind_address, a.grpc_port, "--grpc-port"
+            )
         self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health.add_to(self.health_server)
-        self.ports["health"] = self.health_server.add_insecure_port(
-            f"{a.bind_address}:{a.grpc_health_port}"
+        self.ports["health"] = _grpc_port(
+            self.health_server, a.bind_address, a.grpc_health_port, "--grpc-health-port"
         )
         await self.health.set(live=True, ready=False)
         await self.health_server.start()
@@ -242,7 +336,13 @@ class App:
         )
         await self.http_runner.setup()
         site = web.TCPSite(self.http_runner, a.bind_address, a.metrics_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise PortInUseError(
+                f"--metrics-port: cannot listen on {a.bind_address}:{a.metrics_port} ({why})"
+            ) from None
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.ports["metrics"] = server.sockets[0].getsockname()[1]
@@ -342,10 +442,9 @@ async def _serve(args: argparse.Namespace) -> int:
     app = App(args)
     try:
         await app.start()
-    except (ConfigError, ConfigFileError) as e:
-        log.error("configuration error: %s", e)
-        await app.stop(0)
-        return 2
+    except BaseException:
+        await app.stop(0)  # close the servers on this loop: no "Event loop is closed" noise
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

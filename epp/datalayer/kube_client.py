@@ -7,8 +7,10 @@ import os
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from epp.api.errors import UserError
 
-class KubeConfigError(ValueError):
+
+class KubeConfigError(UserError):
     """No usable cluster credentials: a user error, reported in one line."""
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from epp.api.errors import UserError
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, format_hostport
 from epp.datalayer.labels import DEFAULT_LABEL_KEYS, LabelKeys, endpoint_from_labels
@@ -60,7 +61,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
     _Loader = yaml.SafeLoader
 
 
-class EndpointsFileError(ValueError):
+class EndpointsFileError(UserError):
     """The endpoints file (or a flag endpoint) is malformed."""
 
 

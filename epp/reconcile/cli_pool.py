@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from epp.api.errors import one_line, validation_message
 from epp.api.modelpool import UNASSIGNED, ModelPool
 from epp.reconcile import distribution
 from epp.reconcile.apply import FIELD_MANAGER
@@ -29,17 +30,18 @@ POOL_MANAGER = "epp-pool"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kubeconfig", default="")
-    parser.add_argument("-n", "--namespace", default="default")
+    parser.add_argument("--kubeconfig", default="",
+                        help="kubeconfig path (default: in-cluster, then $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("-n", "--namespace", default="default", help="namespace of the pool")
     sub = parser.add_subparsers(dest="action", required=True)
     st = sub.add_parser("status", help="pods per business and role")
-    st.add_argument("pool")
+    st.add_argument("pool", help="ModelPool name")
     a = sub.add_parser("assign", help="move one pod to a business (pinned)")
-    a.add_argument("pod")
-    a.add_argument("business")
+    a.add_argument("pod", help="pod name")
+    a.add_argument("business", help="business to move the pod to (or unassigned)")
     a.add_argument("--unpin", action="store_true", help="relabel without pinning")
     d = sub.add_parser("distribute", help="declare and apply a business distribution")
-    d.add_argument("pool")
+    d.add_argument("pool", help="ModelPool name")
     d.add_argument("spec", help="production=3,testing=1 (pods per role) or production=75%%,...")
 
 
@@ -135,8 +137,14 @@ async def _main(args: argparse.Namespace) -> int:
         left = distribution.plan([pod_info(p) for p in pods], pool.spec.businesses)
         print(format_status(args.pool, pods))
         return 0 if not left else 1
-    except (ApiError, ValueError, ValidationError) as e:
-        print(f"epp pool {args.action}: {e}", file=sys.stderr)
+    except ValidationError as e:
+        print(f"epp pool {args.action}: error: {validation_message(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a bad distribution spec, business or pod name
+        print(f"epp pool {args.action}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except ApiError as e:
+        print(f"epp pool {args.action}: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         await kube.close()

@@ -13,14 +13,16 @@ from epp.reconcile.kube import Kube
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kubeconfig", default="", help="default: in-cluster, then ~/.kube")
+    parser.add_argument("--kubeconfig", default="",
+                        help="kubeconfig path (default: in-cluster, then $KUBECONFIG or ~/.kube/config)")
     parser.add_argument("-n", "--namespace", default="", help="watch one namespace (default all)")
-    parser.add_argument("--field-manager", default=FIELD_MANAGER)
+    parser.add_argument("--field-manager", default=FIELD_MANAGER,
+                        help="server-side apply field manager name")
     parser.add_argument("--force-conflicts", action="store_true",
                         help="take over fields another applier owns instead of reporting them")
     parser.add_argument("--resync", type=float, default=30.0, help="seconds between full passes")
     parser.add_argument("--once", action="store_true", help="reconcile every pool once and exit")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from epp.api.modelpool import KIND, ModelPool
+from epp.api.errors import UserError, one_line, validation_message
+from epp.api.modelpool import API_VERSION, KIND, ModelPool
 from epp.reconcile import render, template
 
 
@@ -30,16 +32,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="namespace for pools that do not set one")
 
 
+class RenderInputError(UserError):
+    """The input is not something `epp render` can render."""
+
+
 def load_documents(paths: list[str]) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for path in paths:
-        if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        docs += [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+        try:
+            if path == "-":
+                text = sys.stdin.read()
+            else:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            loaded = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+        except OSError as e:
+            raise RenderInputError(f"{path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise RenderInputError(f"{path}: invalid YAML: {one_line(e)}") from None
+        for d in loaded:
+            d.setdefault("__source__", path)
+        docs += loaded
     return docs
+
+
+def _not_a_modelpool(docs: list[dict[str, Any]], sources: list[str]) -> str:
+    """Why there is nothing to render: what the input holds instead, and what would work."""
+    sources = sorted(set(sources)) or ["the input"]
+    kinds = Counter(str(d.get("kind", "?")) for d in docs)
+    held = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in kinds.items()) or "no objects"
+    hint = ""
+    if kinds.keys() & {"InferencePool", "Deployment", "InferenceModel", "Service"}:
+        hint = " (plain manifests: apply them with kubectl as they are)"
+    return (f"no ModelPool in {', '.join(sources)}: it holds {held}{hint}. epp render takes "
+            f"a ModelPool ({API_VERSION}), e.g. manifests/samples/modelpool-sim.yaml")
 
 
 def render_documents(
@@ -50,9 +76,10 @@ def render_documents(
         (d.get("metadata") or {}).get("name", ""): d for d in docs if d.get("kind") == "ConfigMap"
     }
     out: list[dict[str, Any]] = []
+    sources = [str(d.pop("__source__", "the input")) for d in docs]
     pools = [d for d in docs if d.get("kind") == KIND]
     if not pools:
-        raise ValueError("no ModelPool in the input")
+        raise RenderInputError(_not_a_modelpool(docs, sources))
     for doc in pools:
         meta = doc.setdefault("metadata", {})
         if namespace and not meta.get("namespace"):
@@ -62,31 +89,35 @@ def render_documents(
         try:
             pool = ModelPool.from_dict(doc)
         except ValidationError as e:
-            raise ValueError(f"ModelPool {meta.get('name', '?')}: {e}") from e
+            raise RenderInputError(
+                f"ModelPool {meta.get('name', '?')}: {validation_message(e)}"
+            ) from None
         base = None
         ref = pool.spec.template
         if ref is not None:
             if ref.config_map_name in configmaps:
                 base = template.from_configmap(configmaps[ref.config_map_name], ref.key)
             elif template_file:
-                with open(template_file, encoding="utf-8") as f:
-                    base = template.parse(f.read())
+                try:
+                    with open(template_file, encoding="utf-8") as f:
+                        base = template.parse(f.read())
+                except OSError as e:
+                    raise RenderInputError(f"--template {template_file}: {e.strerror}") from None
             else:
-                raise ValueError(
+                raise RenderInputError(
                     f"ModelPool {pool.name}: template ConfigMap {ref.config_map_name!r} is not "
                     "among the inputs; add it with -f or pass --template"
                 )
-        out += render.render(pool, base, owner=bool(owner_uid))
+        try:
+            out += render.render(pool, base, owner=bool(owner_uid))
+        except ValueError as e:  # a spec the models accept but rendering cannot satisfy
+            raise RenderInputError(f"ModelPool {pool.name}: {e}") from None
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        objs = render_documents(
-            load_documents(args.filename), args.template, args.owner_uid, args.namespace
-        )
-    except (OSError, ValueError) as e:
-        print(f"epp render: {e}", file=sys.stderr)
-        return 1
+    objs = render_documents(
+        load_documents(args.filename), args.template, args.owner_uid, args.namespace
+    )
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False, width=120))
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from epp.api.errors import validation_message
 from epp.api.modelpool import API_VERSION, KIND, PLURAL, ModelPool
 from epp.reconcile import distribution, render, status, template
 from epp.reconcile.apply import (
@@ -41,14 +42,6 @@ class Result:
 
 def pool_path(namespace: str, name: str = "", sub: str = "") -> str:
     return path_for(API_VERSION, PLURAL, namespace, name, sub)
-
-
-def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-    return "; ".join(parts)
 
 
 async def load_template(kube: Kube, pool: ModelPool) -> dict[str, Any] | None:
@@ -140,7 +133,7 @@ async def reconcile(kube: Kube, namespace: str, name: str, settings: ApplySettin
     try:
         pool = ModelPool.from_dict(raw)
     except ValidationError as e:
-        problem = ("InvalidSpec", _validation_message(e))
+        problem = ("InvalidSpec", validation_message(e))
     if pool is not None:
         try:
             objs = render.render(pool, await load_template(kube, pool))

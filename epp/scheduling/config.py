@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from epp.api.errors import UserError
 from epp.scheduling.framework import Filter, Picker, Plugin, ProfileHandler, Scorer, WeightedScorer
 from epp.scheduling.plugins.pickers import MaxScorePicker
 from epp.scheduling.plugins.profile_handlers import PDProfileHandler, SingleProfileHandler
@@ -32,7 +33,7 @@ from epp.scheduling.scheduler import PluginTimer, Profile, Scheduler
 from epp.scheduling.services import Services
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 

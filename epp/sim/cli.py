@@ -39,7 +39,8 @@ _OVERRIDES: list[tuple[str, type, str]] = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML pool file (defaults + servers); flags override")
-    parser.add_argument("--preset", default="h100-8b", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="h100-8b", choices=sorted(PRESETS),
+                        help="engine cost and KV-cache shape")
     parser.add_argument("--servers", type=int, default=1, help="number of servers")
     parser.add_argument("--base-ip", default="127.0.0.1", help="first loopback IP")
     parser.add_argument("--port", type=int, default=8000, help="port on every IP")
@@ -48,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-events-port", type=int, default=0, help="ZMQ PUB port (server i uses port+i)"
     )
     for name, typ, help_text in _OVERRIDES:
-        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
-    parser.add_argument("--no-prefix-caching", action="store_true")
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                            help=f"{help_text} (default: the preset's)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="disable automatic prefix caching (on by default)")
 
 
 def build_configs(args: argparse.Namespace) -> list[SimConfig]:

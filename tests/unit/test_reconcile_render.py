@@ -313,7 +313,7 @@ def test_render_cli(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) 
     from epp.cli import main
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(pool_doc(template={"configMapName": "missing"})))
-    assert main(["render", "-f", str(f)]) == 1
+    assert main(["render", "-f", str(f)]) == 2  # a user error
     assert "missing" in capsys.readouterr().err
     sample = ROOT / "manifests/samples/modelpool-sim.yaml"
     assert main(["render", "-f", str(sample)]) == 0
