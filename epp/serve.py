@@ -288,7 +288,16 @@ class App:
             ),
             model_passthrough=not a.no_model_passthrough,
         )
-        self.director = Director(self.datastore, control.scheduler, settings, hooks=control.hooks)
+        self.director = Director(
+            self.datastore,
+            control.scheduler,
+            settings,
+            hooks=control.hooks,
+            flow_control=control.flow_control,
+            flow_observer=self.metrics,
+        )
+        director = self.director
+        self.metrics.attach_flow_queue(lambda: director.flow.sizes if director.flow else None)
         if a.models_file:
             mf = load_models_file(a.models_file)
             self.datastore.replace_models("models-file", mf.model_infos())

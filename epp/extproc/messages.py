@@ -142,13 +142,16 @@ def response_trailers_continue() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
-def immediate(status: int, body: bytes, details: str) -> pb.ProcessingResponse:
+def immediate(
+    status: int, body: bytes, details: str, headers: dict[str, str] | None = None
+) -> pb.ProcessingResponse:
+    set_headers = [header_option("content-type", "application/json")]
+    if headers:
+        set_headers.extend(header_option(k, v) for k, v in headers.items())
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
-            headers=pb.HeaderMutation(
-                set_headers=[header_option("content-type", "application/json")]
-            ),
+            headers=pb.HeaderMutation(set_headers=set_headers),
             body=body,
             details=details,
         )

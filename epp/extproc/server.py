@@ -12,6 +12,10 @@ control headers removed) plus `envoy.lb` dynamic metadata. Body modes:
 The mode comes from `protocol_config` in the first message (Envoy ≥ 1.32), else the
 configured default. Whatever happens on the stream, the decision's in-flight charge is
 released exactly once when it ends.
+
+With flow control, a request the saturated pool cannot take yet waits here (the stream
+handler awaits its queue ticket); if Envoy cancels the stream meanwhile (the client went
+away), the ticket leaves the queue. Requests that go at once never create a future.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from epp import clock
 from epp.api.headers import REQUEST_ID
 from epp.extproc import messages as m
 from epp.observability.metrics import EppMetrics
-from epp.requestcontrol.director import Decision, Director
+from epp.requestcontrol.director import Decision, Director, Ticket
 from epp.requestcontrol.errors import RequestError, too_large
+from epp.requestcontrol.flowcontrol.aio import AsyncFlowWaiter
 from epp.requestcontrol.parse import api_of, build_request, parse_body
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,15 @@ class _Stream:
     answered: bool = False  # an immediate response ended the request
     prefill_timer: asyncio.TimerHandle | None = None
     model_restore: m.ModelNameRestore | None = None
+    queued: _Queued | None = None  # waiting in flow control
+
+
+@dataclass(slots=True)
+class _Queued:
+    ticket: Ticket
+    data: dict[str, object]
+    body: bytes
+    trailers: bool
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -89,6 +103,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.prefill_header = h.prefiller
         self.remove_always = h.control_headers()
         self.remove_no_prefill = (*h.control_headers(), h.prefiller)
+        self.flow_waiter = AsyncFlowWaiter()
 
     async def Process(
         self,
@@ -102,6 +117,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 if kind == "request_body":
                     for out in self._on_body(st, msg.request_body):
                         yield out
+                    if st.queued is not None:
+                        for out in await self._dispatched_later(st):
+                            yield out
                 elif kind == "request_headers":
                     for out in self._on_headers(st, msg):
                         yield out
@@ -114,6 +132,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     if st.mode == FULL_DUPLEX and st.decision is None and not st.answered:
                         for out in self._decide(st, trailers=True):
                             yield out
+                        if st.queued is not None:
+                            for out in await self._dispatched_later(st):
+                                yield out
                     yield m.request_trailers_continue()
                 elif kind == "response_trailers":
                     self._finish(st)
@@ -165,7 +186,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         return [m.headers_response(mutation, m.destination_metadata(self.dest_header, ep.key))]
 
     def _on_body(self, st: _Stream, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
-        if st.decision is not None or st.answered:
+        if st.decision is not None or st.answered or st.queued is not None:
             return []
         if body.body:
             st.chunks.append(body.body)
@@ -177,6 +198,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         return self._decide(st)
 
     def _decide(self, st: _Stream, trailers: bool = False) -> list[pb.ProcessingResponse]:
+        """Pick now, or leave the request queued in `st.queued` (then: `_dispatched_later`)."""
         t_body = time.perf_counter()
         self.metrics.phase("body_receive", t_body - st.headers_at)
         body = st.chunks[0] if len(st.chunks) == 1 else b"".join(st.chunks)
@@ -194,19 +216,47 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             admitted = self.director.admission(req)
             t_admitted = time.perf_counter()
             self.metrics.phase("admission", t_admitted - t_parsed)
-            decision = self.director.schedule(admitted)
+            outcome = self.director.dispatch(admitted)
         except RequestError as e:
             return [self._error(st, e)]
         except Exception:  # never crash the stream on a bug: answer 500 and log it
             log.exception("unexpected error while picking an endpoint")
-            return [
-                self._error(
-                    st, RequestError(500, "internal error in the endpoint picker", "internal_error")
-                )
-            ]
+            return [self._internal_error(st)]
+        if isinstance(outcome, Ticket):
+            st.queued = _Queued(outcome, data, body, trailers)
+            return []
+        return self._picked(st, outcome, data, body, trailers, t_admitted)
+
+    async def _dispatched_later(self, st: _Stream) -> list[pb.ProcessingResponse]:
+        """Wait for the queued request's turn (cancelled with the stream)."""
+        q = st.queued
+        assert q is not None
+        try:
+            decision = await self.flow_waiter.wait(q.ticket)
+        except RequestError as e:
+            return [self._error(st, e)]
+        finally:
+            st.queued = None
+        return self._picked(st, decision, q.data, q.body, q.trailers, None)
+
+    def _internal_error(self, st: _Stream) -> pb.ProcessingResponse:
+        return self._error(
+            st, RequestError(500, "internal error in the endpoint picker", "internal_error")
+        )
+
+    def _picked(
+        self,
+        st: _Stream,
+        decision: Decision,
+        data: dict[str, object],
+        body: bytes,
+        trailers: bool,
+        t_admitted: float | None,  # None: scheduled in the flow-control queue
+    ) -> list[pb.ProcessingResponse]:
         t_sched = time.perf_counter()
-        self.metrics.phase("schedule", t_sched - t_admitted)
-        self.metrics.scheduler_e2e.observe(t_sched - t_admitted)
+        if t_admitted is not None:
+            self.metrics.phase("schedule", t_sched - t_admitted)
+            self.metrics.scheduler_e2e.observe(t_sched - t_admitted)
         st.decision = decision
         # Until a first-token signal says otherwise (a stream's first body chunk, when Envoy
         # sends response bodies), the prefill is assumed done when predicted.
@@ -261,7 +311,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.metrics.request_errors.labels(st.model, st.model, e.reason).inc()
         if e.status >= 500:
             log.warning("request failed: %s", e.message, extra={"status": e.status})
-        return m.immediate(e.status, e.body(), f"epp_{e.code}")
+        return m.immediate(e.status, e.body(), f"epp_{e.code}", e.headers)
 
     def _record(self, d: Decision) -> None:
         req, res = d.request, d.result

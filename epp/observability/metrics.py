@@ -7,7 +7,7 @@ they cost the request path nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -20,6 +20,7 @@ _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 _REQUEST_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 PHASES = ("header_wait", "body_receive", "parse", "admission", "schedule", "respond")
 
@@ -124,9 +125,37 @@ class EppMetrics:
             ["decision", "reason"],
             registry=r,
         )
+        self.flow_requests = Counter(
+            "epp_flow_control_requests_total",
+            "Requests through flow control by outcome (dispatched, rejected, cancelled) and "
+            "reason (immediate, queued; band_full, queue_full, ttl, unschedulable; client).",
+            ["priority", "business", "outcome", "reason"],
+            registry=r,
+        )
+        self.flow_wait = Histogram(
+            "epp_flow_control_queue_wait_seconds",
+            "Time requests waited in the EPP's flow-control queue, by how they left it.",
+            ["priority", "business", "outcome"],
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "epp_config_reload_total",
+            "Reloads of the --config-file at run time, by result (success, error).",
+            ["result"],
+            registry=r,
+        )
+        self.slo_requests = Counter(
+            "epp_slo_requests_total",
+            "Requests with an SLO header, by objective, business, SLO kind (ttft, tpot) and "
+            "whether the latency the EPP observed met it (TTFT includes the queue wait).",
+            ["objective", "business", "slo", "met"],
+            registry=r,
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
         self._pd_children: dict[tuple[str, str], Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
 
     def phase(self, name: str, seconds: float) -> None:
         self._phase[name].observe(seconds)
@@ -147,6 +176,49 @@ class EppMetrics:
 
     def attach_datastore(self, datastore: Datastore) -> None:
         self.registry.register(_PoolCollector(datastore, self.pool_name))
+
+    def _child(self, metric: Any, *labels: object) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*(str(v) for v in labels))
+        return child
+
+    # ---- flow control (a FlowObserver) --------------------------------------------------------
+    def dispatched(self, priority: int, business: str, wait_s: float, queued: bool) -> None:
+        reason = "queued" if queued else "immediate"
+        self._child(self.flow_requests, priority, business, "dispatched", reason).inc()
+        self._child(self.flow_wait, priority, business, "dispatched").observe(wait_s)
+
+    def rejected(self, priority: int, business: str, reason: str, wait_s: float) -> None:
+        self._child(self.flow_requests, priority, business, "rejected", reason).inc()
+        self._child(self.flow_wait, priority, business, "rejected").observe(wait_s)
+
+    def cancelled(self, priority: int, business: str, wait_s: float) -> None:
+        self._child(self.flow_requests, priority, business, "cancelled", "client").inc()
+        self._child(self.flow_wait, priority, business, "cancelled").observe(wait_s)
+
+    def attach_flow_queue(self, sizes: Callable[[], Mapping[tuple[int, str], int] | None]) -> None:
+        """Report the queue size per band and business, read at scrape time."""
+        self.registry.register(_QueueCollector(sizes))
+
+    def slo(self, objective: str, business: str, kind: str, met: bool) -> None:
+        self._child(self.slo_requests, objective, business, kind, "true" if met else "false").inc()
+
+
+class _QueueCollector(Collector):
+    def __init__(self, sizes: Callable[[], Mapping[tuple[int, str], int] | None]) -> None:
+        self.sizes = sizes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "epp_flow_control_queue_size",
+            "Requests waiting in the EPP's flow-control queue, per priority band and business.",
+            labels=["priority", "business"],
+        )
+        for (priority, business), n in sorted((self.sizes() or {}).items()):
+            g.add_metric([str(priority), business], n)
+        yield g
 
 
 class _PoolCollector(Collector):

@@ -1,14 +1,18 @@
 """EndpointPickerConfig → the request-control pipeline: lifecycle hooks + the scheduler.
 
-The same `plugins:` list names scheduler plugins and lifecycle hooks; hooks are taken out
-here and the rest goes to the scheduler's loader. When a config names no hook, the
-defaults run (`registry.DEFAULT_HOOKS`); in-flight accounting runs always.
+The same `plugins:` list names scheduler plugins, lifecycle hooks and flow-control
+plugins (saturation detectors, fairness and ordering policies); hooks and flow-control
+plugins are taken out here and the rest goes to the scheduler's loader. When a config names
+no hook, the defaults run (`registry.DEFAULT_HOOKS`); in-flight accounting runs always.
+The `flowControl:` section (with `featureGates: [flowControl]`) is parsed by
+`flowcontrol.config`; `flow_control` is None when flow control is off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from epp.requestcontrol.flowcontrol import config as flow_config
 from epp.requestcontrol.lifecycle import LifecycleHook
 from epp.requestcontrol.registry import DEFAULT_HOOKS, HOOKS, REQUIRED_HOOKS
 from epp.scheduling.config import (
@@ -27,6 +31,7 @@ class RequestControl:
     scheduler: Scheduler
     hooks: list[LifecycleHook]
     config: EndpointPickerConfig
+    flow_control: flow_config.FlowControlSettings | None = None
 
 
 def default_hooks(services: Services) -> list[LifecycleHook]:
@@ -47,7 +52,13 @@ def build_request_control(
     )
     services = services or Services()
     hook_specs = [s for s in cfg.plugins if s.type in HOOKS]
-    sched_cfg = cfg.model_copy(update={"plugins": [s for s in cfg.plugins if s.type not in HOOKS]})
+    sched_cfg = cfg.model_copy(
+        update={
+            "plugins": [
+                s for s in cfg.plugins if s.type not in HOOKS and s.type not in flow_config.PLUGIN_TYPES
+            ]
+        }
+    )
     scheduler = build_scheduler(sched_cfg, services=services, timer=timer, debug=debug)
     hooks: list[LifecycleHook] = []
     names: set[str] = set()
@@ -65,4 +76,5 @@ def build_request_control(
     for t in wanted:
         if t not in present:
             hooks.append(HOOKS[t](t, None, services))
-    return RequestControl(scheduler, hooks, cfg)
+    flow_control = flow_config.parse_flow_control(cfg, services)
+    return RequestControl(scheduler, hooks, cfg, flow_control)

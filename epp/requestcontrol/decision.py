@@ -31,6 +31,9 @@ class Decision:
     queue_position: float = 0.0
     # Scratch space for lifecycle hooks that need per-request state (keyed by hook name).
     hook_state: dict[str, Any] | None = None
+    # The lifecycle hooks this request started with (a `HookSet`; survives config reloads).
+    hook_set: Any = None
+    queue_wait_s: float = 0.0  # time spent in the flow-control queue before the pick
 
     @property
     def target(self) -> Endpoint:

@@ -6,6 +6,11 @@ pick (accounting, prefix-index upkeep, latency learning, ...) is done by the con
 lifecycle hooks (`epp.requestcontrol.lifecycle`). The director guarantees each hook's
 exactly-once calls: `prefill_done` and `release` once per scheduled request, whatever
 path the request takes, so in-flight counters cannot leak.
+
+With flow control configured, `submit` may answer with a queued `Ticket` instead of a
+decision: the request is scheduled later, when capacity frees (see `flowcontrol/`).
+`reconfigure` swaps the scheduler, hooks and flow control at run time; requests in flight
+keep the hooks they started with.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ from epp.datalayer.endpoint import Endpoint
 from epp.requestcontrol.admission import SaturationPolicy
 from epp.requestcontrol.decision import Admitted, Decision
 from epp.requestcontrol.errors import model_not_found, shed, unavailable
-from epp.requestcontrol.lifecycle import LifecycleHook, overrides
+from epp.requestcontrol.flowcontrol.config import FlowControlSettings
+from epp.requestcontrol.flowcontrol.controller import FlowController, FlowObserver
+from epp.requestcontrol.flowcontrol.hook import FlowDispatchHook
+from epp.requestcontrol.flowcontrol.queue import Ticket
+from epp.requestcontrol.lifecycle import HookSet, LifecycleHook
 from epp.scheduling.framework import SchedulingError
 from epp.scheduling.request import InferenceRequest
 from epp.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Admitted", "Decision", "Director", "DirectorSettings", "HeaderNames"]
+__all__ = ["Admitted", "Decision", "Director", "DirectorSettings", "HeaderNames", "Ticket"]
 
 _CRITICALITY_PRIORITY = {
     Criticality.CRITICAL: 1,
@@ -57,29 +66,60 @@ class Director:
         hooks: Sequence[LifecycleHook] | None = None,
         rng: random.Random | None = None,
         on_pick: Callable[[Decision], None] | None = None,
+        flow_control: FlowControlSettings | None = None,
+        flow_observer: FlowObserver | None = None,
     ) -> None:
         self.datastore = datastore
-        self.scheduler = scheduler
         self.settings = settings or DirectorSettings()
         self.rng = rng or random.Random()
         self.on_pick = on_pick
+        self.flow_observer = flow_observer
         self.prefix_index = scheduler.services.prefix_index
         if hooks is None:
             from epp.requestcontrol.config import default_hooks
 
             hooks = default_hooks(scheduler.services)
-        self.hooks = list(hooks)
-        self._pre = self._implementing("pre_request")
-        self._headers = self._implementing("response_headers")
-        self._first = self._implementing("first_token")
-        self._prefill = self._implementing("prefill_done")
-        self._complete = self._implementing("complete")
-        self._release = self._implementing("release")
-        scheduler.outputs = frozenset().union(*(h.consumes for h in self.hooks))
+        self.flow: FlowController | None = None
+        self.reconfigure(scheduler, hooks, flow_control)
         datastore.on_endpoint_removed(lambda ep: self.prefix_index.remove_endpoint(ep.key))
 
-    def _implementing(self, method: str) -> list[LifecycleHook]:
-        return [h for h in self.hooks if overrides(h, method)]
+    def reconfigure(
+        self,
+        scheduler: Scheduler,
+        hooks: Sequence[LifecycleHook],
+        flow_control: FlowControlSettings | None = None,
+    ) -> None:
+        """Swap in a new scheduler, hooks and flow control (at start and on config reload).
+        Queued requests move to the new queue; requests in flight keep their hooks."""
+        hook_list = list(hooks)
+        flow: FlowController | None = None
+        if flow_control is not None:
+            flow = FlowController(
+                flow_control,
+                self,
+                observer=self.flow_observer,
+                fairness_header=self.settings.headers.fairness,
+            )
+            hook_list.append(FlowDispatchHook(self._capacity_freed))
+        hook_set = HookSet(hook_list)
+        scheduler.outputs = hook_set.consumes()
+        old_flow = self.flow
+        self.scheduler = scheduler
+        self._hooks = hook_set
+        self.flow = flow
+        if old_flow is not None:
+            if flow is not None:
+                flow.adopt(old_flow)
+            else:  # flow control turned off: what waited goes now
+                old_flow.dispatch_all()
+
+    @property
+    def hooks(self) -> list[LifecycleHook]:
+        return self._hooks.hooks
+
+    def _capacity_freed(self) -> None:
+        if self.flow is not None and self.flow.queued:
+            self.flow.pump()
 
     # ---- admission + scheduling ---------------------------------------------------------------
     def apply_headers(self, req: InferenceRequest, headers: dict[str, str]) -> None:
@@ -124,11 +164,33 @@ class Director:
         return None
 
     def admit(self, req: InferenceRequest) -> Decision:
+        """Admission and scheduling at once, never queued (flow control is not consulted)."""
         return self.schedule(self.admission(req))
+
+    def submit(self, req: InferenceRequest) -> Decision | Ticket:
+        """Admission, then a decision now or, with flow control, possibly a queued ticket;
+        raises RequestError (404 / 429 / 503 ...)."""
+        return self.dispatch(self.admission(req))
+
+    def dispatch(self, admitted: Admitted) -> Decision | Ticket:
+        """Schedule now, or (flow control, saturated pool) queue until capacity frees."""
+        if self.flow is None:
+            return self.schedule(admitted)
+        return self.flow.submit(admitted)
 
     def admission(self, req: InferenceRequest) -> Admitted:
         """Model resolution, candidates and load shedding: everything before scheduling."""
         rewritten = self._resolve_model(req)
+        candidates = self._candidates(req)
+        if (
+            self.flow is None
+            and req.priority < 0
+            and self.settings.saturation.pool_saturated(candidates)
+        ):
+            raise shed("the pool is saturated and the request is sheddable")
+        return Admitted(req, candidates, rewritten)
+
+    def _candidates(self, req: InferenceRequest) -> list[Endpoint]:
         model = req.routed_model
         serving = self.datastore.endpoints_for_model(model)
         if not serving:
@@ -140,18 +202,28 @@ class Director:
                 raise unavailable("no ready endpoint in the proxy's subset hint")
         if not candidates:
             raise unavailable(f"no ready endpoint serves model '{model}'")
-        if req.priority < 0 and self.settings.saturation.pool_saturated(candidates):
-            raise shed("the pool is saturated and the request is sheddable")
-        return Admitted(req, candidates, rewritten)
+        return candidates
 
     def schedule(self, admitted: Admitted) -> Decision:
-        req = admitted.request
         try:
-            result = self.scheduler.schedule(req, admitted.candidates)
+            return self.schedule_on(admitted, admitted.candidates)
         except SchedulingError as e:
             raise unavailable(str(e)) from e
+
+    # ---- flow control's binder ------------------------------------------------------------
+    def candidates(self, admitted: Admitted) -> list[Endpoint]:
+        """The candidates at dispatch time (late binding: the pool may have changed)."""
+        admitted.candidates = self._candidates(admitted.request)
+        return admitted.candidates
+
+    def schedule_on(self, admitted: Admitted, endpoints: list[Endpoint]) -> Decision:
+        """Schedule on `endpoints` and run the pre-request hooks; raises SchedulingError."""
+        req = admitted.request
+        result = self.scheduler.schedule(req, endpoints)
         decision = Decision(req, result, admitted.rewritten_model, clock.now())
-        for hook in self._pre:
+        hook_set = self._hooks
+        decision.hook_set = hook_set
+        for hook in hook_set.pre_request:
             hook.pre_request(decision)
         if self.on_pick is not None:
             self.on_pick(decision)
@@ -165,10 +237,14 @@ class Director:
         return min(ready, key=lambda ep: (ep.inflight.requests, self.rng.random()))
 
     # ---- lifecycle -------------------------------------------------------------------------
+    def _set(self, d: Decision) -> HookSet:
+        hook_set: HookSet | None = d.hook_set
+        return hook_set if hook_set is not None else self._hooks
+
     def response_headers(self, d: Decision, status: int) -> None:
         if d.released:
             return
-        for hook in self._headers:
+        for hook in self._set(d).response_headers:
             hook.response_headers(d, status)
 
     def first_byte(self, d: Decision, now: float | None = None, *, learn: bool = True) -> None:
@@ -178,7 +254,7 @@ class Director:
         if d.first_byte_at or d.released:
             return
         d.first_byte_at = now if now is not None else clock.now()
-        for hook in self._first:
+        for hook in self._set(d).first_token:
             hook.first_token(d, d.first_byte_at, learn)
         self._settle_prefill(d)
 
@@ -194,7 +270,7 @@ class Director:
         if d.released:
             return
         end = now if now is not None else clock.now()
-        for hook in self._complete:
+        for hook in self._set(d).complete:
             hook.complete(d, output_tokens, end)
 
     def release(self, d: Decision | None) -> None:
@@ -202,14 +278,14 @@ class Director:
             return
         self._settle_prefill(d)
         d.released = True
-        for hook in self._release:
+        for hook in self._set(d).release:
             hook.release(d)
 
     def _settle_prefill(self, d: Decision) -> None:
         if d.prefill_settled:
             return
         d.prefill_settled = True
-        for hook in self._prefill:
+        for hook in self._set(d).prefill_done:
             hook.prefill_done(d)
 
 

@@ -15,11 +15,14 @@ _TYPES = {
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.headers = headers  # extra response headers (e.g. retry-after)
 
     @property
     def reason(self) -> str:
@@ -58,6 +61,16 @@ def too_large(size: int, limit: int) -> RequestError:
 
 def shed(reason: str) -> RequestError:
     return RequestError(429, f"Request shed: {reason}. Retry later.", "rate_limit_exceeded")
+
+
+def rate_limited(reason: str, retry_after_s: int) -> RequestError:
+    """429 from flow control: the queue is full or the request waited too long."""
+    return RequestError(
+        429,
+        f"Too many requests: {reason}. Retry after {retry_after_s} s.",
+        "rate_limit_exceeded",
+        {"retry-after": str(retry_after_s)},
+    )
 
 
 def unavailable(reason: str) -> RequestError:

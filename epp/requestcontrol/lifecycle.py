@@ -48,3 +48,31 @@ class LifecycleHook(Plugin):
 
 def overrides(hook: LifecycleHook, method: str) -> bool:
     return getattr(type(hook), method) is not getattr(LifecycleHook, method)
+
+
+class HookSet:
+    """The configured hooks, split by the methods they implement. A decision keeps the set
+    it was made with, so a config reload never hands a request to hooks that did not see
+    its start."""
+
+    __slots__ = (
+        "complete",
+        "first_token",
+        "hooks",
+        "pre_request",
+        "prefill_done",
+        "release",
+        "response_headers",
+    )
+
+    def __init__(self, hooks: list[LifecycleHook]) -> None:
+        self.hooks = hooks
+        self.pre_request = [h for h in hooks if overrides(h, "pre_request")]
+        self.response_headers = [h for h in hooks if overrides(h, "response_headers")]
+        self.first_token = [h for h in hooks if overrides(h, "first_token")]
+        self.prefill_done = [h for h in hooks if overrides(h, "prefill_done")]
+        self.complete = [h for h in hooks if overrides(h, "complete")]
+        self.release = [h for h in hooks if overrides(h, "release")]
+
+    def consumes(self) -> frozenset[str]:
+        return frozenset().union(*(h.consumes for h in self.hooks))

@@ -1,0 +1,92 @@
+"""Fairness policies: which flow (tenant) of a priority band dispatches next.
+
+Flows are the tenants of a band: the `x-gateway-inference-fairness-id` header, else the
+request's business. Each flow carries a virtual `finish` time; dispatching from a flow
+advances it by 1 / weight, and the flow with the smallest one goes next (stride
+scheduling). A flow that was idle starts at the band's current virtual time, so idleness
+earns no credit.
+
+* `round-robin-fairness-policy`: every flow weight 1 — one dispatch each in turn;
+* `weighted-fairness-policy`: parameters `weights: {flow: weight}`, `defaultWeight` (1):
+  dispatches in proportion to the weights while the flows are backlogged;
+* `global-strict-fairness-policy`: no fairness — the band behaves as one queue ordered by
+  its ordering policy (the ecosystem's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+
+class FlowView(Protocol):
+    @property
+    def flow_id(self) -> str: ...
+    @property
+    def finish(self) -> float: ...
+    @property
+    def order(self) -> int: ...  # activation order, the tie-breaker
+    def head_key(self) -> tuple[float, int]: ...
+
+
+class FairnessPolicy:
+    type_name = ""
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        if params:
+            raise ValueError(f"{self.type_name} takes no parameters")
+
+    def weight(self, flow_id: str) -> float:
+        return 1.0
+
+    def pick(self, flows: Iterable[FlowView]) -> FlowView | None:
+        """The flow that dispatches next among `flows` (all non-empty)."""
+        best: FlowView | None = None
+        best_key: tuple[float, int] | None = None
+        for f in flows:
+            k = (f.finish, f.order)
+            if best_key is None or k < best_key:
+                best, best_key = f, k
+        return best
+
+
+class RoundRobinFairness(FairnessPolicy):
+    type_name = "round-robin-fairness-policy"
+
+
+class WeightedFairness(FairnessPolicy):
+    type_name = "weighted-fairness-policy"
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        p = dict(params or {})
+        unknown = set(p) - {"weights", "defaultWeight"}
+        if unknown:
+            raise ValueError(f"{self.type_name}: unknown parameter(s) {sorted(unknown)}")
+        weights = p.get("weights") or {}
+        if not isinstance(weights, dict):
+            raise ValueError(f"{self.type_name}: weights must map flow ids to numbers")
+        self.weights = {str(k): float(v) for k, v in weights.items()}
+        self.default_weight = float(p.get("defaultWeight", 1.0))
+        if self.default_weight <= 0 or any(w <= 0 for w in self.weights.values()):
+            raise ValueError(f"{self.type_name}: weights must be positive")
+
+    def weight(self, flow_id: str) -> float:
+        return self.weights.get(flow_id, self.default_weight)
+
+
+class GlobalStrictFairness(FairnessPolicy):
+    type_name = "global-strict-fairness-policy"
+
+    def pick(self, flows: Iterable[FlowView]) -> FlowView | None:
+        best: FlowView | None = None
+        best_key: tuple[float, int] | None = None
+        for f in flows:
+            k = f.head_key()
+            if best_key is None or k < best_key:
+                best, best_key = f, k
+        return best
+
+
+FAIRNESS_POLICIES: dict[str, type[FairnessPolicy]] = {
+    cls.type_name: cls for cls in (RoundRobinFairness, WeightedFairness, GlobalStrictFairness)
+}

@@ -1,0 +1,178 @@
+"""Queued requests: tickets, per-flow heaps and priority bands (data structures only).
+
+A `Band` holds the non-empty flows of one priority; a `Flow` is one tenant's heap ordered
+by the band's ordering policy. A ticket leaving the queue in the middle (cancelled,
+expired) is removed from the counts at once and from its heap lazily; a flow that empties
+is dropped with its heap, so nothing outlives the requests it held.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from epp.requestcontrol.decision import Admitted, Decision
+from epp.requestcontrol.errors import RequestError
+
+if TYPE_CHECKING:
+    from epp.requestcontrol.flowcontrol.config import BandSettings
+
+
+class TicketState(Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+
+class Ticket:
+    """A request waiting in the EPP. Ends DISPATCHED (`decision`), REJECTED (`error`) or
+    CANCELLED; `on_done` is called once when it leaves the queue other than by cancel."""
+
+    __slots__ = (
+        "admitted",
+        "business",
+        "controller",
+        "decision",
+        "enqueued_at",
+        "error",
+        "expires_at",
+        "flow_id",
+        "on_done",
+        "priority",
+        "seq",
+        "size",
+        "state",
+        "wait_s",
+    )
+
+    def __init__(
+        self,
+        admitted: Admitted,
+        priority: int,
+        flow_id: str,
+        seq: int,
+        now: float,
+        ttl_s: float,
+        controller: Any = None,
+    ) -> None:
+        req = admitted.request
+        self.admitted = admitted
+        self.priority = priority
+        self.flow_id = flow_id
+        self.business = req.business or ""
+        self.size = len(req.prompt)
+        self.seq = seq
+        self.enqueued_at = now
+        self.expires_at = now + ttl_s if ttl_s > 0 else math.inf
+        self.state = TicketState.QUEUED
+        self.decision: Decision | None = None
+        self.error: RequestError | None = None
+        self.on_done: Callable[[Ticket], None] | None = None
+        self.controller = controller
+        self.wait_s = 0.0
+
+    @property
+    def slo_ttft_ms(self) -> float | None:
+        return self.admitted.request.slo_ttft_ms
+
+    @property
+    def queued(self) -> bool:
+        return self.state is TicketState.QUEUED
+
+    def __lt__(self, other: Ticket) -> bool:  # heap tie-break (keys include seq: never used)
+        return self.seq < other.seq
+
+    def __repr__(self) -> str:
+        return (
+            f"Ticket({self.admitted.request.request_id!r}, p={self.priority}, {self.state.value})"
+        )
+
+
+class Flow:
+    __slots__ = ("finish", "flow_id", "heap", "live", "order")
+
+    def __init__(self, flow_id: str, finish: float, order: int) -> None:
+        self.flow_id = flow_id
+        self.heap: list[tuple[tuple[float, int], Ticket]] = []
+        self.live = 0
+        self.finish = finish
+        self.order = order
+
+    def _trim(self) -> None:
+        heap = self.heap
+        while heap and not heap[0][1].queued:
+            heapq.heappop(heap)
+
+    def head(self) -> Ticket:
+        self._trim()
+        return self.heap[0][1]
+
+    def head_key(self) -> tuple[float, int]:
+        self._trim()
+        return self.heap[0][0]
+
+
+class Band:
+    """One priority level: its flows, counts and the policies that order them."""
+
+    def __init__(self, settings: BandSettings) -> None:
+        self.settings = settings
+        self.priority = settings.priority
+        self.flows: dict[str, Flow] = {}
+        self.count = 0
+        self.bytes = 0
+        self.vtime = 0.0  # finish time of the flow that dispatched last
+        self._activations = 0
+        self.ewma_wait_s = 0.0  # of dispatched requests: the retry-after hint
+
+    def full_for(self, size: int) -> bool:
+        s = self.settings
+        return self.count >= s.max_requests or self.bytes + size > s.max_bytes
+
+    def add(self, t: Ticket) -> None:
+        flow = self.flows.get(t.flow_id)
+        if flow is None:
+            self._activations += 1
+            flow = Flow(t.flow_id, self.vtime, self._activations)
+            self.flows[t.flow_id] = flow
+        heapq.heappush(flow.heap, (self.settings.ordering.key(t), t))
+        flow.live += 1
+        self.count += 1
+        self.bytes += t.size
+
+    def discard(self, t: Ticket) -> None:
+        """Account for a queued ticket leaving other than from the head (cancel, expiry)."""
+        self.count -= 1
+        self.bytes -= t.size
+        flow = self.flows[t.flow_id]
+        flow.live -= 1
+        if flow.live == 0:
+            del self.flows[t.flow_id]
+        elif len(flow.heap) > 2 * flow.live + 16:
+            flow.heap = [e for e in flow.heap if e[1].queued]
+            heapq.heapify(flow.heap)
+
+    def pick(self, blocked: set[str]) -> Flow | None:
+        flows = self.flows
+        if blocked:
+            return self.settings.fairness.pick(  # type: ignore[return-value]
+                f for f in flows.values() if f.flow_id not in blocked
+            )
+        return self.settings.fairness.pick(flows.values())  # type: ignore[return-value]
+
+    def pop(self, flow: Flow) -> Ticket:
+        """Take `flow`'s head for dispatch and advance the flow's virtual time."""
+        t = flow.head()
+        heapq.heappop(flow.heap)
+        self.count -= 1
+        self.bytes -= t.size
+        self.vtime = flow.finish
+        flow.finish += 1.0 / self.settings.fairness.weight(flow.flow_id)
+        flow.live -= 1
+        if flow.live == 0:
+            del self.flows[flow.flow_id]
+        return t
