@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from epp import clock as epp_clock
-
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, InFlight
 from epp.requestcontrol.config import build_request_control
