@@ -5,8 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KUBE_BIN ?= $(HOME)/.cache/kube-apiserver-1.20.2
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= epp:$(VERSION)
+PYTEST_FLAGS ?= -q -rs
 
-.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean
+.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean image print-image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,23 +20,35 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # `make run PD=1:2`: a P/D pool (1 prefill, 2 decode simulators, sidecars on the decode ones).
+# `make run PORT=8081`: the gateway on another port (a busy port is reported in one line).
 PD ?=
+PORT ?= 8080
 run: $(STAMP)
-	$(BIN)/python -m epp.devstack.demo $(if $(PD),--pd $(PD))
+	$(BIN)/python -m epp.devstack.demo --port $(PORT) $(if $(PD),--pd $(PD))
 
 test: $(STAMP) kube-build
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q -x --durations=15
+	$(BIN)/pytest $(PYTEST_FLAGS) -x --durations=15
 
 test-unit: $(STAMP)
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest $(PYTEST_FLAGS) tests/unit
 
 test-integration: $(STAMP)
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest $(PYTEST_FLAGS) tests/integration
 
 test-kube: $(STAMP) kube-build
-	$(BIN)/pytest -q tests/kube
+	$(BIN)/pytest $(PYTEST_FLAGS) tests/kube
+
+# The container image (Containerfile) with the first of docker / podman whose daemon answers
+# (CONTAINER_ENGINE="podman docker" to change the order); a clear message when none does.
+image:
+	@engine=$$(hack/image/engine.sh) || exit 1; \
+	echo "$$engine build -f Containerfile -t $(IMAGE) ."; \
+	$$engine build -f Containerfile -t $(IMAGE) .
+
+print-image:
+	@echo $(IMAGE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,17 @@ async def main_async(args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
+def _port_taken(host: str, port: int) -> str:
+    """Why `port` cannot be the gateway's ("" = free). Envoy's own bind error is cryptic."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
@@ -186,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep config and logs here (default: a temp dir)")
     p.add_argument("--check", action="store_true", help="send a few requests and exit")
     args = p.parse_args(argv)
+    busy = _port_taken("127.0.0.1", args.port)
+    if busy:
+        print(f"make run: cannot listen on 127.0.0.1:{args.port} ({busy}); another `make run` "
+              f"or another server has it. Choose a free port: make run PORT={args.port + 1}",
+              file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(main_async(args))
     return 0

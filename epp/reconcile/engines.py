@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from epp import IMAGE
 from epp.api.modelpool import ModelPool, RoleSpec
 from epp.reconcile.artifacts import Artifact
 
@@ -16,7 +17,7 @@ ENGINE_CONTAINER = "engine"
 DEFAULT_IMAGES = {
     "vllm": "vllm/vllm-openai:latest",
     "sglang": "lmsysorg/sglang:latest",
-    "sim": "epp:latest",
+    "sim": IMAGE,
 }
 
 
