@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from epp.api.errors import UserError
 from epp.api.headers import HeaderNames
 from epp.config import ConfigFileError, load_models_file, load_picker_config_text
+from epp.config_reload import ConfigFileWatcher
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.labels import LabelKeys
 from epp.extproc.server import ExtProcServicer, ExtProcSettings
@@ -33,6 +34,7 @@ from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.admission import SaturationPolicy
 from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director, DirectorSettings
+from epp.scheduling.config import ConfigError
 from epp.scheduling.services import Services
 
 log = logging.getLogger("epp.serve")
@@ -60,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--config-file", help="EndpointPickerConfig YAML file (default: the built-in config)"
     )
     g.add_argument("--config-text", help="EndpointPickerConfig YAML inline; wins over --config-file")
+    g.add_argument(
+        "--config-reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of --config-file for changes, applied without a restart "
+        "(SIGHUP checks at once; 0 = never reload; default: 1.0)",
+    )
     g.add_argument(
         "--models-file",
         help="standalone models/objectives YAML, docs/standalone.md (default: none: any model)",
@@ -266,14 +275,16 @@ class App:
     http_runner: web.AppRunner | None = None
     metrics: EppMetrics | None = None
     director: Director | None = None
+    config_watcher: ConfigFileWatcher | None = None
     ports: dict[str, int] = field(default_factory=dict)
 
     async def start(self) -> None:
         a = self.args
         self.metrics = EppMetrics(pool_name=a.pool_name or "standalone")
         self.metrics.attach_datastore(self.datastore)
+        config_text = load_picker_config_text(a.config_file, a.config_text)
         control = build_request_control(
-            load_picker_config_text(a.config_file, a.config_text),
+            config_text,
             services=Services(),
             timer=self.metrics.plugin_timer,
             debug=a.debug_decisions,
@@ -298,6 +309,14 @@ class App:
         )
         director = self.director
         self.metrics.attach_flow_queue(lambda: director.flow.sizes if director.flow else None)
+        if a.config_file and not a.config_text and a.config_reload_interval > 0:
+            self.config_watcher = ConfigFileWatcher(
+                a.config_file,
+                self.reload_config,
+                interval=a.config_reload_interval,
+                initial_text=config_text,
+            )
+            self.components.append(self.config_watcher)
         if a.models_file:
             mf = load_models_file(a.models_file)
             self.datastore.replace_models("models-file", mf.model_infos())
@@ -360,6 +379,38 @@ class App:
         await self.grpc_server.start()
         asyncio.get_running_loop().create_task(self._ready_when_synced())
         log.info("epp serving", extra={"ports": self.ports, "bind": a.bind_address})
+
+    def reload_config(self, text: str) -> bool:
+        """Build `text` and swap it in; a config that does not build changes nothing."""
+        assert self.director is not None and self.metrics is not None
+        a = self.args
+        try:
+            control = build_request_control(
+                text,
+                services=self.director.scheduler.services,  # keep the learned state
+                timer=self.metrics.plugin_timer,
+                debug=a.debug_decisions,
+            )
+        except Exception as e:  # ConfigError says why; anything else is a bug, but not fatal
+            self.metrics.config_reloads.labels("error").inc()
+            log.error(
+                "config reload rejected, keeping the running config: %s",
+                e,
+                extra={"config_file": a.config_file},
+                exc_info=not isinstance(e, ConfigError),
+            )
+            return False
+        self.director.reconfigure(control.scheduler, control.hooks, control.flow_control)
+        self.metrics.config_reloads.labels("success").inc()
+        log.info(
+            "config reloaded",
+            extra={
+                "config_file": a.config_file,
+                "flow_control": control.flow_control is not None,
+                "profiles": list(control.scheduler.profiles),
+            },
+        )
+        return True
 
     def _make_sources(self) -> None:
         a = self.args
@@ -458,6 +509,9 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = app.config_watcher
+    if watcher is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: watcher.check(force=True))
     await stop.wait()
     log.info("shutting down: draining open streams", extra={"grace_s": args.drain_timeout})
     await app.stop()

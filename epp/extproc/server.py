@@ -389,16 +389,24 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if st.model_restore is not None
             else m.response_body_continue()
         )
-        if d.request.stream and not d.first_byte_at and chunk:
+        req = d.request
+        if req.stream and not d.first_byte_at and chunk:
             self._cancel_timer(st)
-            self.director.first_byte(d, clock.now(), learn=True)
+            now = clock.now()
+            self.director.first_byte(d, now, learn=True)
+            if req.slo_ttft_ms is not None:  # as the client saw it: queue wait included
+                ttft_ms = 1000.0 * (d.queue_wait_s + now - d.started)
+                self._slo(d, "ttft", ttft_ms <= req.slo_ttft_ms)
         if b'"usage"' in chunk:
             usage = {k: rx.findall(chunk) for k, rx in _USAGE_RE.items()}
-            model = d.request.model
+            model = req.model
             if usage["completion"]:
                 out_tokens = int(usage["completion"][-1])
                 self.metrics.output_tokens.labels(model).inc(out_tokens)
                 self.director.complete(d, out_tokens)
+                if req.slo_tpot_ms is not None and req.stream and d.first_byte_at:
+                    tpot_ms = 1000.0 * (clock.now() - d.first_byte_at) / max(1, out_tokens - 1)
+                    self._slo(d, "tpot", tpot_ms <= req.slo_tpot_ms)
             if usage["prompt"]:
                 self.metrics.input_tokens.labels(model).inc(int(usage["prompt"][-1]))
             if usage["cached"]:
@@ -406,6 +414,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if body.end_of_stream:
             self._finish(st)
         return out
+
+    def _slo(self, d: Decision, kind: str, met: bool) -> None:
+        req = d.request
+        self.metrics.slo(req.objective or "", req.business or "", kind, met)
 
     @staticmethod
     def _cancel_timer(st: _Stream) -> None:

@@ -80,6 +80,7 @@ class Director:
 
             hooks = default_hooks(scheduler.services)
         self.flow: FlowController | None = None
+        self._dispatch_hook = FlowDispatchHook(self._capacity_freed)
         self.reconfigure(scheduler, hooks, flow_control)
         datastore.on_endpoint_removed(lambda ep: self.prefix_index.remove_endpoint(ep.key))
 
@@ -91,7 +92,6 @@ class Director:
     ) -> None:
         """Swap in a new scheduler, hooks and flow control (at start and on config reload).
         Queued requests move to the new queue; requests in flight keep their hooks."""
-        hook_list = list(hooks)
         flow: FlowController | None = None
         if flow_control is not None:
             flow = FlowController(
@@ -100,8 +100,9 @@ class Director:
                 observer=self.flow_observer,
                 fairness_header=self.settings.headers.fairness,
             )
-            hook_list.append(FlowDispatchHook(self._capacity_freed))
-        hook_set = HookSet(hook_list)
+        # Every hook set moves the queue, so a request started before flow control was
+        # turned on by a reload still frees capacity for the requests queued since.
+        hook_set = HookSet(list(hooks), [self._dispatch_hook])
         scheduler.outputs = hook_set.consumes()
         old_flow = self.flow
         self.scheduler = scheduler

@@ -18,6 +18,7 @@ Hooks declare in `consumes` which per-request data the scheduler must produce fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from epp.requestcontrol.decision import Decision
@@ -65,14 +66,17 @@ class HookSet:
         "response_headers",
     )
 
-    def __init__(self, hooks: list[LifecycleHook]) -> None:
-        self.hooks = hooks
-        self.pre_request = [h for h in hooks if overrides(h, "pre_request")]
-        self.response_headers = [h for h in hooks if overrides(h, "response_headers")]
-        self.first_token = [h for h in hooks if overrides(h, "first_token")]
-        self.prefill_done = [h for h in hooks if overrides(h, "prefill_done")]
-        self.complete = [h for h in hooks if overrides(h, "complete")]
-        self.release = [h for h in hooks if overrides(h, "release")]
+    def __init__(
+        self, hooks: list[LifecycleHook], internal: Sequence[LifecycleHook] = ()
+    ) -> None:
+        self.hooks = hooks  # the configured ones; `internal` (the director's own) run last
+        every = [*hooks, *internal]
+        self.pre_request = [h for h in every if overrides(h, "pre_request")]
+        self.response_headers = [h for h in every if overrides(h, "response_headers")]
+        self.first_token = [h for h in every if overrides(h, "first_token")]
+        self.prefill_done = [h for h in every if overrides(h, "prefill_done")]
+        self.complete = [h for h in every if overrides(h, "complete")]
+        self.release = [h for h in every if overrides(h, "release")]
 
     def consumes(self) -> frozenset[str]:
         return frozenset().union(*(h.consumes for h in self.hooks))

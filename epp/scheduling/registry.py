@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from epp.scheduling.framework import Plugin
+from epp.scheduling.plugins.cost_filter import CostAwareFilter
 from epp.scheduling.plugins.delay_cost_scorer import DelayCostScorer
 from epp.scheduling.plugins.filters import (
     BusinessFilter,
@@ -28,6 +29,7 @@ PLUGINS: dict[str, type[Plugin]] = {
         DecodeFilter,
         PrefillFilter,
         HealthFilter,
+        CostAwareFilter,
         QueueScorer,
         KVCacheUtilizationScorer,
         InFlightScorer,
