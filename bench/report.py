@@ -83,6 +83,12 @@ def summarize(
         if r.server:
             served[r.server] = served.get(r.server, 0) + 1
     out["served_by_header"] = served
+    pd_modes: dict[str, int] = {}
+    for r in results:
+        if r.pd_mode:
+            pd_modes[r.pd_mode] = pd_modes.get(r.pd_mode, 0) + 1
+    if pd_modes:  # P/D sidecars answered: how many requests were prefilled remotely
+        out["pd_modes"] = pd_modes
     tenants = sorted({r.tenant for r in results if r.tenant})
     if tenants and per_tenant:
         out["by_tenant"] = {

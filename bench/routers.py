@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from epp.devstack.sidecars import SidecarHandle, start_sidecars, stop_sidecars
 from epp.sim.config import SimConfig
 
 VENV_BIN = Path(sys.executable).parent
@@ -222,7 +223,7 @@ async def launch(
     if spec.kind == "oracle":
         raise RouterUnavailable("the oracle is computed, not launched")
     if spec.kind == "epp":
-        async with _launch_epp(spec, pool, port) as url:
+        async with _launch_epp(spec, pool, port, workdir) as url:
             await wait_ready(url, model, None)
             yield url
         return
@@ -236,7 +237,11 @@ async def launch(
 
 
 @contextlib.asynccontextmanager
-async def _launch_epp(spec: RouterSpec, pool: Sequence[SimConfig], port: int) -> AsyncIterator[str]:
+async def _launch_epp(
+    spec: RouterSpec, pool: Sequence[SimConfig], port: int, workdir: Path
+) -> AsyncIterator[str]:
+    """EPP + Envoy; on a P/D pool an `epp sidecar` in front of every decode pod too (as in a
+    real deployment), so disaggregated requests really are prefilled remotely."""
     try:
         stack = importlib.import_module("epp.devstack.stack")
     except ImportError as e:
@@ -252,17 +257,26 @@ async def _launch_epp(spec: RouterSpec, pool: Sequence[SimConfig], port: int) ->
         if not path.exists():
             raise RouterUnavailable(f"no EPP config variant {spec.variant!r} ({path})")
         config_text = path.read_text()
-    endpoints = [
-        {
-            "address": c.host,
-            "port": c.port,
-            "name": f"sim-{c.host}-{c.port}",
-            "labels": {"model": c.model, "role": c.role, "engine-type": c.engine, **c.labels},
-        }
-        for c in pool
-    ]
-    gw = start_gateway(endpoints, listen_port=port, config_text=config_text)
-    if inspect.isawaitable(gw):
-        gw = await gw
-    async with gw as handle:
-        yield str(handle.url).rstrip("/")
+    disagg = any(c.role == "prefill" for c in pool)
+    sidecars: list[SidecarHandle] = []
+    try:
+        if disagg:
+            decode = [(c.host, c.port) for c in pool if c.role == "decode"]
+            prefill = [(c.host, c.port) for c in pool if c.role in ("prefill", "both")]
+            sidecars = await start_sidecars(decode, prefill, workdir / f"sidecars-{port}")
+        front = {sc.engine: (sc.host, sc.port) for sc in sidecars}
+        endpoints = []
+        for c in pool:
+            address, eport = front.get((c.host, c.port), (c.host, c.port))
+            endpoints.append({
+                "address": address, "port": eport, "name": f"sim-{c.host}-{c.port}",
+                "labels": {"model": c.model, "role": c.role, "engine-type": c.engine,
+                           **c.labels},
+            })
+        gw = start_gateway(endpoints, listen_port=port, config_text=config_text)
+        if inspect.isawaitable(gw):
+            gw = await gw
+        async with gw as handle:
+            yield str(handle.url).rstrip("/")
+    finally:
+        stop_sidecars(sidecars)

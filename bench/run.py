@@ -149,7 +149,8 @@ async def run_scenario(
                             f"    done {summary['completed']}/{summary['sent']} "
                             f"TTFT p90 {summary['ttft_p90']:.3f}s "
                             f"out {summary['output_throughput']:.0f} tok/s "
-                            f"cached {summary['cached_ratio']:.2f}",
+                            f"cached {summary['cached_ratio']:.2f}"
+                            + (f" pd {summary['pd_modes']}" if "pd_modes" in summary else ""),
                             flush=True,
                         )
                         per_pod = {k: v.get("requests_total", 0) for k, v in states.items()}

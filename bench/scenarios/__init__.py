@@ -206,6 +206,19 @@ def _registry() -> dict[str, Scenario]:
         requests_per_rate=120,
         default_routers=["round_robin", "vllm-router:round_robin", "epp"],
     )
+    s["pd_multi_turn"] = Scenario(
+        name="pd_multi_turn",
+        description="P/D pool (2 prefill + 2 decode), chat sessions of 6 turns over 4 shared "
+        "2000-token system prompts; each turn resends the history, so after the first turn "
+        "the decode pod holds most of the prompt and a local prefill is cheap",
+        pool=pool_of(4, roles=["prefill", "prefill", "decode", "decode"],
+                     **{**_ENGINE, "num_gpu_blocks": 1400}),
+        workload=WorkloadSpec(kind="multi_turn", groups=4, system_tokens=2000,
+                              question_tokens=100, output_tokens=64, turns=6),
+        rates=[2.0, 4.0],
+        requests_per_rate=144,
+        default_routers=["epp", "epp:pd-always", "vllm-router:cache_aware", "round_robin"],
+    )
     s["faulty"] = Scenario(
         name="faulty",
         description="one pod 3x slow, one pod dies after 10 s and comes back 10 s later",

@@ -28,6 +28,7 @@ class Result:
     cached_tokens: int = 0
     output_tokens: int = 0
     server: str = ""
+    pd_mode: str = ""  # x-epp-pd from a P/D sidecar: local | disaggregated | local-fallback
     error: str = ""
     group: str = ""
     tenant: str = ""
@@ -59,6 +60,7 @@ async def _one(
         ) as r:
             res.status = r.status
             res.server = r.headers.get("x-sim-server", "")
+            res.pd_mode = r.headers.get("x-epp-pd", "")
             if r.status != 200:
                 res.error = (await r.text())[:200]
                 res.e2e = time.monotonic() - start

@@ -1,0 +1,117 @@
+"""The P/D decision and its reason (pd-profile-handler policies), and the bench variant that
+always disaggregates staying the default config otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.config import DEFAULT_CONFIG, ConfigError, build_scheduler
+from epp.scheduling.request import InferenceRequest
+from epp.scheduling.scheduler import Scheduler
+from epp.scheduling.services import Services
+
+ROOT = Path(__file__).resolve().parents[2]
+LONG = 16_000  # bytes: ~4000 tokens
+SHORT = 200  # bytes: ~50 tokens
+
+
+def ep(n: int, role: str) -> Endpoint:
+    return Endpoint(f"127.0.0.{n}", 8000, role=role)
+
+
+def req(size: int, seed: str = "x") -> InferenceRequest:
+    prompt = (seed * size).encode()[:size]
+    return InferenceRequest(request_id="r", model="m", prompt=prompt, prompt_tokens=size // 4)
+
+
+def scheduler(policy: str | None = None, config: str = DEFAULT_CONFIG) -> Scheduler:
+    doc: dict[str, Any] = yaml.safe_load(config)
+    if policy is not None:
+        for p in doc["plugins"]:
+            if p["type"] == "pd-profile-handler":
+                p["parameters"] = {"policy": policy}
+    return build_scheduler(yaml.safe_dump(doc), services=Services())
+
+
+def test_long_fresh_prompt_disaggregates_because_remote_is_faster() -> None:
+    decode, prefill = ep(1, "decode"), ep(2, "prefill")
+    res = scheduler().schedule(req(LONG), [decode, prefill])
+    assert res.prefill is prefill and res.pd is not None
+    assert (res.pd.decision, res.pd.reason) == ("disaggregated", "remote-faster")
+    assert res.pd.remote_ms is not None and res.pd.local_ms is not None
+    assert res.pd.remote_ms < res.pd.local_ms
+    assert res.pd.local_uncached == res.pd.remote_uncached == LONG // 4
+
+
+def test_short_prompt_is_local_below_threshold() -> None:
+    res = scheduler().schedule(req(SHORT), [ep(1, "decode"), ep(2, "prefill")])
+    assert res.prefill is None and res.pd is not None
+    assert (res.pd.decision, res.pd.reason) == ("local", "below-threshold")
+
+
+def test_busy_prefill_pods_keep_a_long_prompt_local() -> None:
+    decode, prefill = ep(1, "decode"), ep(2, "prefill")
+    prefill.inflight.pending_prefill_tokens = 50_000  # a long prefill queue there
+    res = scheduler().schedule(req(LONG), [decode, prefill])
+    assert res.prefill is None and res.pd is not None
+    assert (res.pd.decision, res.pd.reason) == ("local", "local-faster")
+    assert res.pd.remote_ms is not None and res.pd.local_ms is not None
+    assert res.pd.remote_ms >= res.pd.local_ms
+    # The threshold rule (the other routers') does not look: it disaggregates anyway.
+    res = scheduler("threshold").schedule(req(LONG), [decode, prefill])
+    assert res.prefill is prefill and res.pd is not None
+    assert res.pd.reason == "over-threshold"
+
+
+def test_always_policy_disaggregates_even_a_short_prompt() -> None:
+    decode, prefill = ep(1, "decode"), ep(2, "prefill")
+    res = scheduler("always").schedule(req(SHORT), [decode, prefill])
+    assert res.prefill is prefill and res.pd is not None
+    assert (res.pd.decision, res.pd.reason) == ("disaggregated", "always")
+    assert res.uncached_tokens == SHORT // 4  # now counted on the prefill pod
+
+
+def test_no_prefill_pod_or_profile_is_a_local_decision_with_its_reason() -> None:
+    res = scheduler("always").schedule(req(LONG), [ep(1, "decode"), ep(3, "decode")])
+    assert res.pd is not None and (res.pd.decision, res.pd.reason) == (
+        "local", "no-prefill-endpoint")
+    decode_only = """
+plugins: [{type: decode-filter}, {type: max-score-picker}, {type: pd-profile-handler}]
+schedulingProfiles:
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: max-score-picker}]
+"""
+    res = scheduler(config=decode_only).schedule(req(LONG), [ep(1, "decode"), ep(2, "prefill")])
+    assert res.prefill is None and res.pd is not None
+    assert res.pd.reason == "no-prefill-profile"
+
+
+def test_single_profile_pools_carry_no_pd_decision() -> None:
+    single = """
+plugins: [{type: max-score-picker}]
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: max-score-picker}]
+"""
+    res = scheduler(config=single).schedule(req(LONG), [ep(1, "")])
+    assert res.pd is None
+
+
+def test_unknown_policy_is_a_config_error() -> None:
+    with pytest.raises((ConfigError, ValueError), match="policy"):
+        scheduler("sometimes")
+
+
+def test_pd_always_bench_variant_is_the_default_config_but_the_policy() -> None:
+    variant = yaml.safe_load(
+        (ROOT / "bench" / "scenarios" / "epp_configs" / "pd-always.yaml").read_text())
+    default = yaml.safe_load(DEFAULT_CONFIG)
+    for p in variant["plugins"]:
+        if p["type"] == "pd-profile-handler":
+            assert p.pop("parameters") == {"policy": "always"}
+    assert variant == default
