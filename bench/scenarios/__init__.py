@@ -254,6 +254,18 @@ def _registry() -> dict[str, Scenario]:
         max_phase_s=15.0,
         default_routers=["round_robin"],
     )
+    s["tiny_pd"] = Scenario(
+        name="tiny_pd",
+        description="smoke: 1 prefill + 1 decode fast pod, the EPP with a sidecar",
+        pool=pool_of(2, preset="instant", roles=["prefill", "decode"], time_scale=1.0,
+                     step_base_s=0.002),
+        workload=WorkloadSpec(kind="shared_prefix", groups=2, system_tokens=600,
+                              question_tokens=10, output_tokens=4),
+        rates=[20.0],
+        requests_per_rate=12,
+        max_phase_s=15.0,
+        default_routers=["epp"],
+    )
     return s
 
 

@@ -29,3 +29,23 @@ def test_tiny_round_robin_writes_report(tmp_path: Path) -> None:
     assert "| round_robin | 20 | 12/12 |" in md
     for png in ("latency_vs_load.png", "throughput_vs_load.png", "pod_load.png"):
         assert (tmp_path / png).stat().st_size > 5_000
+
+
+def test_tiny_pd_epp_runs_sidecars_and_disaggregates(tmp_path: Path) -> None:
+    """On a P/D pool the `epp` router puts a sidecar in front of the decode pod: the cold
+    system prompts are prefilled on the prefill pod, the warm requests stay local."""
+    rc = main([
+        "tiny_pd", "--routers", "epp", "--out", str(tmp_path),
+        "--sim-base-ip", "127.0.5.12", "--sim-port", "18191", "--router-port", "18196",
+        "--requests", "12", "--max-phase-s", "15",
+    ])
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    (phase,) = data["phases"]
+    s = phase["summary"]
+    assert s["completed"] == 12 and s["errors"] == 0
+    assert set(s["served_by_header"]) == {"127.0.5.13:18191"}  # the decode pod answers
+    assert s["pd_modes"].get("disaggregated", 0) >= 1 and s["pd_modes"].get("local", 0) >= 1
+    states = phase["pod_states"]
+    assert states["127.0.5.12:18191"]["prefill_only_total"] == s["pd_modes"]["disaggregated"]
+    assert states["127.0.5.13:18191"]["remote_prefilled_total"] == s["pd_modes"]["disaggregated"]
