@@ -9,6 +9,7 @@ Two prefill simulators (one process, so a test can kill them) and two decode sim
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import orjson
 import pytest
 import yaml
 
+from bench.scenarios.workload import text_of
 from epp.devstack.procs import free_port, stop_process, wait_http
 from epp.devstack.sidecars import SidecarHandle, pd_endpoints, start_sidecars, stop_sidecars
 from epp.devstack.stack import GatewayHandle, start_gateway
@@ -125,7 +127,8 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDStack]:
 
 
 def _words(tag: str, n: int) -> str:
-    return " ".join(f"{tag}{i}" for i in range(n))
+    """`n` simulator tokens of pseudo-words, different for every tag."""
+    return text_of(random.Random(tag), n)
 
 
 def _chat(content: str | list[dict[str, str]], max_tokens: int = 8) -> dict[str, Any]:
