@@ -15,6 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from epp.devstack.procs import free_port
 from epp.sim import SimConfig, start_pool, stop_pool
 from epp.sim.config import make_config
 from epp.sim.engine import Engine, Request
@@ -163,11 +164,14 @@ async def test_prefill_decode_two_phase(http: aiohttp.ClientSession) -> None:
 
 
 async def test_kv_events_published_in_vllm_format(http: aiohttp.ClientSession) -> None:
-    (h,) = await start_pool([make_config(**{**FAST, "port": 18731, "kv_events_port": 18732})])
+    kv_port = free_port()
+    (h,) = await start_pool(
+        [make_config(**{**FAST, "port": free_port(), "kv_events_port": kv_port})]
+    )
     ctx = zmq.asyncio.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
-    sub.connect("tcp://127.0.0.1:18732")
+    sub.connect(f"tcp://127.0.0.1:{kv_port}")
     try:
         await asyncio.sleep(0.2)  # slow-joiner
         await complete(http, h.url, words(16))  # 32 tokens = 2 blocks
