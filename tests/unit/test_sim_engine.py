@@ -176,7 +176,7 @@ async def test_kv_events_published_in_vllm_format(http: aiohttp.ClientSession) -
         await asyncio.sleep(0.2)  # slow-joiner
         await complete(http, h.url, words(16))  # 32 tokens = 2 blocks
         topic, seq, payload = await asyncio.wait_for(sub.recv_multipart(), 5)
-        assert topic == f"kv@127.0.0.1:18731@{h.config.model}".encode()
+        assert topic == f"kv@{h.config.address}@{h.config.model}".encode()
         assert len(seq) == 8
         _ts, events, _rank = msgpack.unpackb(payload)
         stored = [e for e in events if e[0] == "BlockStored"]
