@@ -4,6 +4,8 @@ The same `plugins:` list names scheduler plugins, lifecycle hooks and flow-contr
 plugins (saturation detectors, fairness and ordering policies); hooks and flow-control
 plugins are taken out here and the rest goes to the scheduler's loader. When a config names
 no hook, the defaults run (`registry.DEFAULT_HOOKS`); in-flight accounting runs always.
+A config that names no scheduler plugin and no profile (say, only `featureGates` and
+`flowControl`) schedules with the built-in default.
 The `flowControl:` section (with `featureGates: [flowControl]`) is parsed by
 `flowcontrol.config`; `flow_control` is None when flow control is off.
 """
@@ -52,13 +54,14 @@ def build_request_control(
     )
     services = services or Services()
     hook_specs = [s for s in cfg.plugins if s.type in HOOKS]
-    sched_cfg = cfg.model_copy(
-        update={
-            "plugins": [
-                s for s in cfg.plugins if s.type not in HOOKS and s.type not in flow_config.PLUGIN_TYPES
-            ]
-        }
-    )
+    not_scheduler = HOOKS.keys() | flow_config.PLUGIN_TYPES
+    sched_plugins = [s for s in cfg.plugins if s.type not in not_scheduler]
+    profiles = cfg.schedulingProfiles
+    if not sched_plugins and not profiles:
+        # Only hooks, flow control or feature gates given: the built-in scheduling runs.
+        default = parse_config(DEFAULT_CONFIG)
+        sched_plugins, profiles = default.plugins, default.schedulingProfiles
+    sched_cfg = cfg.model_copy(update={"plugins": sched_plugins, "schedulingProfiles": profiles})
     scheduler = build_scheduler(sched_cfg, services=services, timer=timer, debug=debug)
     hooks: list[LifecycleHook] = []
     names: set[str] = set()

@@ -684,3 +684,12 @@ def test_bad_flow_control_config_is_a_clear_error(flow: dict[str, Any], message:
     cfg["flowControl"].update(flow)
     with pytest.raises(ConfigError, match=message):
         build_request_control(yaml.safe_dump(cfg))
+
+
+def test_a_config_with_only_flow_control_keeps_the_built_in_scheduling() -> None:
+    text = "featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 5s}\n"
+    rc = build_request_control(text)
+    default = build_request_control(None)
+    assert set(rc.scheduler.profiles) == set(default.scheduler.profiles)
+    assert rc.flow_control is not None and rc.flow_control.request_ttl_s == 5
+    assert [type(h).type_name for h in rc.hooks] == [type(h).type_name for h in default.hooks]
