@@ -36,6 +36,7 @@ from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director, DirectorSettings
 from epp.scheduling.config import ConfigError
 from epp.scheduling.services import Services
+from epp.tokenization.tokenizer import TokenizerError, TokenizerSet
 
 log = logging.getLogger("epp.serve")
 
@@ -162,6 +163,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="subscribe to each endpoint's vLLM KV-event ZMQ publisher on this port (0 = off)",
     )
+    g.add_argument(
+        "--tokenizer-dir",
+        action="append",
+        default=[],
+        metavar="[MODEL=]DIR",
+        help="local Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json) "
+        "for precise prefix routing: DIR for every model, MODEL=DIR for one (repeatable; "
+        "default: none; nothing is downloaded)",
+    )
+    g.add_argument(
+        "--tokenizer-fallback",
+        action="store_true",
+        help="when a tokenizer is missing or broken, log it and use the approximate prefix "
+        "index instead of refusing to start (default: refuse)",
+    )
     g = p.add_argument_group("protocol")
     g.add_argument(
         "--body-mode",
@@ -283,9 +299,12 @@ class App:
         self.metrics = EppMetrics(pool_name=a.pool_name or "standalone")
         self.metrics.attach_datastore(self.datastore)
         config_text = load_picker_config_text(a.config_file, a.config_text)
+        services = Services(
+            tokenizers=self._load_tokenizers(), tokenizer_fallback=a.tokenizer_fallback
+        )
         control = build_request_control(
             config_text,
-            services=Services(),
+            services=services,
             timer=self.metrics.plugin_timer,
             debug=a.debug_decisions,
         )
@@ -450,8 +469,10 @@ class App:
             raise ConfigFileError(
                 "no endpoint source: give --pool-name (Kubernetes) or --endpoints-file/--endpoint"
             )
-        if a.kv_events_port:
-            self._subscribe_kv_events(a.kv_events_port)
+        kv = self.director.scheduler.services.kv_events if self.director else None
+        port = a.kv_events_port or (kv.connect_port if kv else 0)
+        if port or (kv and kv.bind):
+            self._subscribe_kv_events(port, kv.bind if kv else [], kv.topic_filter if kv else "")
         if a.envoy_eds_file:
             from epp.datalayer.eds_file import EdsFileWriter
 
@@ -465,19 +486,52 @@ class App:
                 )
             )
 
-    def _subscribe_kv_events(self, port: int) -> None:
+    def _load_tokenizers(self) -> TokenizerSet | None:
+        specs = self.args.tokenizer_dir
+        if not specs:
+            return None
+        try:
+            tokenizers = TokenizerSet.from_specs(specs)
+        except TokenizerError as e:
+            if not self.args.tokenizer_fallback:
+                raise ConfigFileError(f"--tokenizer-dir: {e}") from e
+            log.warning("tokenizer unusable, approximate prefix index instead: %s", e)
+            return None
+        for name, tok in [("*", tokenizers.default), *tokenizers.by_model.items()]:
+            if tok is not None:
+                log.info(
+                    "tokenizer loaded",
+                    extra={"model": name, "dir": tok.source, "chat_template": tok.chat is not None,
+                           "prefix_chunks": tok.chunking},
+                )  # fmt: skip
+        return tokenizers
+
+    def _subscribe_kv_events(self, port: int, bind: list[str], topic: str) -> None:
         from epp.datalayer.endpoint import format_hostport
         from epp.datalayer.kv_events import KVEventSubscriber
         from epp.requestcontrol.kv_sync import PrefixIndexKVSync
 
         assert self.director is not None and self.metrics is not None
         resets = self.metrics.kv_cache_resets
+        precise = self.director.scheduler.services.precise
+        ds = self.datastore
+        if precise is not None:
+            precise.capacity = lambda key: ep.metrics.num_blocks if (ep := ds.get(key)) else 0
+            self.metrics.attach_precise_index(precise)
         sync = PrefixIndexKVSync(
-            self.director.prefix_index, on_reset=lambda key: resets.labels(key).inc()
+            self.director.prefix_index,
+            on_reset=lambda key: resets.labels(key).inc(),
+            precise=precise,
+            resolve=_EndpointResolver(ds),
         )
-        sub = KVEventSubscriber(on_event=sync.on_event, on_gap=sync.on_gap)
-        sub.follow(self.datastore, lambda ep: f"tcp://{format_hostport(ep.address, port)}")
-        self.components.append(sub)
+        callbacks = {"on_event": sync.on_event, "on_gap": sync.on_gap, "on_stream": sync.on_stream}
+        if port:
+            sub = KVEventSubscriber(topic=topic, **callbacks)  # type: ignore[arg-type]
+            sub.follow(ds, lambda ep: f"tcp://{format_hostport(ep.address, port)}")
+            self.components.append(sub)
+        for address in bind:
+            log.info("kv events: publishers connect to %s", address)
+            self.components.append(KVEventSubscriber(bind=address, topic=topic, **callbacks))  # type: ignore[arg-type]
 
     async def _ready_when_synced(self) -> None:
         await self.datastore.wait_synced()
@@ -496,6 +550,28 @@ class App:
             await self.http_runner.cleanup()
         if self.health_server is not None:
             await self.health_server.stop(0)
+
+
+class _EndpointResolver:
+    """KV-event keys -> endpoint keys: `ip:port` as is, a bare IP (llm-d's topics name the
+    pod's IP only) to the endpoint at that address (the lowest port if several)."""
+
+    def __init__(self, datastore: Datastore) -> None:
+        self.datastore = datastore
+        self._version = -1
+        self._by_ip: dict[str, str] = {}
+
+    def __call__(self, key: str) -> str | None:
+        ds = self.datastore
+        if ds.get(key) is not None:
+            return key
+        if ds.version != self._version:
+            self._version = ds.version
+            by_ip: dict[str, str] = {}
+            for ep in sorted(ds.endpoints(), key=lambda e: (e.address, e.port), reverse=True):
+                by_ip[ep.address] = ep.key
+            self._by_ip = by_ip
+        return self._by_ip.get(key.strip("[]"))
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -2,10 +2,15 @@
 
 Wire format (vLLM `--kv-events-config`, publisher = ZMQ PUB):
     frames  [topic, seq (8-byte big-endian), payload (msgpack)]
-    topic   `kv@<ip>:<port>@<model>` (any other topic is allowed; see "keys" below)
+    topic   `kv@<ip>:<port>@<model>` or `kv@<ip>@<model>` (llm-d's; any other topic is
+            allowed, see "keys" below)
     payload [ts, events, dp_rank?]
     events  ["BlockStored", block_hashes, parent_hash|nil, token_ids, block_size, lora_id?,
-             medium?, ...] | ["BlockRemoved", block_hashes, medium?] | ["AllBlocksCleared"]
+             medium?, lora_name?, extra_keys?, group_idx?, kv_cache_spec_kind?, ...]
+            | ["BlockRemoved", block_hashes, medium?, group_idx?] | ["AllBlocksCleared"]
+            Newer vLLM (2026, vllm#42892) sends each event as a map with the same field
+            names and the tag under "type" ({"type": "BlockStored", "block_hashes": ...});
+            both encodings are decoded.
 Block hashes are integers (older vLLM) or bytes (newer); they are passed through unchanged.
 
 Two ways to receive:
@@ -19,13 +24,16 @@ publisher's address. Messages on a bound socket without a parsable topic are dro
 The subscriber only decodes and forwards; the scheduling layer's prefix index consumes the
 events. Sequence gaps (lost messages) and publisher restarts are counted and reported to the
 optional `on_gap(endpoint_key, missed)` callback (missed = -1 for a restart), so the index
-can distrust that endpoint's state. vLLM's replay socket is not used.
+can distrust that endpoint's state; `on_stream(endpoint_key, seq)` is called for the first
+batch seen from a publisher and after its restarts (seq 0 = the EPP saw the stream from its
+start). vLLM's replay socket is not used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,12 +59,23 @@ class BlockStored:
     block_size: int
     lora_id: int | None = None
     medium: str | None = None
+    lora_name: str | None = None
+    # One entry per block: what besides the token ids keyed the engine's hash (multimodal
+    # inputs, LoRA name, cache salt); None entries for plain blocks.
+    extra_keys: tuple[Any, ...] | None = None
+    group_idx: int | None = None
+    spec_kind: str | None = None  # kv_cache_spec_kind: "full_attention", "sliding_window"...
+
+    @property
+    def keyed_beyond_tokens(self) -> bool:
+        return bool(self.extra_keys) and any(k for k in self.extra_keys)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: tuple[BlockHash, ...]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +86,7 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 OnEvent = Callable[[str, KVEvent], None]
 OnGap = Callable[[str, int], None]
+OnStream = Callable[[str, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +112,44 @@ def _opt(ev: tuple[Any, ...], i: int) -> Any:
     return ev[i] if len(ev) > i else None
 
 
+_FIELDS = {
+    "BlockStored": (
+        "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
+        "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind",
+    ),
+    "BlockRemoved": ("block_hashes", "medium", "group_idx"),
+    "AllBlocksCleared": (),
+}  # fmt: skip
+
+
+def _from_map(ev: dict[Any, Any]) -> tuple[Any, ...]:
+    """A map-encoded event -> the positional layout (absent fields = nil)."""
+    tag = ev.get("type")
+    if isinstance(tag, bytes):
+        tag = tag.decode("utf-8", "replace")
+    if not isinstance(tag, str):
+        raise KVEventDecodeError("map-encoded event without a string 'type'")
+    names = _FIELDS.get(tag)
+    if names is None:
+        return (tag,)
+    return (tag, *(ev.get(n) for n in names))
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _str_or_none(v: Any) -> str | None:
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    return v if isinstance(v, str) else None
+
+
 def decode_event(ev: object) -> KVEvent | None:
-    """One tagged event array -> dataclass; None for an unknown kind. Raises if malformed."""
+    """One tagged event (array or map) -> dataclass; None for an unknown kind. Raises if
+    malformed."""
+    if isinstance(ev, dict):
+        ev = _from_map(ev)
     if not isinstance(ev, tuple | list) or not ev:
         raise KVEventDecodeError(f"event must be a tagged array, got {type(ev).__name__}")
     ev = tuple(ev)
@@ -109,20 +165,23 @@ def decode_event(ev: object) -> KVEvent | None:
             raise KVEventDecodeError("BlockStored parent hash must be int, bytes or nil")
         if not isinstance(tokens, tuple | list) or not isinstance(ev[4], int):
             raise KVEventDecodeError("BlockStored token_ids / block_size have wrong types")
-        lora, medium = _opt(ev, 5), _opt(ev, 6)
+        extra = _opt(ev, 8)
         return BlockStored(
             block_hashes=_hashes(ev[1]),
             parent_hash=parent,
             token_ids=tuple(tokens),
             block_size=ev[4],
-            lora_id=lora if isinstance(lora, int) else None,
-            medium=medium if isinstance(medium, str) else None,
+            lora_id=_int_or_none(_opt(ev, 5)),
+            medium=_str_or_none(_opt(ev, 6)),
+            lora_name=_str_or_none(_opt(ev, 7)),
+            extra_keys=tuple(extra) if isinstance(extra, tuple | list) else None,
+            group_idx=_int_or_none(_opt(ev, 9)),
+            spec_kind=_str_or_none(_opt(ev, 10)),
         )
     if tag == "BlockRemoved":
         if len(ev) < 2:
             raise KVEventDecodeError("BlockRemoved needs block hashes")
-        medium = _opt(ev, 2)
-        return BlockRemoved(_hashes(ev[1]), medium if isinstance(medium, str) else None)
+        return BlockRemoved(_hashes(ev[1]), _str_or_none(_opt(ev, 2)), _int_or_none(_opt(ev, 3)))
     if tag == "AllBlocksCleared":
         return AllBlocksCleared()
     return None
@@ -153,12 +212,26 @@ def decode_batch(payload: bytes) -> EventBatch:
 
 
 def parse_topic(topic: bytes | str) -> tuple[str, str] | None:
-    """`kv@<ip>:<port>@<model>` -> ("ip:port", model); None if the topic has another shape."""
+    """`kv@<ip>:<port>@<model>` -> ("ip:port", model); `kv@<ip>@<model>` (llm-d's, no port)
+    -> ("ip", model); None if the topic has another shape."""
     text = topic.decode("utf-8", "replace") if isinstance(topic, bytes) else topic
     parts = text.split("@", 2)
-    if len(parts) < 2 or parts[0] != "kv" or ":" not in parts[1]:
+    if len(parts) < 2 or parts[0] != "kv" or not _host_or_hostport(parts[1]):
         return None
     return parts[1], parts[2] if len(parts) > 2 else ""
+
+
+def _host_or_hostport(text: str) -> bool:
+    host = text
+    if text.startswith("["):  # [v6] or [v6]:port
+        host = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:  # v4:port or name:port
+        host = text.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return ":" in text and bool(host)
+    return True
 
 
 def encode_batch(events: Iterable[KVEvent], ts: float = 0.0, dp_rank: int | None = None) -> bytes:
@@ -213,12 +286,14 @@ class KVEventSubscriber:
         bind: str | None = None,
         topic: str = "",
         on_gap: OnGap | None = None,
+        on_stream: OnStream | None = None,
         rcvhwm: int = 100_000,
     ) -> None:
         if on_event is None:
             raise TypeError("on_event is required")
         self._on_event = on_event
         self._on_gap = on_gap
+        self._on_stream = on_stream
         self._topic = topic.encode()
         self._rcvhwm = rcvhwm
         self._streams: dict[str, _Stream] = {}  # by stream id (key or address)
@@ -306,6 +381,9 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        # Reconnect fast to a restarted publisher: what it sends before we are back is lost.
+        sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         try:
             if stream.bind:
                 sock.bind(stream.address)
@@ -382,7 +460,10 @@ class KVEventSubscriber:
     def _check_seq(self, key: str, seq: int) -> None:
         last = self._last_seq.get(key)
         self._last_seq[key] = seq
-        if last is None or seq == last + 1:
+        if last is None:
+            self._stream(key, seq)
+            return
+        if seq == last + 1:
             return
         missed = seq - last - 1 if seq > last else -1  # -1: the publisher restarted
         self.gaps += 1
@@ -398,3 +479,12 @@ class KVEventSubscriber:
                 self._on_gap(key, missed)
             except Exception:
                 log.exception("kv events: on_gap callback failed for %s", key)
+        if missed < 0:
+            self._stream(key, seq)
+
+    def _stream(self, key: str, seq: int) -> None:
+        if self._on_stream is not None:
+            try:
+                self._on_stream(key, seq)
+            except Exception:
+                log.exception("kv events: on_stream callback failed for %s", key)

@@ -410,7 +410,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if usage["prompt"]:
                 self.metrics.input_tokens.labels(model).inc(int(usage["prompt"][-1]))
             if usage["cached"]:
-                self.metrics.cached_tokens.labels(model).inc(int(usage["cached"][-1]))
+                reported = int(usage["cached"][-1])
+                self.metrics.cached_tokens.labels(model).inc(reported)
+                self._check_prediction(d, reported)
         if body.end_of_stream:
             self._finish(st)
         return out
@@ -418,6 +420,23 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def _slo(self, d: Decision, kind: str, met: bool) -> None:
         req = d.request
         self.metrics.slo(req.objective or "", req.business or "", kind, met)
+
+    def _check_prediction(self, d: Decision, reported: int) -> None:
+        """The engine's cached tokens vs what the EPP predicted for the chosen endpoint (not
+        after a remote prefill: the decode pod then reports the transferred KV)."""
+        res = d.result
+        if res.predicted_cached_tokens is None or res.prefill is not None:
+            return
+        services = self.director.scheduler.services
+        precise = services.precise
+        block = (
+            precise.block_size
+            if precise is not None and res.prediction_mode == "precise"
+            else services.prefix_index.block_tokens
+        )
+        self.metrics.prefix_prediction(
+            res.prediction_mode, res.predicted_cached_tokens, reported, block
+        )
 
     @staticmethod
     def _cancel_timer(st: _Stream) -> None:

@@ -152,10 +152,26 @@ class EppMetrics:
             ["objective", "business", "slo", "met"],
             registry=r,
         )
+        self.prefix_prediction_error = Histogram(
+            "epp_prefix_prediction_error_tokens",
+            "|engine-reported cached prompt tokens - the EPP's prediction for the chosen "
+            "endpoint| (responses with usage; mode = the index that predicted).",
+            ["mode"],
+            buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536),
+            registry=r,
+        )
+        self.prefix_predictions = Counter(
+            "epp_prefix_predictions_total",
+            "Cached-token predictions checked against the engine's usage: exact (within one "
+            "KV block), over or under.",
+            ["mode", "outcome"],
+            registry=r,
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
         self._pd_children: dict[tuple[str, str], Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[object, ...], Any] = {}
+        self._pred_children: dict[tuple[str, str], Any] = {}
 
     def phase(self, name: str, seconds: float) -> None:
         self._phase[name].observe(seconds)
@@ -173,6 +189,22 @@ class EppMetrics:
                 decision, reason
             )
         child.inc()
+
+    def prefix_prediction(self, mode: str, predicted: int, reported: int, block: int) -> None:
+        err = reported - predicted
+        key = (mode, "exact" if abs(err) < max(1, block) else "over" if err < 0 else "under")
+        child = self._pred_children.get(key)
+        if child is None:
+            child = self._pred_children[key] = (
+                self.prefix_predictions.labels(*key),
+                self.prefix_prediction_error.labels(mode),
+            )
+        child[0].inc()
+        child[1].observe(abs(err))
+
+    def attach_precise_index(self, index: Any) -> None:
+        """Per-endpoint gauges of the precise prefix index (computed at scrape time)."""
+        self.registry.register(_PreciseCollector(index))
 
     def attach_datastore(self, datastore: Datastore) -> None:
         self.registry.register(_PoolCollector(datastore, self.pool_name))
@@ -266,3 +298,25 @@ class _PoolCollector(Collector):
             inflight.add_metric([ep.key, ep.business, ep.role], ep.inflight.requests)
             inflight_tokens.add_metric([ep.key], ep.inflight.tokens)
         yield from (pool_ready, kv, queue, per_pod_queue, inflight, inflight_tokens)
+
+
+class _PreciseCollector(Collector):
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        blocks = GaugeMetricFamily(
+            "epp_precise_index_blocks",
+            "KV blocks each endpoint holds according to its KV events.",
+            labels=["endpoint"],
+        )
+        trusted = GaugeMetricFamily(
+            "epp_precise_index_trusted",
+            "1 when the EPP saw every KV event of the endpoint's cache (else the approximate "
+            "index is used for it).",
+            labels=["endpoint"],
+        )
+        for key, v in list(self.index.pods.items()):
+            blocks.add_metric([key], len(v.blocks))
+            trusted.add_metric([key], 1.0 if v.trusted else 0.0)
+        yield from (blocks, trusted)

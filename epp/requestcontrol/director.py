@@ -82,7 +82,13 @@ class Director:
         self.flow: FlowController | None = None
         self._dispatch_hook = FlowDispatchHook(self._capacity_freed)
         self.reconfigure(scheduler, hooks, flow_control)
-        datastore.on_endpoint_removed(lambda ep: self.prefix_index.remove_endpoint(ep.key))
+        datastore.on_endpoint_removed(self._forget_endpoint)
+
+    def _forget_endpoint(self, ep: Endpoint) -> None:
+        self.prefix_index.remove_endpoint(ep.key)
+        precise = self.scheduler.services.precise
+        if precise is not None:
+            precise.remove_pod(ep.key)
 
     def reconfigure(
         self,

@@ -216,4 +216,5 @@ def build_request(
         stream=stream,
         session_key=user if isinstance(user, str) and user else None,
         headers=headers,
+        body=data,
     )

@@ -116,6 +116,10 @@ class SchedulingResult:
     # Prefill tokens already queued on the prefilling endpoint at pick time (PREDICTIONS).
     queued_prefill_tokens: int = 0
     prefix_hashes: list[int] = field(default_factory=list)  # block hashes (PREFIX_HASHES)
+    # Prompt tokens the target is predicted to have cached, when a plugin predicted it;
+    # `prediction_mode` says from which index ("precise" or "approximate").
+    predicted_cached_tokens: int | None = None
+    prediction_mode: str = ""
     pd: PDDecision | None = None  # set by a P/D profile handler
 
     @property

@@ -16,10 +16,12 @@ from epp.scheduling.plugins.inflight_scorer import ActiveRequestScorer, InFlight
 from epp.scheduling.plugins.kv_cache_scorer import KVCacheUtilizationScorer
 from epp.scheduling.plugins.latency_scorer import LatencyScorer, SLOScorer
 from epp.scheduling.plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
+from epp.scheduling.plugins.precise_prefix_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.plugins.prefix_scorer import PrefixCacheScorer
 from epp.scheduling.plugins.profile_handlers import PDProfileHandler, SingleProfileHandler
 from epp.scheduling.plugins.queue_scorer import QueueScorer
 from epp.scheduling.plugins.session_scorer import SessionAffinityScorer
+from epp.scheduling.plugins.tokenizer_config import TokenizerConfig
 
 PLUGINS: dict[str, type[Plugin]] = {
     cls.type_name: cls
@@ -35,6 +37,8 @@ PLUGINS: dict[str, type[Plugin]] = {
         InFlightScorer,
         ActiveRequestScorer,
         PrefixCacheScorer,
+        PrecisePrefixCacheScorer,
+        TokenizerConfig,
         SessionAffinityScorer,
         LatencyScorer,
         SLOScorer,

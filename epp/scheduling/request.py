@@ -27,6 +27,8 @@ class InferenceRequest:
     session_key: str | None = None
     subset: frozenset[str] | None = None  # proxy's subset hint, None = no hint
     headers: dict[str, str] = field(default_factory=dict)
+    # The parsed JSON body (not copied), for plugins that tokenize the prompt like the engine.
+    body: dict[str, Any] | None = None
 
     @property
     def routed_model(self) -> str:

@@ -21,7 +21,7 @@ from epp.scheduling.framework import (
     SchedulingResult,
     WeightedScorer,
 )
-from epp.scheduling.plugins.common import prefix_match
+from epp.scheduling.plugins.common import CACHED_KEY, TOKENS_KEY, prefix_match, prompt_tokens
 from epp.scheduling.request import CycleState, InferenceRequest
 from epp.scheduling.services import Services
 
@@ -117,9 +117,24 @@ class Scheduler(ProfileRunner):
         if not candidates:
             raise SchedulingError("no candidate endpoints")
         cycle = CycleState()
+        services = self.services
+        if services.precise is not None:
+            # Tokenize before any plugin reads the prompt's size: the count becomes exact.
+            t0 = perf_counter()
+            prompt_tokens(cycle, services, request)
+            if self.timer:
+                self.timer("producer", "tokenizer", perf_counter() - t0)
         result = self.handler.schedule(self, cycle, request, candidates)
         if result is None or not result.primary:
             raise SchedulingError("no endpoint passed the filters")
+        cached: dict[str, int] | None = cycle.get(CACHED_KEY)
+        if cached is not None:
+            key = result.target.key
+            result.predicted_cached_tokens = cached.get(key, 0)
+            precise = services.precise
+            tokenized = bool(cycle.get(TOKENS_KEY))
+            trusted = precise is not None and tokenized and precise.is_trusted(key)
+            result.prediction_mode = "precise" if trusted else "approximate"
         outputs = self.outputs
         if PREFIX_HASHES in outputs:
             result.prefix_hashes = prefix_match(cycle, self.services, request).hashes

@@ -15,7 +15,7 @@ from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, EngineError, Request
 from epp.sim.kvevents import KVEventPublisher
 from epp.sim.metrics import EngineStats, render_sglang, render_vllm
-from epp.sim.tokenizer import render_chat, request_ids, vocab_size
+from epp.sim.tokenizer import render_chat, request_ids, sim_tokenizer, vocab_size
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -72,6 +72,7 @@ class SimServer:
         cfg.validate()
         self.cfg = cfg
         self.stats = EngineStats()
+        sim_tokenizer()  # load it now, not on the first request
         self.kv_events = KVEventPublisher(cfg) if cfg.kv_events_port else None
         self.engine = Engine(cfg, self.stats, self.kv_events.publish if self.kv_events else None)
         self._rng = random.Random(cfg.seed or hash(cfg.address))
@@ -142,10 +143,13 @@ class SimServer:
             return
         await asyncio.sleep(self.cfg.down_for_s * scale)
         self.stats = EngineStats()
+        if self.kv_events:
+            # A restarted engine has a new publisher: its sequence starts again at 0, and
+            # subscribers see the restart from that (vLLM sends no AllBlocksCleared then).
+            self.kv_events.close()
+            self.kv_events = KVEventPublisher(self.cfg)
         publish = self.kv_events.publish if self.kv_events else None
         self.engine = Engine(self.cfg, self.stats, publish)
-        if self.kv_events:
-            self.kv_events.publish([["AllBlocksCleared"]])
         await self._bind()
 
     async def stop(self) -> None:

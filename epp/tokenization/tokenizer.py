@@ -36,7 +36,14 @@ _hash = xxhash.xxh3_64_intdigest
 # A point between two words: no token of a byte-level BPE pre-tokenizer crosses it.
 _BOUNDARY = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 _SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents"}
-_SAFE_PRETOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
+_SAFE_PRETOKENIZERS = {
+    "ByteLevel",
+    "Split",
+    "Digits",
+    "Punctuation",
+    "Whitespace",
+    "WhitespaceSplit",
+}
 _PROBES = (
     "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?  Twice  spaced\n"
     "new line and\ttabs;  numbers 1234567 and unicode café naïve résumé, done.",
@@ -195,12 +202,14 @@ class ModelTokenizer:
             return self.encode(text, bool(body.get("add_special_tokens", False)))
         if api == "completions":
             prompt = body.get("prompt")
-            if isinstance(prompt, list) and prompt:
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # a batch: each prompt is its own sequence; route by the first
             if isinstance(prompt, str):
                 return self.encode(prompt, bool(body.get("add_special_tokens", True)))
-            if isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt
+            if (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
             ):
                 return list(prompt)
         return None
@@ -312,7 +321,11 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> ModelTokenizer:
         raise TokenizerError(f"chat template in {d} cannot be loaded: {e}") from e
     try:
         return ModelTokenizer(
-            tokenizer, config, source=str(d), chat_template=template, tokenizer_json=tok_json,
+            tokenizer,
+            config,
+            source=str(d),
+            chat_template=template,
+            tokenizer_json=tok_json,
             **kwargs,
         )
     except ChatTemplateError as e:

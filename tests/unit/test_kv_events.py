@@ -126,6 +126,7 @@ def test_parse_topic() -> None:
         "meta-llama/Llama-3.1-8B",
     )
     assert parse_topic("kv@10.0.0.1:8000") == ("10.0.0.1:8000", "")
+    assert parse_topic(b"kv@10.0.0.7@Qwen/Qwen3-32B") == ("10.0.0.7", "Qwen/Qwen3-32B")  # llm-d
     assert parse_topic(b"") is None and parse_topic(b"kv@pod-a@m") is None
     assert parse_topic(b"other@1.2.3.4:1@m") is None
 

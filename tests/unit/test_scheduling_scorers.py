@@ -30,7 +30,8 @@ def eps(n: int) -> list[Endpoint]:
 
 
 def services() -> Services:
-    return Services(prefix_index=PrefixIndex(block_bytes=BLOCK))
+    # tokenizer_fallback: the precise scorer runs on the approximate index here (no tokenizer)
+    return Services(prefix_index=PrefixIndex(block_bytes=BLOCK), tokenizer_fallback=True)
 
 
 def req(prompt: bytes = b"", **kw: Any) -> InferenceRequest:

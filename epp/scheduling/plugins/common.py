@@ -1,8 +1,11 @@
-"""Helpers shared by plugins: the per-cycle prefix match and score normalisation."""
+"""Helpers shared by plugins: the per-cycle prefix match, the prompt's token ids, the
+predicted cached tokens per endpoint, and score normalisation."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.prefix_index import PrefixMatch
@@ -10,10 +13,12 @@ from epp.scheduling.request import CycleState, InferenceRequest
 from epp.scheduling.services import Services
 
 PREFIX_KEY = "prefix-match"
+TOKENS_KEY = "prompt-tokens"
+CACHED_KEY = "cached-tokens"
 
 
 def prefix_match(cycle: CycleState, services: Services, request: InferenceRequest) -> PrefixMatch:
-    """Hash the prompt and match it against the index once per cycle."""
+    """Hash the prompt and match it against the approximate index once per cycle."""
     cached: PrefixMatch | None = cycle.get(PREFIX_KEY)
     if cached is None:
         index = services.prefix_index
@@ -23,11 +28,68 @@ def prefix_match(cycle: CycleState, services: Services, request: InferenceReques
     return cached
 
 
+@dataclass(slots=True)
+class PromptTokens:
+    """The prompt as the engine will see it: token count and the precise block hashes."""
+
+    count: int
+    hashes: list[int]
+
+
+def prompt_tokens(
+    cycle: CycleState, services: Services, request: InferenceRequest
+) -> PromptTokens | None:
+    """Tokenize the prompt once per cycle (precise prefix routing only); None when there is
+    no tokenizer for the model or the request cannot be tokenized here. Sets the request's
+    `prompt_tokens` to the exact count."""
+    got: PromptTokens | bool | None = cycle.get(TOKENS_KEY)
+    if got is not None:
+        return got if isinstance(got, PromptTokens) else None
+    precise, tokenizers = services.precise, services.tokenizers
+    tok = tokenizers.get(request.routed_model) if tokenizers is not None else None
+    ids = None
+    if precise is not None and tok is not None and request.body is not None:
+        ids = tok.request_ids(request.api, request.body)
+    if not ids or precise is None:
+        cycle.set(TOKENS_KEY, False)
+        return None
+    out = PromptTokens(len(ids), precise.hash_tokens(array("I", ids).tobytes()))
+    request.prompt_tokens = out.count
+    cycle.set(TOKENS_KEY, out)
+    return out
+
+
+def cached_tokens(
+    cycle: CycleState, services: Services, request: InferenceRequest
+) -> dict[str, int]:
+    """Predicted prompt tokens each endpoint has cached (absent = 0): exact from the
+    engines' KV events where the precise index is trusted, else the approximate guess."""
+    got: dict[str, int] | None = cycle.get(CACHED_KEY)
+    if got is not None:
+        return got
+    match = prefix_match(cycle, services, request)
+    bt = services.prefix_index.block_tokens
+    out = {k: b * bt for k, b in match.matched_blocks.items()}
+    precise = services.precise
+    if precise is not None:
+        pt = prompt_tokens(cycle, services, request)
+        if pt is not None:
+            pods = precise.pods
+            for k in [k for k in out if k in pods and pods[k].trusted]:
+                del out[k]
+            bs = precise.block_size
+            limit = (pt.count - 1) // bs  # the engine always computes the last prompt token
+            for k, n in precise.match(pt.hashes).items():
+                if pods[k].trusted:
+                    out[k] = min(n, limit) * bs
+    cycle.set(CACHED_KEY, out)
+    return out
+
+
 def uncached_tokens(
     cycle: CycleState, services: Services, request: InferenceRequest, ep: Endpoint
 ) -> int:
-    match = prefix_match(cycle, services, request)
-    cached = match.matched_tokens(ep.key, services.prefix_index.block_tokens)
+    cached = cached_tokens(cycle, services, request).get(ep.key, 0)
     return max(0, request.prompt_tokens - cached)
 
 

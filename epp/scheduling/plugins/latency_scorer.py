@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import Scorer
-from epp.scheduling.plugins.common import prefix_match
+from epp.scheduling.plugins.common import cached_tokens
 from epp.scheduling.request import CycleState, InferenceRequest
 
 SLOW_DEAD_ZONE = 1.25  # scraped TPOT this much above the fastest pod counts as slow
@@ -44,9 +44,7 @@ class LatencyScorer(Scorer):
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> list[float]:
         model = self.services.latency
-        match = prefix_match(cycle, self.services, request)
-        block_tokens = self.services.prefix_index.block_tokens
-        blocks = match.matched_blocks
+        cached = cached_tokens(cycle, self.services, request)
         prompt = request.prompt_tokens
         pr = model.priors
         prior_rate, prior_base, unknown = (
@@ -68,7 +66,7 @@ class LatencyScorer(Scorer):
             extra = ep.metrics.waiting - inf.pending_requests
             if extra > 0:
                 queued += int(extra * (lat.uncached_tokens or unknown))
-            uncached = prompt - blocks.get(ep.key, 0) * block_tokens if blocks else prompt
+            uncached = prompt - cached.get(ep.key, 0) if cached else prompt
             if uncached < 0:
                 uncached = 0
             rate = lat.prefill_ms_per_token or prior_rate

@@ -1,0 +1,374 @@
+"""Exact prefix-cache index: which blocks each pod's engine holds, from its KV events.
+
+Keys are the EPP's own chained hashes of token-id blocks (`block_size` tokens each): block
+i's hash is xxh3-64 of its token ids (uint32 little endian) seeded with block i-1's hash, so
+one hash names a whole prefix. The engines' `BlockStored` events carry the token ids, the
+parent's engine hash and the block size; each pod's engine hashes map to the EPP's hashes,
+so `BlockRemoved` removes exactly what the engine evicted. The EPP never needs to reproduce
+the engine's hash function (nor its PYTHONHASHSEED).
+
+A pod's view is *trusted* when the EPP has seen every event that shaped the engine's cache:
+its publisher's stream from sequence 0, or since an `AllBlocksCleared` (the cache is empty
+then). A late start, a sequence gap or a publisher restart past sequence 0 make it untrusted:
+the view is cleared and rebuilt from new events, and the scheduler uses the approximate
+index for that pod until the view is trusted again, that is after a reset or once the pod
+has stored as many blocks as its cache holds without extending a prefix the EPP does not
+know (so what it held before the gap is gone).
+
+At pick time the chosen pod gets *speculative* entries for the prompt's blocks it does not
+hold yet (a burst of one prefix group follows its first request); an event confirms them,
+or they expire after `speculative_ttl_s`.
+
+Memory per pod is bounded by the pod's KV capacity in blocks (`capacity(key)`, from the
+engine's reported cache shape): past it the oldest entries are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+_hash = xxhash.xxh3_64_intdigest
+EngineHash = int | bytes
+DEFAULT_CAPACITY_BLOCKS = 1 << 20
+GPU_MEDIA = (None, "GPU", "gpu", "cuda")
+
+
+@dataclass(slots=True)
+class PodView:
+    key: str
+    blocks: dict[int, int] = field(default_factory=dict)  # EPP hash -> engine blocks holding it
+    engine: dict[EngineHash, int] = field(default_factory=dict)  # engine hash -> EPP hash
+    spec: dict[int, float] = field(default_factory=dict)  # EPP hash -> expiry (monotonic)
+    trusted: bool = False
+    rebuilding: bool = False  # untrusted after a gap: counting stores until the cache turned over
+    stored_since_gap: int = 0
+    last_orphan_at: int = 0  # stored_since_gap when a store extended an unknown prefix
+    group: int | None = None  # the KV-cache group indexed (hybrid models publish several)
+    stored: int = 0
+    removed: int = 0
+    orphans: int = 0  # stores whose parent the EPP never saw
+    unknown_removals: int = 0
+    skipped: int = 0  # stores for another block size, LoRA adapter, medium or salted blocks
+    overflow: int = 0  # entries dropped at the capacity bound (missed removals)
+
+
+class PreciseIndex:
+    def __init__(
+        self,
+        block_size: int = 16,
+        hash_seed: str = "",
+        *,
+        speculative_ttl_s: float = 10.0,
+        capacity: Callable[[str], int] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError("block size must be >= 1")
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.root = _hash(f"epp-precise-prefix:{hash_seed}".encode())
+        self.speculative_ttl_s = speculative_ttl_s
+        self.capacity = capacity
+        if clock is None:
+            import time
+
+            clock = time.monotonic
+        self.clock = clock
+        self.pods: dict[str, PodView] = {}
+        self.holders: dict[int, set[str]] = {}
+        self._expiries: deque[tuple[float, str, list[int]]] = deque()
+        self._warned: set[str] = set()
+
+    # ---- hashing ------------------------------------------------------------------------------
+    def hash_tokens(
+        self, token_bytes: bytes | memoryview, start: int = 0, parent: int = 0
+    ) -> list[int]:
+        """Chained hashes of the full blocks of packed uint32 token ids, from block `start`
+        on; `parent` is block start-1's hash (ignored for start 0)."""
+        step = self.block_size * 4
+        n = len(token_bytes) // step
+        h = parent if start else self.root
+        view = memoryview(token_bytes)
+        out = [0] * (n - start) if n > start else []
+        for i in range(start, n):
+            h = _hash(view[i * step : (i + 1) * step], h)
+            out[i - start] = h
+        return out
+
+    def hash_ids(self, ids: Sequence[int]) -> list[int]:
+        return self.hash_tokens(array("I", ids).tobytes())
+
+    # ---- views ----------------------------------------------------------------------------------
+    def view(self, key: str) -> PodView:
+        v = self.pods.get(key)
+        if v is None:
+            v = self.pods[key] = PodView(key)
+        return v
+
+    def is_trusted(self, key: str) -> bool:
+        v = self.pods.get(key)
+        return v is not None and v.trusted
+
+    def _cap(self, key: str) -> int:
+        if self.capacity is not None:
+            c = self.capacity(key)
+            if c > 0:
+                return c
+        return DEFAULT_CAPACITY_BLOCKS
+
+    def _add(self, v: PodView, h: int) -> None:
+        n = v.blocks.get(h)
+        if n is None:
+            v.blocks[h] = 1
+            hs = self.holders.get(h)
+            if hs is None:
+                self.holders[h] = {v.key}
+            else:
+                hs.add(v.key)
+        else:
+            v.blocks[h] = n + 1
+
+    def _drop(self, v: PodView, h: int) -> None:
+        n = v.blocks.get(h)
+        if n is None:
+            return
+        if n > 1:
+            v.blocks[h] = n - 1
+            return
+        del v.blocks[h]
+        if h not in v.spec:
+            self._unhold(v.key, h)
+
+    def _unhold(self, key: str, h: int) -> None:
+        hs = self.holders.get(h)
+        if hs is not None:
+            hs.discard(key)
+            if not hs:
+                del self.holders[h]
+
+    def _clear(self, v: PodView) -> None:
+        for h in v.blocks:
+            self._unhold(v.key, h)
+        for h in v.spec:
+            if h not in v.blocks:
+                self._unhold(v.key, h)
+        v.blocks.clear()
+        v.engine.clear()
+        v.spec.clear()
+
+    # ---- events (all for one pod, in publisher order) -----------------------------------------
+    def stored(
+        self,
+        key: str,
+        block_hashes: Sequence[EngineHash],
+        parent: EngineHash | None,
+        token_ids: Sequence[int],
+        block_size: int,
+        *,
+        medium: str | None = None,
+        lora: bool = False,
+        salted: bool = False,
+        group: int | None = None,
+    ) -> None:
+        v = self.view(key)
+        n = len(block_hashes)
+        if block_size != self.block_size:
+            v.skipped += n
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning(
+                    "kv events from %s: block size %d, the precise index uses %d "
+                    "(tokenProcessorConfig.blockSize); this pod stays on the approximate index",
+                    key, block_size, self.block_size,
+                )  # fmt: skip
+            v.trusted = False
+            return
+        if lora or salted or medium not in GPU_MEDIA:
+            v.skipped += n
+            return
+        if group is not None:
+            if v.group is None:
+                v.group = group
+            elif group != v.group:
+                v.skipped += n
+                return
+        if len(token_ids) != n * block_size:
+            v.skipped += n
+            return
+        if parent is None:
+            h = self.root
+        else:
+            ph = v.engine.get(parent)
+            if ph is None:
+                v.orphans += 1
+                v.last_orphan_at = v.stored_since_gap
+                return
+            h = ph
+        try:
+            data = array("I", token_ids).tobytes()
+        except (OverflowError, TypeError):
+            v.skipped += n
+            return
+        step = block_size * 4
+        engine = v.engine
+        spec = v.spec
+        for i, eh in enumerate(block_hashes):
+            h = _hash(data[i * step : (i + 1) * step], h)
+            old = engine.get(eh)
+            if old == h:
+                continue  # the same block announced twice
+            if old is not None:
+                self._drop(v, old)
+            engine[eh] = h
+            self._add(v, h)
+            spec.pop(h, None)
+        v.stored += n
+        if v.rebuilding:
+            v.stored_since_gap += n
+        cap = self._cap(key)
+        if len(engine) > cap:
+            it = iter(engine)
+            over = [next(it) for _ in range(len(engine) - cap)]
+            for eh in over:
+                self._drop(v, engine.pop(eh))
+            v.overflow += len(over)
+        if (
+            v.rebuilding
+            and v.stored_since_gap >= cap
+            and v.stored_since_gap - v.last_orphan_at >= cap
+        ):
+            v.rebuilding = False
+            v.trusted = True
+            log.info("precise prefix index: %s rebuilt from its events; trusted again", key)
+
+    def removed(self, key: str, block_hashes: Sequence[EngineHash], medium: str | None = None,
+                group: int | None = None) -> None:  # fmt: skip
+        v = self.pods.get(key)
+        if (
+            v is None
+            or medium not in GPU_MEDIA
+            or (group is not None and v.group not in (None, group))
+        ):
+            return
+        engine = v.engine
+        for eh in block_hashes:
+            h = engine.pop(eh, None)
+            if h is None:
+                v.unknown_removals += 1
+            else:
+                self._drop(v, h)
+                v.removed += 1
+
+    def cleared(self, key: str) -> None:
+        """The engine's cache is empty now (AllBlocksCleared): exact again from here."""
+        v = self.view(key)
+        self._clear(v)
+        v.trusted = True
+        v.rebuilding = False
+
+    def stream_started(self, key: str, seq: int) -> None:
+        """First batch seen from a publisher (the EPP's start or the publisher's restart)."""
+        v = self.view(key)
+        self._clear(v)
+        if seq == 0:  # a fresh engine: its cache was empty before this batch
+            v.trusted = True
+            v.rebuilding = False
+        else:
+            self._untrust(v, f"joined its event stream at sequence {seq}")
+
+    def gap(self, key: str, missed: int) -> None:
+        """Batches were lost: the view may lack stores and hold evicted blocks."""
+        v = self.view(key)
+        self._clear(v)
+        self._untrust(v, f"{missed} event batches lost")
+
+    def _untrust(self, v: PodView, why: str) -> None:
+        v.trusted = False
+        v.rebuilding = True
+        v.stored_since_gap = 0
+        v.last_orphan_at = 0
+        log.info("precise prefix index: %s untrusted (%s); approximate until rebuilt", v.key, why)
+
+    def remove_pod(self, key: str) -> None:
+        v = self.pods.pop(key, None)
+        if v is not None:
+            self._clear(v)
+
+    # ---- lookups ------------------------------------------------------------------------------
+    def speculate(self, key: str, hashes: Sequence[int]) -> None:
+        """The pod was just sent these blocks: count them as held until an event confirms
+        them or they expire."""
+        if not hashes:
+            return
+        v = self.view(key)
+        expiry = self.clock() + self.speculative_ttl_s
+        added = []
+        blocks, spec = v.blocks, v.spec
+        for h in hashes:
+            if h in blocks:
+                continue
+            if h not in spec:
+                hs = self.holders.get(h)
+                if hs is None:
+                    self.holders[h] = {key}
+                else:
+                    hs.add(key)
+            spec[h] = expiry
+            added.append(h)
+        if added:
+            self._expiries.append((expiry, key, added))
+
+    def expire(self) -> None:
+        now = self.clock()
+        q = self._expiries
+        while q and q[0][0] <= now:
+            expiry, key, hashes = q.popleft()
+            v = self.pods.get(key)
+            if v is None:
+                continue
+            for h in hashes:
+                if v.spec.get(h) == expiry:
+                    del v.spec[h]
+                    if h not in v.blocks:
+                        self._unhold(key, h)
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Longest run of leading blocks each pod holds (confirmed or speculative)."""
+        if self._expiries:
+            self.expire()
+        holders = self.holders
+        if not hashes:
+            return {}
+        first = holders.get(hashes[0])
+        if not first:
+            return {}
+        current = set(first)
+        matched: dict[str, int] = {}
+        i = 1
+        n = len(hashes)
+        while i < n:
+            hs = holders.get(hashes[i])
+            if not hs:
+                break
+            if not current <= hs:
+                for key in current - hs:
+                    matched[key] = i
+                current &= hs
+                if not current:
+                    break
+            i += 1
+        for key in current:
+            matched[key] = i
+        return matched
+
+    def blocks_held(self, key: str) -> int:
+        v = self.pods.get(key)
+        return len(v.blocks) if v else 0

@@ -1,0 +1,344 @@
+"""Precise prefix routing: the index built from KV events, its trust rules, the scorer's
+config (llm-d's shape), and predictions that match what a paged KV cache reports."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgpack
+import pytest
+
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.kv_events import BlockStored, KVEventSubscriber, decode_batch
+from epp.requestcontrol.config import build_request_control
+from epp.requestcontrol.director import Director
+from epp.requestcontrol.kv_sync import PrefixIndexKVSync
+from epp.requestcontrol.parse import build_request
+from epp.scheduling.config import ConfigError
+from epp.scheduling.precise_index import PreciseIndex
+from epp.scheduling.services import Services
+from epp.sim.kvcache import ROOT_HASH, BlockPool, chain_hash
+from epp.sim.tokenizer import DATA_DIR, sim_tokenizer
+from epp.tokenization.tokenizer import TokenizerSet
+
+BS = 4
+
+
+def toks(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def store_chain(idx: PreciseIndex, key: str, ids: list[int], tag: int = 0) -> list[int]:
+    """Store `ids` (whole blocks) one block per event, engine hashes tag*1000+i."""
+    engine: list[int] = []
+    for i in range(len(ids) // idx.block_size):
+        eh = tag * 1000 + i
+        parent = engine[-1] if engine else None
+        idx.stored(key, [eh], parent, ids[i * BS : (i + 1) * BS], BS)
+        engine.append(eh)
+    return engine
+
+
+# ---- the index ----------------------------------------------------------------------------
+def test_stored_chains_match_and_removals_are_exact() -> None:
+    idx = PreciseIndex(BS)
+    idx.stream_started("a", 0)
+    ids = toks(20)
+    eng = store_chain(idx, "a", ids)
+    assert idx.is_trusted("a")
+    assert idx.match(idx.hash_ids(ids)) == {"a": 5}
+    assert idx.match(idx.hash_ids(ids[:8] + [99] * 12)) == {"a": 2}
+    # vLLM batches: several blocks in one event, token ids concatenated
+    idx.stored("b", [7, 8], None, ids[:8], BS)
+    assert idx.match(idx.hash_ids(ids)) == {"a": 5, "b": 2}
+    idx.removed("a", [eng[4], eng[3]])
+    assert idx.match(idx.hash_ids(ids)) == {"a": 3, "b": 2}
+    idx.removed("a", [12345])  # not known: counted, harmless
+    assert idx.pods["a"].unknown_removals == 1
+    # a store whose parent the EPP never saw cannot be placed in a chain
+    idx.stored("a", [555], 777, toks(4, 50), BS)
+    assert idx.pods["a"].orphans == 1 and idx.blocks_held("a") == 3
+
+
+def test_trust_follows_the_event_stream() -> None:
+    idx = PreciseIndex(BS)
+    ids = toks(16)
+    idx.stream_started("late", 41)  # joined mid-stream: history unknown
+    store_chain(idx, "late", ids)
+    assert not idx.is_trusted("late") and idx.match(idx.hash_ids(ids)) == {"late": 4}
+    idx.cleared("late")  # AllBlocksCleared: the cache is empty, known exactly from here
+    assert idx.is_trusted("late") and idx.blocks_held("late") == 0
+    store_chain(idx, "late", ids)
+    idx.gap("late", 3)  # lost batches: cleared and untrusted
+    assert not idx.is_trusted("late") and idx.blocks_held("late") == 0
+    idx.stream_started("late", 0)  # the publisher restarted and we saw it from the start
+    assert idx.is_trusted("late")
+
+
+def test_an_untrusted_view_is_trusted_again_once_the_cache_turned_over() -> None:
+    idx = PreciseIndex(BS, capacity=lambda key: 8)
+    idx.stream_started("p", 9)
+    store_chain(idx, "p", toks(4 * 6), tag=1)
+    assert not idx.is_trusted("p")
+    idx.stored("p", [999], 424242, toks(4, 100), BS)  # extends a prefix we never saw
+    store_chain(idx, "p", toks(4 * 6, 200), tag=2)
+    assert not idx.is_trusted("p")  # the orphan was less than a cache ago
+    store_chain(idx, "p", toks(4 * 8, 400), tag=3)
+    assert idx.is_trusted("p")
+    assert idx.blocks_held("p") <= 8  # bounded by the pod's capacity
+    assert idx.pods["p"].overflow > 0
+
+
+def test_speculative_entries_expire_unless_confirmed() -> None:
+    clock = Clock()
+    idx = PreciseIndex(BS, speculative_ttl_s=5.0, clock=clock)
+    ids = toks(12)
+    hashes = idx.hash_ids(ids)
+    idx.stream_started("a", 0)
+    idx.speculate("a", hashes)
+    idx.speculate("b", hashes)
+    assert idx.match(hashes) == {"a": 3, "b": 3}
+    store_chain(idx, "a", ids)  # the engine confirms a's blocks
+    clock.t = 6.0
+    assert idx.match(hashes) == {"a": 3}
+    assert not idx.pods["b"].spec and hashes[0] in idx.holders
+
+
+def test_events_for_another_block_size_lora_or_cpu_are_not_indexed() -> None:
+    idx = PreciseIndex(BS)
+    idx.stream_started("a", 0)
+    idx.stored("a", [1], None, toks(8), 8)
+    assert not idx.is_trusted("a")  # the config's blockSize does not match the engine's
+    idx.cleared("a")
+    idx.stored("a", [1], None, toks(4), BS, lora=True)
+    idx.stored("a", [2], None, toks(4), BS, medium="CPU")
+    idx.stored("a", [3], None, toks(4), BS, salted=True)
+    assert idx.blocks_held("a") == 0 and idx.pods["a"].skipped == 1 + 3
+
+
+def test_map_encoded_events_of_newer_vllm_decode() -> None:
+    stored = {"type": "BlockStored", "block_hashes": [2**64 - 1], "parent_block_hash": None,
+              "token_ids": toks(4), "block_size": 4, "lora_id": None, "medium": "GPU",
+              "lora_name": None, "extra_keys": [None], "group_idx": 0,
+              "kv_cache_spec_kind": "full_attention"}  # fmt: skip
+    removed = {"type": "BlockRemoved", "block_hashes": [2**64 - 1], "medium": "GPU"}
+    batch = decode_batch(msgpack.packb([1.0, [stored, removed, {"type": "AllBlocksCleared"}], 0]))
+    ev = batch.events[0]
+    assert isinstance(ev, BlockStored) and ev.block_hashes == (2**64 - 1,)
+    assert ev.group_idx == 0 and ev.spec_kind == "full_attention" and not ev.keyed_beyond_tokens
+    assert len(batch.events) == 3 and batch.skipped == 0
+    salted = decode_batch(msgpack.packb([1.0, [{**stored, "extra_keys": [["salt"]]}]]))
+    assert salted.events[0].keyed_beyond_tokens  # type: ignore[union-attr]
+
+
+# ---- configuration --------------------------------------------------------------------------
+LLMD_GUIDE = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: single-profile-handler
+  - type: tokenizer
+    parameters:
+      modelName: Qwen/Qwen3-32B
+      udsTokenizerConfig:
+        socketFile: /tmp/tokenizer/tokenizer-uds.socket
+  - type: precise-prefix-cache-scorer
+    parameters:
+      tokenProcessorConfig:
+        blockSize: 64
+      indexerConfig:
+        speculativeIndexing: true
+        tokenizersPoolConfig:
+          modelName: Qwen/Qwen3-32B
+          local: null
+          hf: null
+          uds:
+            socketFile: /tmp/tokenizer/tokenizer-uds.socket
+      kvEventsConfig:
+        topicFilter: "kv@"
+        concurrency: 4
+        discoverPods: false
+        zmqEndpoint: "tcp://*:5557"
+  - type: kv-cache-utilization-scorer
+  - type: queue-scorer
+  - type: max-score-picker
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: precise-prefix-cache-scorer
+        weight: 3.0
+      - pluginRef: kv-cache-utilization-scorer
+        weight: 2.0
+      - pluginRef: queue-scorer
+        weight: 2.0
+      - pluginRef: max-score-picker
+"""
+
+LLMD_OLDER = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: single-profile-handler
+- type: decode-filter
+- type: precise-prefix-cache-scorer
+  parameters:
+    kvEventsConfig:
+      zmqEndpoint: "tcp://*:5557"
+      topicFilter: "kv"
+    indexerConfig:
+      tokenProcessorConfig:
+        blockSize: 64
+        hashSeed: "42"
+      kvBlockIndexConfig:
+        enableMetrics: true
+        metricsLoggingInterval: 60000000000
+- type: kv-cache-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3.0
+  - pluginRef: kv-cache-scorer
+    weight: 1.0
+  - pluginRef: max-score-picker
+"""
+
+
+def tokenized() -> Services:
+    return Services(tokenizers=TokenizerSet(sim_tokenizer()))
+
+
+@pytest.mark.parametrize("text", [LLMD_GUIDE, LLMD_OLDER])
+def test_llm_d_precise_configs_load(text: str) -> None:
+    svc = tokenized()
+    control = build_request_control(text, services=svc)
+    assert svc.precise is not None and svc.precise.block_size == 64
+    assert svc.kv_events.bind == ["tcp://*:5557"]
+    assert svc.kv_events.topic_filter in ("kv@", "kv")
+    scorers = [ws.scorer.type_name for ws in control.scheduler.profiles["default"].scorers]
+    assert "precise-prefix-cache-scorer" in scorers
+
+
+def test_unknown_parameters_and_a_missing_tokenizer_are_config_errors() -> None:
+    bad = LLMD_OLDER.replace("hashSeed: \"42\"", "hashSeed: \"42\"\n        blokSize: 16")
+    with pytest.raises(ConfigError, match="blokSize"):
+        build_request_control(bad, services=tokenized())
+    bad = LLMD_GUIDE.replace("concurrency: 4", "concurency: 4")
+    with pytest.raises(ConfigError, match="concurency"):
+        build_request_control(bad, services=tokenized())
+    with pytest.raises(ConfigError, match="--tokenizer-dir"):
+        build_request_control(LLMD_GUIDE, services=Services())
+    fallback = Services(tokenizer_fallback=True)
+    build_request_control(LLMD_GUIDE, services=fallback)  # logged, approximate instead
+    assert fallback.precise is not None
+
+
+# ---- predictions against a paged KV cache with prefix caching -----------------------------------
+PRECISE_CONFIG = """
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    tokenProcessorConfig: {blockSize: 16}
+- type: inflight-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 2
+  - pluginRef: inflight-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+class Engine:
+    """The simulator's block pool served one request at a time, publishing its KV events
+    as frames in vLLM's wire format."""
+
+    def __init__(self, key: str, blocks: int) -> None:
+        self.key = key
+        self.blocks = blocks
+        self.restart()
+
+    def restart(self) -> None:
+        self.pool = BlockPool(self.blocks, 16)
+        self.seq = 0
+
+    def serve(self, ids: list[int]) -> tuple[int, list[bytes]]:
+        bs = 16
+        hashes, parent = [], ROOT_HASH
+        for j in range(len(ids) // bs):
+            parent = chain_hash(parent, ids[j * bs : (j + 1) * bs])
+            hashes.append(parent)
+        hit = self.pool.lookup_prefix(hashes)
+        if len(hit) * bs >= len(ids):
+            hit = hit[:-1]
+        self.pool.touch(hit)
+        new = self.pool.allocate(-(-len(ids) // bs) - len(hit))
+        assert new is not None
+        blocks = hit + new
+        for j in range(len(hit), len(hashes)):
+            prev = hashes[j - 1] if j else None
+            self.pool.commit(blocks[j], hashes[j], prev, ids[j * bs : (j + 1) * bs])
+        self.pool.free(blocks)
+        events, self.pool.events = self.pool.events, []
+        frame = [f"kv@{self.key}@m".encode(), self.seq.to_bytes(8, "big"),
+                 msgpack.packb([time.time(), events, 0], use_bin_type=True)]  # fmt: skip
+        self.seq += 1
+        return len(hit) * bs, frame
+
+
+def test_predicted_cached_tokens_match_the_engine_through_evictions_and_a_restart() -> None:
+    svc = tokenized()
+    control = build_request_control(PRECISE_CONFIG, services=svc)
+    ds = Datastore()
+    eps = [Endpoint(f"127.0.0.{i + 2}", 8000, model="m") for i in range(3)]
+    for e in eps:
+        e.metrics.block_size, e.metrics.num_blocks = 16, 300
+        ds.upsert_endpoint("t", e)
+    director = Director(ds, control.scheduler, hooks=control.hooks, rng=random.Random(1))
+    assert svc.precise is not None
+    svc.precise.capacity = lambda key: 300
+    sync = PrefixIndexKVSync(director.prefix_index, precise=svc.precise)
+    sub = KVEventSubscriber(on_event=sync.on_event, on_gap=sync.on_gap, on_stream=sync.on_stream)
+    engines = {e.key: Engine(e.key, 300) for e in eps}  # ~4800 tokens each: evictions
+    rng = random.Random(5)
+    words = ["kalo", "mine", "ruta", "vozi", "pedu", "sofa", "zine", "tafa"]
+    systems = [" ".join(rng.choice(words) for _ in range(rng.randint(300, 900))) for _ in range(9)]
+    exact = total = 0
+    for i in range(400):
+        if i == 200:
+            engines[eps[0].key].restart()  # a new engine process: empty cache, sequence 0
+        msgs = [{"role": "system", "content": rng.choice(systems)},
+                {"role": "user", "content": " ".join(rng.choice(words) for _ in range(20))}]  # fmt: skip
+        req = build_request(str(i), "chat", {"model": "m", "messages": msgs}, {})
+        d = director.admit(req)
+        predicted = d.result.predicted_cached_tokens
+        ids = sim_tokenizer().request_ids("chat", {"messages": msgs})
+        assert ids is not None and req.prompt_tokens == len(ids)
+        reported, frame = engines[d.target.key].serve(ids)
+        sub.handle_frames(frame)
+        director.release(d)
+        if i >= 20:
+            total += 1
+            exact += predicted is not None and abs(predicted - reported) < 16
+    assert sub.events > 0 and sub.gaps >= 1  # the restart was seen
+    assert exact / total >= 0.99, (exact, total)
+    assert any(v.removed for v in svc.precise.pods.values())  # evictions happened
+    assert all(v.trusted for v in svc.precise.pods.values())
+
+
+def test_sim_tokenizer_dir_is_what_the_epp_loads() -> None:
+    assert (DATA_DIR / "tokenizer.json").is_file() and sim_tokenizer().chunking
