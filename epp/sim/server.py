@@ -197,9 +197,13 @@ class SimServer:
         self.remote_prefilled_total += remote_prefilled
         arrival = time.monotonic()
         scale = self.cfg.time_scale
-        await asyncio.sleep(self.cfg.api_overhead_s * scale)
-        if remote_prefilled:
-            await asyncio.sleep(self.engine.kv_transfer_s(ids) * scale)
+        try:
+            await asyncio.sleep(self.cfg.api_overhead_s * scale)
+            if remote_prefilled:
+                await asyncio.sleep(self.engine.kv_transfer_s(ids) * scale)
+        except asyncio.CancelledError:
+            self.aborted_total += 1  # gone before the engine saw it
+            raise
         req = Request(
             prompt_ids=ids,
             max_tokens=max_tokens,

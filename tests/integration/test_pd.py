@@ -286,7 +286,7 @@ async def test_non_pool_prefill_target_is_refused_and_never_dialled(pd: PDStack)
 async def _until(cond: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not await cond():
-        assert time.monotonic() < deadline, "condition not reached"
+        assert time.monotonic() < deadline, f"{cond.__name__}: not reached in {timeout}s"
         await asyncio.sleep(0.05)
 
 
@@ -301,7 +301,9 @@ async def test_cancelled_stream_cancels_prefill_and_decode(pd: PDStack) -> None:
         headers={"content-type": "application/json"}))
 
     async def prefilling() -> bool:
-        return bool(_delta(await pd.states(), before, "prefill_only_total"))
+        now = await pd.states()
+        return bool(_delta(now, before, "prefill_only_total")) and any(
+            now[f"{h}:{p}"]["running"] for h, p in pd.prefill)
 
     await _until(prefilling)
     task.cancel()
