@@ -257,7 +257,7 @@ class Simulation:
         self.pods = [Pod(self, i, cfg.replace()) for i, cfg in enumerate(pool)]
         self.requests = requests
         self.router = router
-        self.tokens = TokenCache()
+        self.tokens = TokenCache(pool[0].block_size if pool else 16)
         self.itl = ItlHistogram()
         self.rng = random.Random(seed * 1_000_003 + 11)
         self.by_engine_req: dict[int, tuple[VRequest, bool]] = {}  # rid -> (request, is prefill hop)
@@ -411,6 +411,8 @@ class Simulation:
             remote_prefilled=vr.remote_kv and not prefill_hop,
             arrival=arrived,
         )
+        if pod.cfg.block_size == self.tokens.block_size:
+            req.hashes = list(self.tokens.leading_hashes(vr.full_messages))
         try:
             core.add(req)
         except EngineError as e:

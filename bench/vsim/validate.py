@@ -63,9 +63,10 @@ def _median_run(sc: Scenario, router: str, rate: float, seeds: int) -> dict[str,
 
 
 def compare(
-    path: str | Path, routers: list[str] | None = None, seeds: int = 5
+    results: str | Path | dict[str, Any], routers: list[str] | None = None, seeds: int = 5
 ) -> dict[str, Any]:
-    data = orjson.loads(Path(path).read_bytes())
+    """`results`: a bench.run results.json (path or its parsed content)."""
+    data = results if isinstance(results, dict) else orjson.loads(Path(results).read_bytes())
     sc = scenario_of(data)
     rows = []
     for ph in data["phases"]:

@@ -24,19 +24,44 @@ from typing import Any
 import orjson
 
 from bench.scenarios.workload import RequestSpec, text_of
+from epp.sim.kvcache import ROOT_HASH, chain_hash
 from epp.sim.tokenizer import encode, render_chat
 
 _GEN_PROMPT = render_chat([], add_generation_prompt=True)
 
 
 class TokenCache:
-    """Token ids of chat prompts, memoized per message."""
+    """Token ids of chat prompts, memoized per message, and the engine's block hashes of
+    their shared leading messages (a system prompt is hashed once, not per request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int = 16) -> None:
         self._msg: dict[tuple[str, str], list[int]] = {}
         self._gen = encode(_GEN_PROMPT)
         self.additive: bool | None = None  # unknown until checked
         self._checks = 0
+        self.block_size = block_size
+        self._prefix_hashes: dict[tuple[int, ...], list[int]] = {}
+        self._last_segments: list[list[int]] = []
+
+    def leading_hashes(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Chained block hashes of the full blocks inside every message but the last (what
+        requests of a group or turns of a session share); [] when unknown."""
+        if self.additive is False or len(messages) < 2:
+            return []
+        segs = [self.message(m) for m in messages[:-1]]
+        key = tuple(id(s) for s in segs)
+        hashes = self._prefix_hashes.get(key)
+        if hashes is None:
+            bs = self.block_size
+            shorter = self._prefix_hashes.get(key[:-1], []) if len(key) > 1 else []
+            ids = [t for s in segs for t in s]
+            hashes = list(shorter)
+            parent = hashes[-1] if hashes else ROOT_HASH
+            for j in range(len(hashes), len(ids) // bs):
+                parent = chain_hash(parent, ids[j * bs : (j + 1) * bs])
+                hashes.append(parent)
+            self._prefix_hashes[key] = hashes
+        return hashes
 
     def message(self, m: dict[str, str]) -> list[int]:
         key = (m.get("role", "user"), m.get("content", ""))
