@@ -223,6 +223,9 @@ class Director:
         admitted.candidates = self._candidates(admitted.request)
         return admitted.candidates
 
+    def endpoints(self) -> Sequence[Endpoint]:
+        return self.datastore.endpoints()
+
     def schedule_on(self, admitted: Admitted, endpoints: list[Endpoint]) -> Decision:
         """Schedule on `endpoints` and run the pre-request hooks; raises SchedulingError."""
         req = admitted.request

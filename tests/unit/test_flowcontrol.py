@@ -693,3 +693,31 @@ def test_a_config_with_only_flow_control_keeps_the_built_in_scheduling() -> None
     assert set(rc.scheduler.profiles) == set(default.scheduler.profiles)
     assert rc.flow_control is not None and rc.flow_control.request_ttl_s == 5
     assert [type(h).type_name for h in rc.hooks] == [type(h).type_name for h in default.hooks]
+
+
+def test_a_pass_over_many_blocked_flows_does_not_reschedule_each_one() -> None:
+    d, _eps, _, _ = make(2, businesses=["a", "b"])
+    held = [d.submit(req("a0", business="a"))]
+    calls = Counter[str]()
+    real = d.candidates
+
+    def counting(admitted: Any) -> Any:
+        calls[admitted.request.request_id] += 1
+        return real(admitted)
+
+    d.candidates = counting  # type: ignore[method-assign]
+    for i in range(300):
+        d.submit(req(f"u{i}", business="a", fairness_id=f"user{i}"))
+    calls.clear()
+    # pod b has room but nobody queued may use it: one look per (model, business), not 300
+    assert fc(d).pump() == 0
+    assert sum(calls.values()) == 1
+    held.append(d.submit(req("b0", business="b")))
+    calls.clear()
+    assert fc(d).pump() == 0  # nothing has room anywhere: not even one look
+    assert sum(calls.values()) == 0
+    assert fc(d).queued == 300
+    for dec in held:
+        assert isinstance(dec, Decision)
+        d.release(dec)
+    assert fc(d).queued == 299

@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from epp import clock as epp_clock
@@ -32,7 +32,14 @@ from epp.datalayer.endpoint import Endpoint
 from epp.requestcontrol.decision import Admitted, Decision
 from epp.requestcontrol.errors import RequestError, rate_limited, unavailable
 from epp.requestcontrol.flowcontrol.config import FlowControlSettings
-from epp.requestcontrol.flowcontrol.queue import Band, Ticket, TicketState
+from epp.requestcontrol.flowcontrol.queue import (
+    Band,
+    FlowEntry,
+    Place,
+    Ticket,
+    TicketState,
+    place_of,
+)
 from epp.scheduling.framework import SchedulingError
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,9 @@ class Binder(Protocol):
         """Schedule on `endpoints`; raises SchedulingError if none of them fits."""
 
     def release(self, decision: Decision) -> None: ...
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        """Every endpoint of the pool (to see cheaply that none has room)."""
 
 
 class FlowObserver(Protocol):
@@ -226,7 +236,8 @@ class FlowController:
     def _try_now(
         self, admitted: Admitted, candidates: list[Endpoint], now: float
     ) -> Decision | None:
-        """Schedule on the candidates with room; None when they are all full."""
+        """Schedule on the candidates with room; None when the request must wait (all full,
+        or the ones with room are not for it: its filters removed them)."""
         room = self.detector.available(candidates, now)
         if not room:
             return None
@@ -234,20 +245,33 @@ class FlowController:
             return self.binder.schedule_on(admitted, room)
         except SchedulingError as e:
             if len(room) < len(candidates):
-                return None  # the endpoints this request may use are the full ones
+                return None
             raise unavailable(str(e)) from e
 
     def _dispatch_round(self, now: float) -> int:
+        """One pass over the bands, highest first; inside a band, flows in fairness order. A
+        flow whose head cannot go is skipped for the rest of the pass (dispatching only
+        uses capacity up), a place (model, subset, business) found full is remembered,
+        and a band is left as soon as every place it has requests for is full: a pass over
+        a saturated pool costs a few heap operations, not one look per waiting request."""
+        if not self._any_room(now):
+            return 0
         n = 0
+        full: set[Place] = set()
         for band in self._order:
-            if not band.count:
+            if not band.count or all(p in full for p in band.places):
                 continue
-            blocked: set[str] = set()
-            while band.count:
-                flow = band.pick(blocked)
-                if flow is None:
+            skipped: list[FlowEntry] = []
+            while True:
+                entry = band.next_flow()
+                if entry is None:
                     break
+                flow = entry[3]
                 t = flow.head()
+                place = place_of(t)
+                if place in full:
+                    skipped.append(entry)
+                    continue
                 try:
                     candidates = self.binder.candidates(t.admitted)
                     decision = self._try_now(t.admitted, candidates, now)
@@ -262,13 +286,33 @@ class FlowController:
                     self._finish_rejected(band, t, err, "error", now)
                     continue
                 if decision is None:
-                    blocked.add(flow.flow_id)
+                    full.add(place)
+                    skipped.append(entry)
+                    if all(p in full for p in band.places):
+                        break
                     continue
                 band.pop(flow)
                 self._left_queue(t)
                 self._finish_dispatched(band, t, decision, now)
                 n += 1
+                if not self._any_room(now):
+                    for entry in skipped:
+                        band.push_back(entry)
+                    return n
+            for entry in skipped:
+                band.push_back(entry)
         return n
+
+    def _any_room(self, now: float) -> bool:
+        """Some ready endpoint has room, or none is ready (then the pass answers 503s)."""
+        has_room = self.detector.has_room
+        ready = False
+        for ep in self.binder.endpoints():
+            if ep.ready:
+                if has_room(ep, now):
+                    return True
+                ready = True
+        return not ready
 
     def _finish_dispatched(self, band: Band, t: Ticket, decision: Decision, now: float) -> None:
         t.state = TicketState.DISPATCHED

@@ -15,7 +15,7 @@ earns no credit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 
@@ -39,15 +39,9 @@ class FairnessPolicy:
     def weight(self, flow_id: str) -> float:
         return 1.0
 
-    def pick(self, flows: Iterable[FlowView]) -> FlowView | None:
-        """The flow that dispatches next among `flows` (all non-empty)."""
-        best: FlowView | None = None
-        best_key: tuple[float, int] | None = None
-        for f in flows:
-            k = (f.finish, f.order)
-            if best_key is None or k < best_key:
-                best, best_key = f, k
-        return best
+    def key(self, flow: FlowView) -> tuple[float, int]:
+        """Sort key among the band's flows: the smallest dispatches next."""
+        return (flow.finish, flow.order)
 
 
 class RoundRobinFairness(FairnessPolicy):
@@ -77,14 +71,8 @@ class WeightedFairness(FairnessPolicy):
 class GlobalStrictFairness(FairnessPolicy):
     type_name = "global-strict-fairness-policy"
 
-    def pick(self, flows: Iterable[FlowView]) -> FlowView | None:
-        best: FlowView | None = None
-        best_key: tuple[float, int] | None = None
-        for f in flows:
-            k = f.head_key()
-            if best_key is None or k < best_key:
-                best, best_key = f, k
-        return best
+    def key(self, flow: FlowView) -> tuple[float, int]:
+        return flow.head_key()
 
 
 FAIRNESS_POLICIES: dict[str, type[FairnessPolicy]] = {

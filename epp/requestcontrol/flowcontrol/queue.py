@@ -93,7 +93,7 @@ class Ticket:
 
 
 class Flow:
-    __slots__ = ("finish", "flow_id", "heap", "live", "order")
+    __slots__ = ("finish", "flow_id", "heap", "key", "live", "order", "version")
 
     def __init__(self, flow_id: str, finish: float, order: int) -> None:
         self.flow_id = flow_id
@@ -101,6 +101,8 @@ class Flow:
         self.live = 0
         self.finish = finish
         self.order = order
+        self.version = 0  # bumped when the flow's place in the band's heap changes
+        self.key: tuple[float, int] | None = None
 
     def _trim(self) -> None:
         heap = self.heap
@@ -116,13 +118,33 @@ class Flow:
         return self.heap[0][0]
 
 
+# Where a queued request may go: (routed model, subset hint, business). Requests with the
+# same place are blocked together when it is full.
+Place = tuple[str, frozenset[str] | None, str]
+
+
+def place_of(t: Ticket) -> Place:
+    req = t.admitted.request
+    return (req.routed_model, req.subset, t.business)
+
+
+# An entry of a band's flow heap: (fairness key, activation order, flow version, flow).
+FlowEntry = tuple[tuple[float, int], int, int, Flow]
+
+
 class Band:
-    """One priority level: its flows, counts and the policies that order them."""
+    """One priority level: its flows, counts and the policies that order them.
+
+    The flows sit in a heap on their fairness key; an entry whose flow changed since is
+    stale and skipped. `places` counts the queued requests per place, so a dispatch pass
+    can stop as soon as every place with waiting requests is known to be full."""
 
     def __init__(self, settings: BandSettings) -> None:
         self.settings = settings
         self.priority = settings.priority
         self.flows: dict[str, Flow] = {}
+        self.heap: list[FlowEntry] = []
+        self.places: dict[Place, int] = {}
         self.count = 0
         self.bytes = 0
         self.vtime = 0.0  # finish time of the flow that dispatched last
@@ -141,38 +163,72 @@ class Band:
             self.flows[t.flow_id] = flow
         heapq.heappush(flow.heap, (self.settings.ordering.key(t), t))
         flow.live += 1
-        self.count += 1
-        self.bytes += t.size
+        self._counted(t, 1)
+        self._reposition(flow)
 
     def discard(self, t: Ticket) -> None:
-        """Account for a queued ticket leaving other than from the head (cancel, expiry)."""
-        self.count -= 1
-        self.bytes -= t.size
+        """A queued ticket leaves other than by dispatch (cancel, expiry, rejection); call
+        before changing its state."""
+        self._counted(t, -1)
         flow = self.flows[t.flow_id]
         flow.live -= 1
         if flow.live == 0:
             del self.flows[t.flow_id]
-        elif len(flow.heap) > 2 * flow.live + 16:
-            flow.heap = [e for e in flow.heap if e[1].queued]
+            return
+        if len(flow.heap) > 2 * flow.live + 16:
+            flow.heap = [e for e in flow.heap if e[1].queued and e[1] is not t]
             heapq.heapify(flow.heap)
-
-    def pick(self, blocked: set[str]) -> Flow | None:
-        flows = self.flows
-        if blocked:
-            return self.settings.fairness.pick(  # type: ignore[return-value]
-                f for f in flows.values() if f.flow_id not in blocked
-            )
-        return self.settings.fairness.pick(flows.values())  # type: ignore[return-value]
+        elif flow.heap[0][1] is t:
+            heapq.heappop(flow.heap)
+        self._reposition(flow)
 
     def pop(self, flow: Flow) -> Ticket:
         """Take `flow`'s head for dispatch and advance the flow's virtual time."""
         t = flow.head()
         heapq.heappop(flow.heap)
-        self.count -= 1
-        self.bytes -= t.size
+        self._counted(t, -1)
         self.vtime = flow.finish
         flow.finish += 1.0 / self.settings.fairness.weight(flow.flow_id)
         flow.live -= 1
         if flow.live == 0:
             del self.flows[flow.flow_id]
+        else:
+            self._reposition(flow)
         return t
+
+    def next_flow(self) -> FlowEntry | None:
+        """Pop the flow that dispatches next (its entry: push it back if it is skipped)."""
+        heap = self.heap
+        while heap:
+            entry = heapq.heappop(heap)
+            flow = entry[3]
+            if entry[2] == flow.version and self.flows.get(flow.flow_id) is flow:
+                return entry
+        return None
+
+    def push_back(self, entry: FlowEntry) -> None:
+        heapq.heappush(self.heap, entry)
+
+    def _reposition(self, flow: Flow) -> None:
+        key = self.settings.fairness.key(flow)
+        if key == flow.key:
+            return
+        flow.key = key
+        flow.version += 1
+        heap = self.heap
+        heapq.heappush(heap, (key, flow.order, flow.version, flow))
+        if len(heap) > 2 * len(self.flows) + 64:
+            self.heap = [
+                e for e in heap if e[2] == e[3].version and self.flows.get(e[3].flow_id) is e[3]
+            ]
+            heapq.heapify(self.heap)
+
+    def _counted(self, t: Ticket, delta: int) -> None:
+        self.count += delta
+        self.bytes += delta * t.size
+        place = place_of(t)
+        n = self.places.get(place, 0) + delta
+        if n:
+            self.places[place] = n
+        else:
+            del self.places[place]
