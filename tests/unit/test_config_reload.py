@@ -20,7 +20,6 @@ from epp.requestcontrol.director import Decision, Director, Ticket
 from epp.scheduling.config import DEFAULT_CONFIG
 from epp.scheduling.request import InferenceRequest
 from epp.serve import App, add_arguments
-from tests.integration.helpers import metric_samples
 
 FLOW_ON = yaml.safe_dump(
     {
@@ -49,10 +48,12 @@ def app_with(path: Path, text: str) -> App:
 
 def reloads(app: App) -> dict[str, float]:
     assert app.metrics is not None
-    from prometheus_client import generate_latest
-
-    text = generate_latest(app.metrics.registry).decode()
-    return {lab["result"]: v for lab, v in metric_samples(text, "epp_config_reload_total")}
+    out: dict[str, float] = {}
+    for fam in app.metrics.registry.collect():
+        for sample in fam.samples:
+            if sample.name == "epp_config_reload_total":
+                out[sample.labels["result"]] = sample.value
+    return out
 
 
 def req(rid: str) -> InferenceRequest:

@@ -539,7 +539,7 @@ async def test_async_wait_returns_the_decision_and_cancel_leaves_the_queue() -> 
     assert isinstance(t1, Ticket) and isinstance(t2, Ticket)
     task1 = asyncio.create_task(waiter.wait(t1))
     task2 = asyncio.create_task(waiter.wait(t2))
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0)  # both tasks are now waiting
     task2.cancel()  # the client of w2 went away
     with pytest.raises(asyncio.CancelledError):
         await task2
