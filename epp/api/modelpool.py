@@ -201,10 +201,22 @@ class GatewaySpec(_Model):
 
 
 class EppSpec(_Model):
+    """The pool's endpoint picker. `managed` (the default): the reconciler renders it
+    (Deployment, Service, ServiceAccount, read-only Role + RoleBinding, PodDisruptionBudget);
+    off: the InferencePool points at `serviceName`, an EPP installed by other means."""
+
+    managed: bool = Field(default=True, description="render and run the pool's EPP")
     service_name: str = Field(default="", description="EPP Service; default <pool>-epp")
     port: int = Field(default=9002, ge=1, le=65535)
     failure_mode: FailureMode = "FailClose"
     business_header: str = "x-business"
+    image: str = Field(default="", description="EPP image; default the reconciler's --epp-image")
+    replicas: int = Field(default=1, ge=0, le=100)
+    config: dict[str, Any] | None = Field(
+        default=None, description="EndpointPickerConfig (plugins, schedulingProfiles); "
+        "default the EPP's built-in config")
+    resources: Resources = Field(default_factory=Resources)
+    extra_args: list[str] = Field(default_factory=list, description="more `epp serve` flags")
 
     @field_validator("business_header")
     @classmethod

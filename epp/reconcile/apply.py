@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from epp import IMAGE
 from epp.api.modelpool import ModelPool
 from epp.reconcile.kube import ApiError, Kube, path_for
 from epp.reconcile.render import LABEL_POOL, OWNED_KINDS, Kind
@@ -26,6 +27,7 @@ _CONFLICT = re.compile(r'conflict with "([^"]+)"')
 class ApplySettings:
     manager: str = FIELD_MANAGER
     force_conflicts: bool = False
+    epp_image: str = IMAGE  # the pools' EPP image unless a ModelPool names its own
 
 
 class ConflictError(Exception):

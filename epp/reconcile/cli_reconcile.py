@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+from epp import IMAGE
 from epp.reconcile.apply import FIELD_MANAGER, ApplySettings
 from epp.reconcile.controller import Controller, reconcile_all
 from epp.reconcile.kube import Kube
@@ -22,12 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take over fields another applier owns instead of reporting them")
     parser.add_argument("--resync", type=float, default=30.0, help="seconds between full passes")
     parser.add_argument("--once", action="store_true", help="reconcile every pool once and exit")
+    parser.add_argument("--epp-image", default=IMAGE,
+                        help="image of the pools' EPP Deployments (a ModelPool's "
+                             "spec.epp.image wins); in a cluster, the reconciler's own image")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
 
 
 async def _main(args: argparse.Namespace) -> int:
     kube = await Kube.connect(args.kubeconfig)
-    settings = ApplySettings(args.field_manager, args.force_conflicts)
+    settings = ApplySettings(args.field_manager, args.force_conflicts, args.epp_image)
     try:
         if args.once:
             results = await reconcile_all(kube, args.namespace, settings)

@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from epp import IMAGE
 from epp.api.errors import UserError, one_line, validation_message
 from epp.api.modelpool import API_VERSION, KIND, ModelPool
-from epp.reconcile import render, template
+from epp.reconcile import render, render_epp, template
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add ownerReferences to a ModelPool with this uid")
     parser.add_argument("-n", "--namespace", default="",
                         help="namespace for pools that do not set one")
+    parser.add_argument("--epp-image", default=IMAGE,
+                        help="image of the pools' EPP (a ModelPool's spec.epp.image wins)")
+    parser.add_argument("--pdb-api", default="policy/v1", choices=["policy/v1", "policy/v1beta1"],
+                        help="PodDisruptionBudget API (policy/v1beta1 below Kubernetes 1.21)")
 
 
 class RenderInputError(UserError):
@@ -69,7 +74,8 @@ def _not_a_modelpool(docs: list[dict[str, Any]], sources: list[str]) -> str:
 
 
 def render_documents(
-    docs: list[dict[str, Any]], template_file: str = "", owner_uid: str = "", namespace: str = ""
+    docs: list[dict[str, Any]], template_file: str = "", owner_uid: str = "", namespace: str = "",
+    epp: render_epp.EppOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Render every ModelPool among `docs`. Raises ValueError with a readable message."""
     configmaps = {
@@ -109,7 +115,7 @@ def render_documents(
                     "among the inputs; add it with -f or pass --template"
                 )
         try:
-            out += render.render(pool, base, owner=bool(owner_uid))
+            out += render.render(pool, base, owner=bool(owner_uid), epp=epp)
         except ValueError as e:  # a spec the models accept but rendering cannot satisfy
             raise RenderInputError(f"ModelPool {pool.name}: {e}") from None
     return out
@@ -117,7 +123,8 @@ def render_documents(
 
 def run(args: argparse.Namespace) -> int:
     objs = render_documents(
-        load_documents(args.filename), args.template, args.owner_uid, args.namespace
+        load_documents(args.filename), args.template, args.owner_uid, args.namespace,
+        render_epp.EppOptions(image=args.epp_image, pdb_api=args.pdb_api),
     )
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False, width=120))
     return 0

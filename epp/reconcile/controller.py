@@ -82,6 +82,10 @@ class Controller:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # 410 Gone, API down, CRD missing: relist after a pause
+                if isinstance(e, ApiError) and e.not_found:  # kind not served (e.g. the
+                    log.debug("watch %s: not served; retrying in 60s", path)  # other PDB API)
+                    await asyncio.sleep(60.0)
+                    continue
                 level = logging.DEBUG if isinstance(e, ApiError) and e.status == 410 else \
                     logging.INFO
                 log.log(level, "watch %s: %s; relisting in %.1fs", plural, e, backoff)

@@ -76,6 +76,7 @@ STATUS_SCHEMA: dict[str, Any] = {
             "additionalProperties": {"type": "integer"},
         },
         "readyEndpoints": {"type": "integer"},
+        "epp": {**_COUNTS, "description": "the pool's own EPP Deployment (spec.epp.managed)"},
         "conditions": {
             "type": "array",
             "x-kubernetes-list-type": "map",
@@ -131,6 +132,7 @@ def crd() -> dict[str, Any]:
                      "jsonPath": ".status.roles.decode.readyReplicas"},
                     {"name": "Prefill", "type": "integer",
                      "jsonPath": ".status.roles.prefill.readyReplicas"},
+                    {"name": "EPP", "type": "integer", "jsonPath": ".status.epp.readyReplicas"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": {

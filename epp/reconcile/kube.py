@@ -62,6 +62,7 @@ class Kube:
 
     def __init__(self, api: kclient.ApiClient) -> None:
         self.api = api
+        self._served: dict[str, bool] = {}
 
     @classmethod
     async def connect(cls, kubeconfig: str = "") -> Kube:
@@ -69,6 +70,13 @@ class Kube:
 
     async def close(self) -> None:
         await self.api.close()
+
+    async def serves(self, api_version: str) -> bool:
+        """Whether the server serves `group/version` (asked once per connection)."""
+        if api_version not in self._served:
+            path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+            self._served[api_version] = await self.get_or_none(path) is not None
+        return self._served[api_version]
 
     async def request(
         self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from epp.api.errors import validation_message
 from epp.api.modelpool import API_VERSION, KIND, PLURAL, ModelPool
-from epp.reconcile import distribution, render, status, template
+from epp.reconcile import distribution, render, render_epp, status, template
 from epp.reconcile.apply import (
     ApplySettings,
     ConflictError,
@@ -130,13 +130,18 @@ async def reconcile(kube: Kube, namespace: str, name: str, settings: ApplySettin
     ready = 0
     unsatisfied = ""
     pool: ModelPool | None = None
+    epp_status: tuple[int, dict[str, Any]] | None = None  # (replicas wanted, EPP Deployment)
     try:
         pool = ModelPool.from_dict(raw)
     except ValidationError as e:
         problem = ("InvalidSpec", validation_message(e))
     if pool is not None:
         try:
-            objs = render.render(pool, await load_template(kube, pool))
+            epp_opts = render_epp.EppOptions(
+                image=settings.epp_image,
+                pdb_api="policy/v1" if await kube.serves("policy/v1") else "policy/v1beta1",
+            )
+            objs = render.render(pool, await load_template(kube, pool), epp=epp_opts)
             for obj in objs:
                 await apply_one(kube, obj, settings)
             result.pruned = await prune(kube, pool, objs)
@@ -150,6 +155,10 @@ async def reconcile(kube: Kube, namespace: str, name: str, settings: ApplySettin
                 dep = await kube.get_or_none(
                     path_for("apps/v1", "deployments", namespace, f"{name}-{role}"))
                 deployments[role] = dep or {}
+            if pool.spec.epp.managed:
+                epp_dep = await kube.get_or_none(
+                    path_for("apps/v1", "deployments", namespace, render_epp.name(pool)))
+                epp_status = (pool.spec.epp.replicas, epp_dep or {})
         except template.TemplateError as e:
             problem = ("InvalidTemplate", str(e))
         except ValueError as e:
@@ -161,7 +170,7 @@ async def reconcile(kube: Kube, namespace: str, name: str, settings: ApplySettin
         except ApiError as e:
             problem = ("ApplyFailed", str(e))
     obs = status.Observed(generation, desired, deployments, businesses, ready, problem,
-                          unsatisfied)
+                          unsatisfied, epp_status)
     new_status = status.compute(obs, previous)
     if problem is not None:
         result.ok, result.reason, result.message = False, problem[0], problem[1]
@@ -176,6 +185,8 @@ async def reconcile(kube: Kube, namespace: str, name: str, settings: ApplySettin
         for key in ("roles", "businesses"):  # a merge patch keeps map keys unless nulled
             gone = set(previous.get(key) or {}) - set(new_status[key])
             patch[key] = {**new_status[key], **dict.fromkeys(gone)}
+        if "epp" in previous and "epp" not in new_status:  # managed turned off
+            patch["epp"] = None
         try:
             await kube.merge_patch(pool_path(namespace, name, "status"), {"status": patch},
                                    settings.manager)

@@ -6,7 +6,8 @@ Objects (all namespaced in the pool's namespace, labelled `epp.dev/pool=<pool>`)
   the Deployment selector is pool + role only, so relabelling `business` never orphans a pod;
 - the `InferencePool` `<pool>` selecting every pod of the pool;
 - one `InferenceModel` per served model name (with its businesses' criticality);
-- one `HTTPRoute` `<pool>-<business>` per business, setting the business header.
+- one `HTTPRoute` `<pool>-<business>` per business, setting the business header;
+- the pool's EPP (`render_epp.py`) unless `spec.epp.managed` is off.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from epp.api.modelpool import (
     RoleSpec,
     model_label_value,
 )
-from epp.reconcile import artifacts, engines, template
+from epp.reconcile import artifacts, engines, render_epp, template
 from epp.reconcile.merge import merge
 
 LABEL_POOL = "epp.dev/pool"
@@ -54,6 +55,12 @@ OWNED_KINDS: tuple[Kind, ...] = (
     Kind(POOL_API, "InferencePool", "inferencepools"),
     Kind(MODEL_API, "InferenceModel", "inferencemodels"),
     Kind(ROUTE_API, "HTTPRoute", "httproutes"),
+    # the pool's EPP (render_epp.py)
+    Kind("v1", "ServiceAccount", "serviceaccounts"),
+    Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
+    Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
+    Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    Kind("policy/v1beta1", "PodDisruptionBudget", "poddisruptionbudgets"),
 )
 
 DEFAULT_TEMPLATE: dict[str, Any] = {
@@ -279,10 +286,13 @@ def http_routes(pool: ModelPool, owner: bool = True) -> list[dict[str, Any]]:
 
 
 def render(
-    pool: ModelPool, base_template: dict[str, Any] | None = None, owner: bool = True
+    pool: ModelPool,
+    base_template: dict[str, Any] | None = None,
+    owner: bool = True,
+    epp: render_epp.EppOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Every object the pool stands for, in apply order. Raises ValueError on a bad spec."""
-    objs: list[dict[str, Any]] = []
+    objs: list[dict[str, Any]] = render_epp.render(pool, lambda n: _meta(pool, n, owner), epp)
     roles = pool.spec.roles.items()
     objs += [service(pool, role, owner) for role, _ in roles]
     objs += [deployment(pool, role, spec, base_template, owner) for role, spec in roles]

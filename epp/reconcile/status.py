@@ -22,6 +22,7 @@ class Observed:
     ready_endpoints: int = 0
     problem: tuple[str, str] | None = None  # (reason, message) when the pass failed
     unsatisfied: str = ""  # distribution that could not be met (pinned pods), if any
+    epp: tuple[int, dict[str, Any]] | None = None  # managed EPP: (replicas wanted, Deployment)
 
 
 def now() -> str:
@@ -45,20 +46,26 @@ def compute(observed: Observed, previous: dict[str, Any]) -> dict[str, Any]:
     roles: dict[str, dict[str, int]] = {}
     not_ready: list[str] = []
     rolling: list[str] = []
-    for role, want in observed.desired.items():
-        dep = observed.deployments.get(role) or {}
+
+    def deployment_counts(what: str, want: int | None, dep: dict[str, Any]) -> dict[str, int]:
         st = dep.get("status") or {}
         spec_replicas = (dep.get("spec") or {}).get("replicas", 0)
         desired = spec_replicas if want is None else want
         ready = int(st.get("readyReplicas") or 0)
         updated = int(st.get("updatedReplicas") or 0)
-        roles[role] = {"replicas": int(st.get("replicas") or 0), "readyReplicas": ready,
-                       "updatedReplicas": updated}
         if ready < desired:
-            not_ready.append(f"{role} {ready}/{desired} ready")
+            not_ready.append(f"{what} {ready}/{desired} ready")
         stale = (dep.get("metadata") or {}).get("generation", 0) != st.get("observedGeneration")
         if stale or updated < desired or int(st.get("replicas") or 0) != desired:
-            rolling.append(role)
+            rolling.append(what)
+        return {"replicas": int(st.get("replicas") or 0), "readyReplicas": ready,
+                "updatedReplicas": updated}
+
+    for role, want in observed.desired.items():
+        roles[role] = deployment_counts(role, want, observed.deployments.get(role) or {})
+    epp = None
+    if observed.epp is not None:
+        epp = deployment_counts("epp", observed.epp[0], observed.epp[1])
     conds = []
     if observed.problem is not None:
         reason, msg = observed.problem
@@ -79,11 +86,14 @@ def compute(observed: Observed, previous: dict[str, Any]) -> dict[str, Any]:
         conds.append(_cond(prev_conds, "Degraded", degraded,
                            "DistributionUnsatisfiable" if degraded else "AsExpected",
                            observed.unsatisfied or "no problem", gen))
-    return {
+    out: dict[str, Any] = {
         "observedGeneration": gen,
         "roles": roles,
         "businesses": dict(sorted(observed.businesses.items())),
         "readyEndpoints": observed.ready_endpoints,
         "conditions": conds,
     }
+    if epp is not None:
+        out["epp"] = epp
+    return out
 

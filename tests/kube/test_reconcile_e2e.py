@@ -176,7 +176,8 @@ async def start_stack(procs: Procs, kubeconfig: Path, ns: str, ips: list[str],
     for ip in ips:
         await wait_http(f"http://{ip}:{port}/health", proc=sim)
     await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", proc=epp)
-    opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_ports=[grpc_port])
+    opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_ports=[grpc_port],
+                       upstream="original_dst")  # no EDS file here: pods come from the API
     envoy = procs.add(start_envoy(render_envoy_config(opts), procs.workdir))
     await wait_http(f"http://127.0.0.1:{opts.admin_port}/ready", proc=envoy)
     return f"http://127.0.0.1:{opts.listen_port}"

@@ -76,7 +76,10 @@ async def children(kube: Kube, ns: str, pool: str = "mp") -> dict[str, dict[str,
     for api, plural in [("v1", "services"), ("apps/v1", "deployments"),
                         ("inference.networking.k8s.io/v1", "inferencepools"),
                         ("inference.networking.x-k8s.io/v1alpha2", "inferencemodels"),
-                        ("gateway.networking.k8s.io/v1", "httproutes")]:
+                        ("gateway.networking.k8s.io/v1", "httproutes"),
+                        ("v1", "serviceaccounts"), ("rbac.authorization.k8s.io/v1", "roles"),
+                        ("rbac.authorization.k8s.io/v1", "rolebindings"),
+                        ("policy/v1beta1", "poddisruptionbudgets")]:
         res = await kube.list_objects(path_for(api, plural, ns), f"epp.dev/pool={pool}")
         kind = str(res.get("kind", "")).removesuffix("List")
         for item in res.get("items") or []:
@@ -98,7 +101,10 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
     objs = await children(kube, kube_ns)
     assert sorted(objs) == sorted([
         "Service/mp-prefill", "Service/mp-decode", "Deployment/mp-prefill", "Deployment/mp-decode",
-        "InferencePool/mp", "InferenceModel/mp", "HTTPRoute/mp-production", "HTTPRoute/mp-testing"])
+        "InferencePool/mp", "InferenceModel/mp", "HTTPRoute/mp-production", "HTTPRoute/mp-testing",
+        # the pool's own EPP (1.20 serves PodDisruptionBudget as policy/v1beta1 only)
+        "ServiceAccount/mp-epp", "Role/mp-epp", "RoleBinding/mp-epp", "Service/mp-epp",
+        "Deployment/mp-epp", "PodDisruptionBudget/mp-epp"])
     for o in objs.values():
         ref = o["metadata"]["ownerReferences"][0]
         assert (ref["uid"], ref["controller"]) == (uid, True)
@@ -281,7 +287,8 @@ async def test_controller_status_readiness_distribute_and_churn(
 def test_render_matches_what_is_applied(cluster: Any, kube_ns: str) -> None:
     """`epp render` output is accepted by the API server as is (server-side dry run)."""
     from epp.reconcile.cli_render import render_documents
-    objs = render_documents([pool_doc(kube_ns)])
+    from epp.reconcile.render_epp import EppOptions
+    objs = render_documents([pool_doc(kube_ns)], epp=EppOptions(pdb_api="policy/v1beta1"))
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
                           input=yaml.safe_dump_all(objs))
-    assert out.count("serverside-applied") == len(objs) == 8
+    assert out.count("serverside-applied") == len(objs) == 8 + 6  # + the EPP objects

@@ -36,7 +36,10 @@ VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletec
 OWNED = (("", "services"), ("apps", "deployments"),
          ("inference.networking.k8s.io", "inferencepools"),
          ("inference.networking.x-k8s.io", "inferencemodels"),
-         ("gateway.networking.k8s.io", "httproutes"))
+         ("gateway.networking.k8s.io", "httproutes"),
+         # the pool's own EPP (epp/reconcile/render_epp.py)
+         ("", "serviceaccounts"), ("rbac.authorization.k8s.io", "roles"),
+         ("rbac.authorization.k8s.io", "rolebindings"), ("policy", "poddisruptionbudgets"))
 RESOURCES = (  # (group, resource, subresource) probed with every verb
     *((g, r, "") for g, r in OWNED),
     ("epp.dev", "modelpools", ""), ("epp.dev", "modelpools", "status"),
@@ -48,7 +51,7 @@ RESOURCES = (  # (group, resource, subresource) probed with every verb
     ("inference.networking.x-k8s.io", "inferenceobjectives", ""),
     ("coordination.k8s.io", "leases", ""),
     ("rbac.authorization.k8s.io", "clusterroles", ""),
-    ("rbac.authorization.k8s.io", "rolebindings", ""),
+    ("rbac.authorization.k8s.io", "clusterrolebindings", ""),
 )
 EXPECTED = {
     *((v, g, r, "") for g, r in OWNED
@@ -59,6 +62,8 @@ EXPECTED = {
     *((v, "", "pods", "") for v in ("get", "list", "watch", "patch")),
     ("get", "", "configmaps", ""),
     ("create", "", "events", ""),
+    *((v, "inference.networking.x-k8s.io", "inferenceobjectives", "")
+      for v in ("get", "list", "watch")),
 }
 
 

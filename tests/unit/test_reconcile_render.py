@@ -53,7 +53,9 @@ def test_objects_and_labels() -> None:
     ))
     objs = render.render(pool)
     kinds = [o["kind"] for o in objs]
-    assert kinds == ["Service", "Service", "Deployment", "Deployment", "InferencePool",
+    epp = ["ServiceAccount", "Role", "RoleBinding", "Service", "Deployment",
+           "PodDisruptionBudget"]  # the pool's own EPP (test_reconcile_render_epp.py)
+    assert kinds == [*epp, "Service", "Service", "Deployment", "Deployment", "InferencePool",
                      "InferenceModel", "HTTPRoute", "HTTPRoute"]
     for o in objs:
         assert o["metadata"]["namespace"] == "ns"
