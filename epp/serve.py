@@ -328,6 +328,7 @@ class App:
         )
         director = self.director
         self.metrics.attach_flow_queue(lambda: director.flow.sizes if director.flow else None)
+        self.metrics.track_open_requests(lambda: director.open_requests)
         if a.config_file and not a.config_text and a.config_reload_interval > 0:
             self.config_watcher = ConfigFileWatcher(
                 a.config_file,

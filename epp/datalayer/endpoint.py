@@ -102,6 +102,30 @@ class LatencyStats:
     uncached_tokens: float = 0.0
 
 
+@dataclass(slots=True)
+class EndpointHealth:
+    """Evidence that an endpoint cannot serve right now (monotonic times; 0 = none).
+
+    `unreachable_until`: the metrics scraper could not connect (set to +inf until a scrape
+    succeeds again) or the gateway had to retry elsewhere / failed to connect (a hold that a
+    good scrape clears early). `cool_off_until`: a burst of 5xx answers; only time ends it.
+    The health filter stops picking the endpoint while either lies in the future."""
+
+    unreachable_until: float = 0.0
+    cool_off_until: float = 0.0
+    consecutive_errors: int = 0  # 5xx answers in a row
+    connect_failures: int = 0  # totals, exported as metrics
+    error_bursts: int = 0
+
+    def down(self, now: float) -> bool:
+        return now < self.unreachable_until or now < self.cool_off_until
+
+    def reason(self, now: float) -> str:
+        if now < self.unreachable_until:
+            return "unreachable"
+        return "errors" if now < self.cool_off_until else ""
+
+
 @dataclass(slots=True, eq=False)
 class Endpoint:
     """A model-server target: one pod IP and one target port."""
@@ -123,6 +147,7 @@ class Endpoint:
     queue: PrefillQueue = field(default_factory=PrefillQueue)
     latency: LatencyStats = field(default_factory=LatencyStats)
     served_models: frozenset[str] = frozenset()  # from /v1/models or labels; empty = unknown
+    health: EndpointHealth = field(default_factory=EndpointHealth)
 
     def __post_init__(self) -> None:
         self.key = format_hostport(self.address, self.port)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 
 import aiohttp
@@ -182,6 +183,14 @@ class MetricsScraper:
                 raise ScrapeError("no known queue/running/KV metric on the page")
         except asyncio.CancelledError:
             raise
+        except aiohttp.ClientConnectorError as e:
+            # Nothing listens (or no route): the pod is gone or restarting. Unlike a slow
+            # answer this is certain, so the health filter drops it now, until a scrape works.
+            if ep.health.unreachable_until != math.inf:
+                ep.health.unreachable_until = math.inf
+                ep.health.connect_failures += 1
+            self._failed(ep, url, f"{type(e).__name__}: {e}")
+            return False
         except (aiohttp.ClientError, TimeoutError, OSError, ScrapeError) as e:
             self._failed(ep, url, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return False
@@ -191,6 +200,7 @@ class MetricsScraper:
             return False
         if ep.metrics.scrape_errors:
             log.info("scrape %s: recovered after %d failures", url, ep.metrics.scrape_errors)
+        ep.health.unreachable_until = 0.0
         apply_metrics(ep.metrics, parsed, clock.now())
         return True
 

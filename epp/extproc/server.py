@@ -35,7 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp import clock
-from epp.api.headers import REQUEST_ID
+from epp.api.headers import DESTINATION_SERVED, REQUEST_ID
 from epp.extproc import messages as m
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.director import Decision, Director, Ticket
@@ -49,6 +49,10 @@ BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _MODE_NAMES = {"BUFFERED": BUFFERED, "FULL_DUPLEX_STREAMED": FULL_DUPLEX}
+
+# Response headers the gateway adds (manifests/gateway): upstream attempts, who answered.
+_ATTEMPTS = "x-envoy-attempt-count"
+_SERVED = DESTINATION_SERVED
 
 _USAGE_RE = {
     "prompt": re.compile(rb'"prompt_tokens"\s*:\s*(\d+)'),
@@ -366,10 +370,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self.director.first_byte(d, now, learn=False)
         status = 0
         for h in msg.response_headers.headers.headers:
-            if h.key == ":status":
+            key = h.key
+            if key == ":status":
                 raw = h.raw_value or h.value.encode()
                 status = int(raw) if raw.isdigit() else 0
-                break
+            elif key == _ATTEMPTS:
+                raw = h.raw_value or h.value.encode()
+                d.attempts = int(raw) if raw.isdigit() else 0
+            elif key == _SERVED:
+                d.served = (h.raw_value or h.value.encode()).decode(errors="replace")
         self.director.response_headers(d, status)
         if msg.response_headers.end_of_stream:
             self._finish(st)

@@ -7,13 +7,15 @@ they cost the request path nothing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from epp import clock
 from epp.datalayer.datastore import Datastore
 
 _LATENCY_BUCKETS = (
@@ -167,6 +169,11 @@ class EppMetrics:
             ["mode", "outcome"],
             registry=r,
         )
+        # Leak watch (bench/soak.py): process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=r)
+        Gauge("epp_asyncio_tasks", "Tasks alive on the EPP's event loop.", registry=r).set_function(
+            _task_count
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
         self._pd_children: dict[tuple[str, str], Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
@@ -205,6 +212,15 @@ class EppMetrics:
     def attach_precise_index(self, index: Any) -> None:
         """Per-endpoint gauges of the precise prefix index (computed at scrape time)."""
         self.registry.register(_PreciseCollector(index))
+
+    def track_open_requests(self, count: Callable[[], float]) -> None:
+        """`epp_open_requests`: scheduled requests not yet released, over all endpoints
+        (including endpoints removed meanwhile); 0 when idle, or something leaks."""
+        Gauge(
+            "epp_open_requests",
+            "Scheduled requests whose lifecycle has not ended yet.",
+            registry=self.registry,
+        ).set_function(count)
 
     def attach_datastore(self, datastore: Datastore) -> None:
         self.registry.register(_PoolCollector(datastore, self.pool_name))
@@ -258,7 +274,7 @@ class _PoolCollector(Collector):
         self.datastore = datastore
         self.pool_name = pool_name
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         eps = self.datastore.endpoints()
         ready = [ep for ep in eps if ep.ready]
         name = self.pool_name
@@ -293,11 +309,36 @@ class _PoolCollector(Collector):
             "Estimated tokens the EPP has in flight per endpoint.",
             labels=["endpoint"],
         )
+        down = GaugeMetricFamily(
+            "epp_endpoint_down",
+            "1 while the EPP skips the endpoint: reason unreachable (no connect, or the "
+            "gateway had to retry elsewhere) or errors (a burst of 5xx).",
+            labels=["endpoint", "reason"],
+        )
+        connect_failures = CounterMetricFamily(
+            "epp_endpoint_connect_failures",
+            "Times an endpoint was found unreachable (scraper or gateway retries).",
+            labels=["endpoint"],
+        )
+        bursts = CounterMetricFamily(
+            "epp_endpoint_error_bursts",
+            "Times an endpoint was cooled off after consecutive 5xx answers.",
+            labels=["endpoint"],
+        )
+        now = clock.now()
         for ep in eps:
             per_pod_queue.add_metric([name, ep.name or ep.key], ep.metrics.waiting)
             inflight.add_metric([ep.key, ep.business, ep.role], ep.inflight.requests)
             inflight_tokens.add_metric([ep.key], ep.inflight.tokens)
+            h = ep.health
+            if h.down(now):
+                down.add_metric([ep.key, h.reason(now)], 1)
+            if h.connect_failures:
+                connect_failures.add_metric([ep.key], h.connect_failures)
+            if h.error_bursts:
+                bursts.add_metric([ep.key], h.error_bursts)
         yield from (pool_ready, kv, queue, per_pod_queue, inflight, inflight_tokens)
+        yield from (down, connect_failures, bursts)
 
 
 class _PreciseCollector(Collector):
@@ -320,3 +361,10 @@ class _PreciseCollector(Collector):
             blocks.add_metric([key], len(v.blocks))
             trusted.add_metric([key], 1.0 if v.trusted else 0.0)
         yield from (blocks, trusted)
+
+
+def _task_count() -> float:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped from outside the event loop
+        return float("nan")

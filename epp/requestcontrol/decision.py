@@ -29,6 +29,10 @@ class Decision:
     # Position of the request's prefill in its endpoint's queue (PrefillQueue.charged_total
     # right after it was charged), for the in-flight accounting's first-token correction.
     queue_position: float = 0.0
+    # From the gateway's response headers (0 / "" when it does not say): how many upstream
+    # attempts it made and which `ip:port` answered (`x-gateway-destination-endpoint-served`).
+    attempts: int = 0
+    served: str = ""
     # Scratch space for lifecycle hooks that need per-request state (keyed by hook name).
     hook_state: dict[str, Any] | None = None
     # The lifecycle hooks this request started with (a `HookSet`; survives config reloads).

@@ -75,6 +75,7 @@ class Director:
         self.on_pick = on_pick
         self.flow_observer = flow_observer
         self.prefix_index = scheduler.services.prefix_index
+        self.open_requests = 0  # scheduled, not yet released (a leak shows here)
         if hooks is None:
             from epp.requestcontrol.config import default_hooks
 
@@ -231,6 +232,7 @@ class Director:
         req = admitted.request
         result = self.scheduler.schedule(req, endpoints)
         decision = Decision(req, result, admitted.rewritten_model, clock.now())
+        self.open_requests += 1
         hook_set = self._hooks
         decision.hook_set = hook_set
         for hook in hook_set.pre_request:
@@ -242,6 +244,8 @@ class Director:
     def pick_any(self, request_id: str) -> Endpoint:
         """For header-only requests (no model): the least loaded ready endpoint."""
         ready = [ep for ep in self.datastore.endpoints() if ep.ready and ep.can_decode()]
+        now = clock.now()
+        ready = [ep for ep in ready if not ep.health.down(now)] or ready
         if not ready:
             raise unavailable("no ready endpoint")
         return min(ready, key=lambda ep: (ep.inflight.requests, self.rng.random()))
@@ -288,6 +292,7 @@ class Director:
             return
         self._settle_prefill(d)
         d.released = True
+        self.open_requests -= 1
         for hook in self._set(d).release:
             hook.release(d)
 

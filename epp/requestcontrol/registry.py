@@ -6,6 +6,7 @@ lists scheduler plugins still gets accounting, prefix-index upkeep and latency l
 
 from __future__ import annotations
 
+from epp.requestcontrol.hooks.failure_learning import FailureLearning
 from epp.requestcontrol.hooks.inflight import InFlightAccounting
 from epp.requestcontrol.hooks.latency_learning import LatencyLearning
 from epp.requestcontrol.hooks.prefix_insert import PrefixCacheInsert
@@ -17,6 +18,7 @@ HOOKS: dict[str, type[LifecycleHook]] = {
         InFlightAccounting,
         PrefixCacheInsert,
         LatencyLearning,
+        FailureLearning,
     )
 }
 
@@ -26,4 +28,5 @@ DEFAULT_HOOKS: tuple[str, ...] = (
     InFlightAccounting.type_name,
     PrefixCacheInsert.type_name,
     LatencyLearning.type_name,
+    FailureLearning.type_name,
 )

@@ -78,6 +78,8 @@ plugins:
 - type: kv-cache-utilization-scorer
 - type: session-affinity-scorer
 - type: max-score-picker
+  parameters:
+    maxNumOfEndpoints: 3  # target + 2 fallbacks the gateway retries on (docs/reliability.md)
 - type: pd-profile-handler
 schedulingProfiles:
 - name: decode

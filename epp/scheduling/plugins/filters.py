@@ -82,9 +82,11 @@ class PrefillFilter(RoleFilter):
 
 
 class HealthFilter(Filter):
-    """Drop endpoints that are not ready, and those whose metrics have gone stale while
-    others are fresh (a pod that stopped answering its /metrics is probably in trouble).
-    Never filters everything out for staleness alone."""
+    """Drop endpoints that are not ready, those known to be down (`Endpoint.health`: the
+    scraper could not connect, the gateway had to retry elsewhere, a burst of 5xx), and those
+    whose metrics have gone stale while others are fresh (a pod that stopped answering its
+    /metrics is probably in trouble). Never filters every ready endpoint out: with none
+    left, the request goes where it would have gone (and gets the gateway's answer)."""
 
     type_name = "health-filter"
 
@@ -97,9 +99,10 @@ class HealthFilter(Filter):
     ) -> list[Endpoint]:
         ready = [ep for ep in endpoints if ep.ready]
         now = clock.now()
+        up = [ep for ep in ready if not ep.health.down(now)] or ready
         fresh = [
             ep
-            for ep in ready
+            for ep in up
             if ep.metrics.scrape_errors < self.min_errors or ep.metrics.age(now) <= self.stale_after
         ]
-        return fresh or ready
+        return fresh or up

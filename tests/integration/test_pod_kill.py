@@ -1,0 +1,37 @@
+"""A pod SIGKILLed under 20 req/s, through real Envoy + the EPP + simulator processes.
+
+Requests that had not received a response byte when the pod died are retried on the EPP's
+fallbacks (zero failures); streams already under way are cut, never replayed; the EPP stops
+picking the dead pod at once and picks it again once it is back. bench/faults.py is the
+scenario (`python -m bench.faults` for the figures in bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.faults import run_kill
+
+pytestmark = pytest.mark.integration
+
+
+async def test_sigkilled_pod_loses_only_started_streams(tmp_path: Path) -> None:
+    rep = await run_kill(
+        rate=20, duration=10.0, kill_at=3.5, restart_at=6.5, workdir=tmp_path, seed=7
+    )
+    assert rep.requests >= 190
+    assert rep.failed_without_byte == 0, rep.failures
+    # Every retry Envoy made shows in an answered request's attempt count: none happened
+    # after response bytes went out (those would have been spliced or hidden).
+    assert rep.hidden_retries == 0, rep
+    # Something was actually in flight on the victim and had to be retried or cut.
+    assert rep.retried + rep.cut_mid_response > 0, rep
+    assert rep.ok == rep.requests - rep.cut_mid_response
+    # The EPP learned of it within a scrape interval or two and stopped picking it.
+    assert rep.marked_down_after_kill_s is not None and rep.marked_down_after_kill_s < 0.5, rep
+    assert rep.last_pick_after_kill_s is None or rep.last_pick_after_kill_s < 0.5, rep
+    # ... and took it back once it was healthy again.
+    assert rep.back_after_restart_s is not None and rep.back_after_restart_s < 3.0, rep
+    assert rep.inflight_after == 0 and rep.open_requests_after == 0, rep
