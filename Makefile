@@ -9,7 +9,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= epp:$(VERSION)
 PYTEST_FLAGS ?= -q -rs
 
-.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean image print-image
+.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean image print-image protos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,12 @@ image:
 
 print-image:
 	@echo $(IMAGE)
+
+# The replica state-sync protocol: protos/ -> epp/sync/v1 (committed; tests/unit/test_protos.py
+# fails when they drift). grpcio-tools is pinned exactly in pyproject.toml's dev extra.
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/epp/sync/v1/sync.proto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = args_list[0]
     args = make_parser(name).parse_args(args_list[1:])
+    args.raw_argv = args_list[1:]  # `epp serve --workers N` re-runs itself per worker
     module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
         result: int = module.run(args)

@@ -21,6 +21,7 @@ import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp import replicas
 from epp.api.errors import UserError
 from epp.api.headers import HeaderNames
 from epp.config import ConfigFileError, load_models_file, load_picker_config_text
@@ -225,6 +226,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log one line per decision with the scores of every plugin",
     )
+    replicas.add_arguments(p)
 
 
 def _parse_labels(text: str) -> dict[str, str]:
@@ -292,6 +294,7 @@ class App:
     metrics: EppMetrics | None = None
     director: Director | None = None
     config_watcher: ConfigFileWatcher | None = None
+    sync: replicas.ReplicaSyncSetup | None = None
     ports: dict[str, int] = field(default_factory=dict)
 
     async def start(self) -> None:
@@ -308,6 +311,8 @@ class App:
             timer=self.metrics.plugin_timer,
             debug=a.debug_decisions,
         )
+        if replicas.sync_enabled(a):
+            self.sync = replicas.ReplicaSyncSetup(a, self.datastore, control, self.metrics.registry)
         settings = DirectorSettings(
             headers=HeaderNames(business=a.business_header.lower()),
             saturation=SaturationPolicy(
@@ -329,6 +334,8 @@ class App:
         director = self.director
         self.metrics.attach_flow_queue(lambda: director.flow.sizes if director.flow else None)
         self.metrics.track_open_requests(lambda: director.open_requests)
+        if self.sync is not None:
+            self.sync.node.queue_source = lambda: director.flow.sizes if director.flow else None
         if a.config_file and not a.config_text and a.config_reload_interval > 0:
             self.config_watcher = ConfigFileWatcher(
                 a.config_file,
@@ -348,16 +355,22 @@ class App:
             self.metrics,
             ExtProcSettings(a.body_mode, a.max_body_bytes, a.debug_decisions),
         )
-        _check_port(a.bind_address, a.grpc_port, "--grpc-port")
-        _check_port(a.bind_address, a.grpc_health_port, "--grpc-health-port")
-        _check_port(a.bind_address, a.metrics_port, "--metrics-port")
+        # Worker processes share the ports; a lone process must not share them by accident.
+        reuse = 1 if replicas.is_worker(a) else 0
+        if not reuse:
+            _check_port(a.bind_address, a.grpc_port, "--grpc-port")
+            _check_port(a.bind_address, a.grpc_health_port, "--grpc-health-port")
+        metrics_port = replicas.metrics_port(a)  # + the worker's index
+        _check_port(a.bind_address, metrics_port, "--metrics-port")
         opts = [
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", reuse),
         ]
         self.grpc_server = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self.grpc_server)
+        # Health on the ext_proc port too: Envoy health-checks the EPP cluster there.
+        self.health.add_to(self.grpc_server)
         if a.secure_serving:
             from epp.extproc.tls import server_credentials
 
@@ -372,28 +385,32 @@ class App:
             self.ports["grpc"] = _grpc_port(
                 self.grpc_server, a.bind_address, a.grpc_port, "--grpc-port"
             )
-        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
         self.health.add_to(self.health_server)
         self.ports["health"] = _grpc_port(
             self.health_server, a.bind_address, a.grpc_health_port, "--grpc-health-port"
         )
         await self.health.set(live=True, ready=False)
         await self.health_server.start()
-        self.http_runner = web.AppRunner(
-            metrics_app(self.metrics.registry, self.health), access_log=None
-        )
+        http_app = metrics_app(self.metrics.registry, self.health)
+        if self.sync is not None:
+            http_app.router.add_get("/debug/sync", self.sync.debug)
+        self.http_runner = web.AppRunner(http_app, access_log=None)
         await self.http_runner.setup()
-        site = web.TCPSite(self.http_runner, a.bind_address, a.metrics_port)
+        site = web.TCPSite(self.http_runner, a.bind_address, metrics_port)
         try:
             await site.start()
         except OSError as e:
             why = os.strerror(e.errno) if e.errno else str(e)
             raise PortInUseError(
-                f"--metrics-port: cannot listen on {a.bind_address}:{a.metrics_port} ({why})"
+                f"--metrics-port: cannot listen on {a.bind_address}:{metrics_port} ({why})"
             ) from None
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.ports["metrics"] = server.sockets[0].getsockname()[1]
+        if self.sync is not None:
+            await self.sync.start()
+            self.ports.update(self.sync.ports)
         for c in self.components:
             await c.start()
         await self.grpc_server.start()
@@ -420,6 +437,8 @@ class App:
                 exc_info=not isinstance(e, ConfigError),
             )
             return False
+        if self.sync is not None:
+            control.hooks.append(self.sync.hook)  # state sharing is not the config's choice
         self.director.reconfigure(control.scheduler, control.hooks, control.flow_control)
         self.metrics.config_reloads.labels("success").inc()
         log.info(
@@ -542,8 +561,14 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let open ones finish (up to `grace`), then tear down."""
         await self.health.set(live=True, ready=False)
+        if grace is None and self.args.drain_delay > 0 and self.grpc_server is not None:
+            # Not ready, still serving: the proxy's health checks move new streams away first.
+            await asyncio.sleep(self.args.drain_delay)
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.args.drain_timeout if grace is None else grace)
+        if self.sync is not None:
+            with contextlib.suppress(Exception):
+                await self.sync.stop()  # after the drain: peers drop this instance's load now
         for c in reversed(self.components):
             with contextlib.suppress(Exception):
                 await c.stop()
@@ -597,6 +622,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format == "json")
+    if replicas.is_supervisor(args):
+        return replicas.supervise(args)
     try:
         import uvloop
     except ImportError:

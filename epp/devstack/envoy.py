@@ -79,6 +79,12 @@ class EnvoyOptions:
     epp_tls: bool = False  # TLS to the EPP (`epp serve --secure-serving`)
     epp_ca_file: str | None = None  # verify the EPP's certificate against this CA
     epp_sni: str = "epp"  # server name sent to (and, with a CA, checked on) the EPP
+    # Several EPP replicas (docs/replicas.md): active gRPC health checks take a dead or
+    # draining replica out of the ext_proc cluster, outlier detection on the first refused
+    # connection; `epp_max_streams` caps streams per HTTP/2 connection so Envoy opens more
+    # connections, which SO_REUSEPORT spreads over `epp serve --workers` processes.
+    epp_health_check: bool | None = None  # None: on with more than one EPP port
+    epp_max_streams: int = 0  # 0 = Envoy's default (one connection per worker thread)
 
 
 def _socket(address: str, port: int) -> dict[str, Any]:
@@ -96,7 +102,10 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     }
     ext_proc = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "30s"},
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": "epp"},
+            "timeout": "30s",
+        },
         "processing_mode": processing_mode,
         "failure_mode_allow": o.fail_open,
         "message_timeout": "30s",
@@ -162,6 +171,7 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     }
     if o.epp_tls:
         epp_cluster["transport_socket"] = _epp_tls(o)
+    _epp_replicas(epp_cluster, o)
     cfg: dict[str, Any] = {
         "admin": {"address": _socket("127.0.0.1", o.admin_port)},
         "static_resources": {
@@ -188,6 +198,37 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     if o.upstream == "override_host":  # EDS needs a node identity
         cfg = {"node": {"id": "epp-gateway", "cluster": "epp-gateway"}, **cfg}
     return cfg
+
+
+def _epp_replicas(cluster: dict[str, Any], o: EnvoyOptions) -> None:
+    if o.epp_max_streams > 0:
+        opts = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+        opts["explicit_http_config"]["http2_protocol_options"] = {
+            "max_concurrent_streams": o.epp_max_streams
+        }
+    if not (o.epp_health_check if o.epp_health_check is not None else len(o.epp_ports) > 1):
+        return
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": "0.5s",
+            "no_traffic_interval": "0.5s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "reuse_connection": True,
+            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
+        }
+    ]
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "interval": "1s",
+        "base_ejection_time": "2s",
+        "max_ejection_percent": 100,
+    }
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
 
 
 def _route(o: EnvoyOptions) -> dict[str, Any]:
@@ -259,7 +300,8 @@ def _pool_cluster(o: EnvoyOptions) -> dict[str, Any]:
         override_host_sources=[
             {"metadata": {"key": headers.LB_METADATA_NAMESPACE, "path": [{"key": DEST_HEADER}]}}
         ],
-        fallback_policy={"policies": [nothing]},
+        # Fail-open pools: a request the EPP could not answer (no metadata) goes to any pod.
+        fallback_policy={"policies": [_least_request() if o.fail_open else nothing]},
     )
     eds_dir = str(Path(o.eds_path).parent)
     return {
@@ -273,6 +315,12 @@ def _pool_cluster(o: EnvoyOptions) -> dict[str, Any]:
         },
         "load_balancing_policy": {"policies": [override_host]},
     }
+
+
+def _least_request() -> dict[str, Any]:
+    return _typed(
+        "envoy.load_balancing_policies.least_request", _LB + "least_request.v3.LeastRequest"
+    )
 
 
 def _epp_tls(o: EnvoyOptions) -> dict[str, Any]:

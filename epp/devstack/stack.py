@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,8 @@ class GatewayHandle:
     metrics_ports: list[int]
     endpoints_file: Path
     epp_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    epp_cmds: list[list[str]] = field(default_factory=list)  # to restart one (restart_epp)
+    sync_ports: list[int] = field(default_factory=list)  # state sync between the EPPs
     envoy: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -62,6 +65,25 @@ class GatewayHandle:
             async with s.get(url) as r:
                 return await r.text()
 
+    async def restart_epp(self, index: int) -> None:
+        """Start EPP `index` again with its command (after a kill), and wait until ready."""
+        stop_process(self.epp_procs[index])
+        log = open(self.workdir / f"epp-{index}.log", "ab")  # noqa: SIM115
+        self.epp_procs[index] = subprocess.Popen(
+            self.epp_cmds[index], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        await wait_http(
+            f"http://127.0.0.1:{self.metrics_ports[index]}/readyz", proc=self.epp_procs[index]
+        )
+
+    async def sync_state(self, index: int) -> dict[str, Any]:
+        """EPP `index`'s /debug/sync (its peers, their staleness and loads)."""
+        async with aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{self.metrics_ports[index]}/debug/sync"
+            async with s.get(url) as r:
+                data: dict[str, Any] = await r.json()
+                return data
+
     def close(self) -> None:
         stop_process(self.envoy)
         for p in self.epp_procs:
@@ -82,6 +104,22 @@ class GatewayHandle:
         self.close()
 
 
+def _free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 free (`epp serve --workers n` serves metrics on p + i)."""
+    for _ in range(100):
+        p = free_port()
+        if p + n - 1 > 65535:
+            continue
+        try:
+            for q in range(p + 1, p + n):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError(f"no block of {n} free ports")
+
+
 async def start_gateway(
     endpoints: Sequence[dict[str, Any]],
     *,
@@ -92,12 +130,18 @@ async def start_gateway(
     response_body: bool = False,
     epp_args: Sequence[str] = (),
     epp_processes: int = 1,
+    sync: bool = True,
+    epp_workers: int = 1,
     envoy_concurrency: int = 1,
     workdir: str | None = None,
     scrape_interval: float = 0.05,
     envoy_overrides: dict[str, Any] | None = None,
 ) -> GatewayHandle:
-    """`envoy_overrides`: extra `EnvoyOptions` fields (upstream, retries, epp_tls, ...)."""
+    """`envoy_overrides`: extra `EnvoyOptions` fields (upstream, retries, epp_tls, ...).
+
+    `epp_processes` EPP replicas, each on its own ports, all in Envoy's ext_proc cluster;
+    with `sync` they share state (`--peers`), else they are independent. `epp_workers` > 1
+    runs each as `epp serve --workers N` (one port, SO_REUSEPORT)."""
     # Debugging hooks for runs driven by other tools (bench.run): keep the logs in a fixed
     # folder and pass extra flags to `epp serve`.
     workdir = workdir or os.environ.get("EPP_DEVSTACK_WORKDIR") or None
@@ -113,7 +157,8 @@ async def start_gateway(
         listen_port=listen_port or free_port(),
         admin_port=free_port(),
         epp_ports=[free_port() for _ in range(epp_processes)],
-        metrics_ports=[free_port() for _ in range(epp_processes)],
+        metrics_ports=[_free_ports(epp_workers) for _ in range(epp_processes)],
+        sync_ports=[free_port() for _ in range(epp_processes)],
         endpoints_file=wd / "endpoints.yaml",
         _tmp=tmp,
     )
@@ -121,6 +166,8 @@ async def start_gateway(
     envoy_extra = dict(envoy_overrides or {})
     eds_path = wd / "eds" / "pool.yaml"  # written by the first EPP (--envoy-eds-file)
     envoy_extra.setdefault("eds_path", str(eds_path))
+    if epp_workers > 1:  # several HTTP/2 connections, for the kernel to spread over workers
+        envoy_extra.setdefault("epp_max_streams", 8)
     try:
         for i, (port, mport) in enumerate(zip(gw.epp_ports, gw.metrics_ports, strict=True)):
             cmd = [
@@ -145,7 +192,16 @@ async def start_gateway(
                 cmd += ["--config-text", config_text]
             if i == 0:
                 cmd += ["--envoy-eds-file", envoy_extra["eds_path"]]
+            if epp_processes > 1 and sync:
+                peers = [f"127.0.0.1:{p}" for j, p in enumerate(gw.sync_ports) if j != i]
+                cmd += ["--sync-port", str(gw.sync_ports[i]), "--peers", ",".join(peers)]
+                cmd += ["--sync-id", f"epp-{i}"]
+            if epp_workers > 1:
+                cmd += ["--workers", str(epp_workers)]
+                if not sync:
+                    cmd += ["--sync", "off"]
             cmd += list(epp_args)
+            gw.epp_cmds.append(cmd)
             log = open(wd / f"epp-{i}.log", "wb")  # noqa: SIM115 (lives as long as the process)
             gw.epp_procs.append(
                 subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -10,6 +10,7 @@ that, like the engines, the tail of a prefix is evicted before its head.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -153,3 +154,9 @@ class PrefixIndex:
     def blocks_held(self, key: str) -> int:
         lru = self._lru.get(key)
         return len(lru) if lru else 0
+
+    def export(self) -> Iterator[tuple[str, list[int]]]:
+        """Each endpoint's held blocks, most recently used first: `insert(ep, blocks)` of
+        them (oldest chunk first) rebuilds the same LRU order elsewhere (replica sync)."""
+        for key, lru in list(self._lru.items()):
+            yield key, list(reversed(lru))

@@ -13,8 +13,18 @@ EPP = Path(__file__).resolve().parents[2] / "epp"
 
 # Each layer and the epp packages it must never import.
 FORBIDDEN: dict[str, set[str]] = {
-    "datalayer": {"scheduling", "requestcontrol", "extproc", "serve", "sidecar", "reconcile"},
-    "scheduling": {"requestcontrol", "extproc", "serve", "sidecar", "reconcile"},
+    "datalayer": {
+        "scheduling",
+        "requestcontrol",
+        "extproc",
+        "serve",
+        "sidecar",
+        "reconcile",
+        "sync",
+    },
+    "scheduling": {"requestcontrol", "extproc", "serve", "sidecar", "reconcile", "sync"},
+    # replica state sync: below request control (its lifecycle hook imports the ledger)
+    "sync": {"requestcontrol", "extproc", "serve", "sidecar", "reconcile", "replicas"},
     "requestcontrol": {"extproc", "serve", "sidecar", "reconcile"},
     "extproc": {"serve", "sidecar", "reconcile"},
     "api": {

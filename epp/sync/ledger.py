@@ -1,0 +1,125 @@
+"""This instance's own contribution to the shared view, and what changed since the last flush.
+
+The replica-sync lifecycle hook charges and releases the same counters as in-flight
+accounting, but into the ledger (`counters(ep)`), and hands it the prompt blocks it sent;
+flow control reports its queue depths with `set_queue`. The sync node turns the ledger into
+batches: `take_delta()` (only what changed, with absolute values) and `snapshot()` (every
+non-zero entry). Nothing here does I/O; it runs on the event loop thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from epp.datalayer.endpoint import Endpoint, InFlight
+
+# The InFlight fields shared between instances, in protocol order (sync.proto EndpointLoad).
+LOAD_FIELDS: tuple[str, ...] = (
+    "requests",
+    "tokens",
+    "prefill_requests",
+    "prefill_tokens",
+    "pending_requests",
+    "pending_prefill_tokens",
+)
+Load = tuple[int, int, int, int, int, int]
+ZERO_LOAD: Load = (0, 0, 0, 0, 0, 0)
+QueueKey = tuple[int, str]  # (priority band, flow)
+
+
+def load_of(inf: InFlight) -> Load:
+    return (
+        inf.requests,
+        inf.tokens,
+        inf.prefill_requests,
+        inf.prefill_tokens,
+        inf.pending_requests,
+        inf.pending_prefill_tokens,
+    )
+
+
+class LocalLedger:
+    def __init__(self, max_pending_prefix: int = 8192) -> None:
+        self.loads: dict[str, InFlight] = {}
+        self.queues: dict[QueueKey, tuple[int, int]] = {}  # -> (requests, bytes)
+        self._dirty: set[str] = set()
+        self._dirty_queues: set[QueueKey] = set()
+        self._prefix: list[tuple[str, list[int]]] = []
+        self.max_pending_prefix = max_pending_prefix
+        self.dropped_prefix = 0  # inserts not shared because no flush came in time
+        # Called when the ledger goes from clean to dirty (the node schedules a flush).
+        self.on_dirty: Callable[[], None] | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty or self._dirty_queues or self._prefix)
+
+    def _mark(self) -> None:
+        if self.on_dirty is not None and not self.dirty:
+            self.on_dirty()
+
+    # ---- writes (request path) ---------------------------------------------------------
+    def counters(self, ep: Endpoint) -> InFlight:
+        """The ledger's counters for `ep`, to be changed by the caller (marked changed)."""
+        key = ep.key
+        if key not in self._dirty:
+            self._mark()
+            self._dirty.add(key)
+        inf = self.loads.get(key)
+        if inf is None:
+            inf = self.loads[key] = InFlight()
+        return inf
+
+    def add_prefix(self, ep: Endpoint, hashes: list[int]) -> None:
+        if not hashes:
+            return
+        if len(self._prefix) >= self.max_pending_prefix:
+            self.dropped_prefix += 1
+            return
+        self._mark()
+        self._prefix.append((ep.key, hashes))
+
+    def set_queue(self, band: int, flow: str, requests: int, size_bytes: int = 0) -> None:
+        key = (band, flow)
+        value = (requests, size_bytes)
+        if self.queues.get(key, (0, 0)) == value:
+            return
+        self._mark()
+        if value == (0, 0):
+            self.queues.pop(key, None)
+        else:
+            self.queues[key] = value
+        self._dirty_queues.add(key)
+
+    def sync_queues(self, sizes: Mapping[QueueKey, int]) -> None:
+        """Make the shared queue depths those of `sizes` ((band, flow) -> requests)."""
+        for key in [k for k in self.queues if k not in sizes]:
+            self.set_queue(key[0], key[1], 0)
+        for (band, flow), n in sizes.items():
+            self.set_queue(band, flow, n)
+
+    # ---- reads (sync node) -------------------------------------------------------------
+    def take_delta(
+        self,
+    ) -> tuple[
+        list[tuple[str, Load]], list[tuple[str, list[int]]], list[tuple[QueueKey, tuple[int, int]]]
+    ]:
+        """What changed since the last take (absolute values), then forget it."""
+        loads = []
+        for key in self._dirty:
+            inf = self.loads.get(key)
+            value = load_of(inf) if inf is not None else ZERO_LOAD
+            loads.append((key, value))
+            if value == ZERO_LOAD:
+                self.loads.pop(key, None)  # keep the ledger as small as the live load
+        queues = [(k, self.queues.get(k, (0, 0))) for k in self._dirty_queues]
+        prefix = self._prefix
+        self._dirty = set()
+        self._dirty_queues = set()
+        self._prefix = []
+        return loads, prefix, queues
+
+    def snapshot(self) -> tuple[list[tuple[str, Load]], list[tuple[QueueKey, tuple[int, int]]]]:
+        """Every non-zero entry (callers take the delta first, so nothing is pending)."""
+        loads = [(k, load_of(inf)) for k, inf in self.loads.items()]
+        return [(k, v) for k, v in loads if v != ZERO_LOAD], list(self.queues.items())
