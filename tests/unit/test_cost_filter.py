@@ -86,3 +86,14 @@ schedulingProfiles:
         build_scheduler(cfg.replace("costLabel", "label"))
     with pytest.raises(ConfigError, match="safetyFactor"):
         build_scheduler(cfg.replace("costLabel: price", "safetyFactor: 0"))
+
+
+def test_a_pod_reported_slower_is_predicted_slower_until_its_rate_is_learned() -> None:
+    fast, slow = pod(1, "1"), pod(2, "0.4")
+    fast.metrics.tpot_recent_ms, slow.metrics.tpot_recent_ms = 10.0, 25.0
+    # prior: 30 + 0.25 x 1600 = 430 ms anywhere; the slow pod x2.5 = 1075 ms
+    r = InferenceRequest("r", "m", prompt=b"x" * 6400, prompt_tokens=1600, slo_ttft_ms=800)
+    f = make()
+    assert f.filter(CycleState(), r, [fast, slow]) == [fast]
+    slow.latency.prefill_ms_per_token = 0.3  # learned: 30 + 480 = 510 ms, it is fine after all
+    assert f.filter(CycleState(), r, [fast, slow]) == [slow]

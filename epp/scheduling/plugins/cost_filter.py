@@ -5,7 +5,9 @@ Pods carry a relative cost in a label (`costLabel`, default `cost`: e.g. 1 for a
 or unreadable label counts as `defaultCost`). For a request with SLO headers
 (`x-slo-ttft-ms`, `x-slo-tpot-ms`) the filter keeps the endpoints predicted by the latency
 model to meet them (TTFT from the prefill queued there plus this request's uncached tokens,
-TPOT from the decode batch; both scaled by `safetyFactor`, default 1.0) and, of those, the
+TPOT from the decode batch; a pod with no learned prefill rate whose engine reports a
+slower decode than the fastest is assumed to prefill slower in proportion; predictions are
+scaled by `safetyFactor`, default 1.0) and, of those, the
 cheapest (cost within `tolerance` of the cheapest, default 0) — the profile's scorers then
 choose among them. Requests without SLO headers, and requests no endpoint is predicted to
 serve in time, pass unchanged: they are placed as without this plugin.
@@ -68,11 +70,19 @@ class CostAwareFilter(Filter):
             match = prefix_match(cycle, self.services, request)
             blocks = match.matched_blocks
             block_tokens = self.services.prefix_index.block_tokens
+            known = [e.metrics.tpot_recent_ms for e in endpoints if e.metrics.tpot_recent_ms > 0]
+            ref_tpot = min(known) if known else 0.0
         for ep in endpoints:
             if slo_ttft is not None:
                 cached = blocks.get(ep.key, 0) * block_tokens if blocks else 0
                 uncached = max(0, request.prompt_tokens - cached)
-                if model.predict_ttft_ms(ep, uncached) * safety > slo_ttft:
+                ttft = model.predict_ttft_ms(ep, uncached)
+                tpot = ep.metrics.tpot_recent_ms
+                if not ep.latency.prefill_ms_per_token and ref_tpot and tpot > ref_tpot:
+                    # Not learned yet: a pod the engines report decoding slower is assumed
+                    # to prefill slower in proportion (hardware, not load, sets both).
+                    ttft *= tpot / ref_tpot
+                if ttft * safety > slo_ttft:
                     continue
             if slo_tpot is not None and model.predict_tpot_ms(ep) * safety > slo_tpot:
                 continue
