@@ -125,7 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sync-socket-dir",
         default="",
-        help="internal, set by --workers: folder of the workers' unix sockets (default: temp)",
+        help="folder of the workers' unix sockets, with --workers (default: a temp folder)",
     )
 
 

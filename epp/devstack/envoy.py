@@ -404,9 +404,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epp-tls", action="store_true", help="TLS to the EPP (default: plaintext)")
     p.add_argument("--epp-ca-file", help="CA that signed the EPP's certificate (default: none)")
     p.add_argument("--upstream", choices=["override_host", "original_dst"], default="override_host")
+    p.add_argument(
+        "--epp-ports",
+        default="9002",
+        help="ext_proc ports of the EPP replicas on --epp-host, health-checked when several "
+        "(default: 9002)",
+    )
+    p.add_argument("--epp-host", default="127.0.0.1", help="EPP address (default: 127.0.0.1)")
+    p.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="serve requests the EPP cannot answer on any pod; works in BUFFERED mode only "
+        "with Envoy 1.40 (default: fail closed)",
+    )
+    p.add_argument(
+        "--body-mode",
+        choices=["FULL_DUPLEX_STREAMED", "BUFFERED"],
+        default="FULL_DUPLEX_STREAMED",
+        help="request body mode (default: FULL_DUPLEX_STREAMED)",
+    )
     a = p.parse_args(argv)
     opts = EnvoyOptions(
-        eds_path=a.eds_path, epp_tls=a.epp_tls, epp_ca_file=a.epp_ca_file, upstream=a.upstream
+        eds_path=a.eds_path,
+        epp_tls=a.epp_tls,
+        epp_ca_file=a.epp_ca_file,
+        upstream=a.upstream,
+        epp_ports=[int(x) for x in a.epp_ports.split(",") if x.strip()],
+        epp_host=a.epp_host,
+        fail_open=a.fail_open,
+        body_mode=a.body_mode,
     )
     yaml.safe_dump(render_envoy_config(opts), sys.stdout, sort_keys=False)
 

@@ -1,12 +1,13 @@
 """Who the peers are: a fixed list (`--peers`), or the EPP's own Service in Kubernetes.
 
-In Kubernetes the replicas find each other through the core/v1 `Endpoints` object of the
-EPP's Service (`--sync-service`): every address in it (ready or not: a starting replica
-already takes state) with the port named `--sync-port-name`, except this pod's own IP
-(`POD_IP` from the downward API; if it is missing, the receiver tells a dialer that reached
-its own pod and the dialer stops). Read-only RBAC: get/list/watch on `endpoints`.
-core/v1 Endpoints is what the 1.20 test API server serves (discovery.k8s.io/v1
-EndpointSlice is GA from 1.21); it is deprecated but still served on current versions.
+In Kubernetes the replicas find each other through the EndpointSlices of the EPP's Service
+(`--sync-service`; label `kubernetes.io/service-name`): every address in them (ready or
+not: a starting replica already takes state) with the port named `--sync-port-name`,
+except this pod's own IP (`POD_IP` from the downward API; if it is missing, the receiver
+tells a dialer that reached its own pod and the dialer stops). `discovery.k8s.io/v1`
+(Kubernetes >= 1.21), else `v1beta1` (1.17-1.24; the project's 1.20 test API server).
+Not core/v1 Endpoints: deprecated, and it refuses loopback addresses (the test cluster's
+fake pod IPs). Read-only RBAC: get/list/watch on `endpointslices`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import cast
 
 from kubernetes_asyncio import client
 
@@ -43,21 +44,22 @@ class StaticPeers:
         return None
 
 
-def endpoints_addresses(obj: Obj, port_name: str, exclude_ips: frozenset[str]) -> list[str]:
-    """Sync addresses ("ip:port") in a core/v1 Endpoints object."""
-    out: list[str] = []
-    for subset in obj.get("subsets") or []:
-        ports = subset.get("ports") or []
-        port = next((p.get("port") for p in ports if p.get("name") == port_name), None)
-        if port is None and len(ports) == 1 and not ports[0].get("name"):
-            port = ports[0].get("port")
-        if port is None:
-            continue
-        for addr in [*(subset.get("addresses") or []), *(subset.get("notReadyAddresses") or [])]:
-            ip = addr.get("ip")
+def slice_addresses(obj: Obj, port_name: str, exclude_ips: frozenset[str]) -> list[str]:
+    """Sync addresses ("ip:port") in one EndpointSlice (v1 or v1beta1: same fields)."""
+    ports = obj.get("ports") or []
+    port = next((p.get("port") for p in ports if p.get("name") == port_name), None)
+    if port is None and len(ports) == 1 and not ports[0].get("name"):
+        port = ports[0].get("port")
+    if port is None:
+        return []
+    out = []
+    for ep in obj.get("endpoints") or []:
+        if ((ep.get("conditions") or {}).get("terminating")) is True:
+            continue  # draining: it still pushes its load to us, it needs nothing from us
+        for ip in ep.get("addresses") or []:
             if ip and ip not in exclude_ips:
                 out.append(format_hostport(ip, int(port)))
-    return sorted(set(out))
+    return out
 
 
 class KubePeers:
@@ -82,26 +84,44 @@ class KubePeers:
         self._own_api = api_client is None
         self._task: asyncio.Task[None] | None = None
         self.reflector: Reflector | None = None
+        self.version = "v1"
+        self._slices: dict[str, Obj] = {}
         self.peers: list[str] = []
 
     async def start(self) -> None:
         if self._api is None:
             self._api = await load_api_client(self.kubeconfig)
-        core = client.CoreV1Api(self._api)
+        self.version = await self._slice_version()
+        custom = client.CustomObjectsApi(self._api)
         self.reflector = Reflector(
-            "sync-endpoints",
+            "sync-endpointslices",
             cast(
                 ListCall,
                 functools.partial(
-                    core.list_namespaced_endpoints,
+                    custom.list_namespaced_custom_object,
+                    "discovery.k8s.io",
+                    self.version,
                     self.namespace,
-                    field_selector=f"metadata.name={self.service}",
+                    "endpointslices",
+                    label_selector=f"kubernetes.io/service-name={self.service}",
                 ),
             ),
             self._on_list,
             self._on_event,
         )
-        self._task = asyncio.create_task(self.reflector.run(), name="kube-sync-endpoints")
+        self._task = asyncio.create_task(self.reflector.run(), name="kube-sync-endpointslices")
+
+    async def _slice_version(self) -> str:
+        """discovery.k8s.io/v1 where served, else v1beta1 (API discovery needs no RBAC)."""
+        try:
+            group = await client.ApisApi(self._api).get_api_versions()
+            for g in group.groups or []:
+                if g.name == "discovery.k8s.io":
+                    served = {v.version for v in g.versions or []}
+                    return "v1" if "v1" in served or not served else "v1beta1"
+        except Exception as e:  # fall back to the GA version; the watch retries
+            log.warning("API discovery failed (%s); assuming discovery.k8s.io/v1", e)
+        return "v1"
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -113,14 +133,22 @@ class KubePeers:
             self._api = None
 
     def _on_list(self, items: list[Obj]) -> None:
-        mine = [o for o in items if (o.get("metadata") or {}).get("name") == self.service]
-        self._set(mine[0] if mine else None)
+        self._slices = {(o.get("metadata") or {}).get("name", ""): o for o in items}
+        self._update()
 
     def _on_event(self, etype: str, obj: Obj) -> None:
-        self._set(None if etype == "DELETED" else obj)
+        name = (obj.get("metadata") or {}).get("name", "")
+        if etype == "DELETED":
+            self._slices.pop(name, None)
+        else:
+            self._slices[name] = obj
+        self._update()
 
-    def _set(self, obj: dict[str, Any] | None) -> None:
-        peers = [] if obj is None else endpoints_addresses(obj, self.port_name, self.own_ips)
+    def _update(self) -> None:
+        found: set[str] = set()
+        for obj in self._slices.values():
+            found.update(slice_addresses(obj, self.port_name, self.own_ips))
+        peers = sorted(found)
         if peers != self.peers:
             log.info("sync peers from Service %s/%s: %s", self.namespace, self.service, peers)
             self.peers = peers

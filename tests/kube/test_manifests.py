@@ -93,7 +93,14 @@ def test_chart_objects_accepted_by_the_api_server(helm: str, kube_cluster: Clust
     assert out.count("serverside-applied (server dry run)") == len(docs), out
     svc = next(d for d in docs if d["kind"] == "Service")
     ports = {p["port"]: p for p in svc["spec"]["ports"]}
-    assert set(ports) == {9002, 9003, 9090} and ports[9002]["appProtocol"] == "http2"
+    assert set(ports) == {9002, 9003, 9004, 9090} and ports[9002]["appProtocol"] == "http2"
+    # active-active replicas: the sync port, the peers' discovery RBAC, a PDB
+    assert ports[9004]["name"] == "sync"
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert {"discovery.k8s.io"} in [set(r["apiGroups"]) for role in roles for r in role["rules"]]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--sync-service=r-epp" in args and deploy["spec"]["replicas"] >= 2
     pool = next(d for d in docs if d["kind"] == "InferencePool")
     assert pool["spec"]["endpointPickerRef"] == {
         "name": "r-epp", "port": {"number": 9002}, "failureMode": "FailClose"}

@@ -26,14 +26,15 @@ RESOURCES = (  # (group, resource, subresource)
     ("inference.networking.k8s.io", "inferencepools", "status"),
     ("inference.networking.x-k8s.io", "inferencemodels", ""),
     ("inference.networking.x-k8s.io", "inferenceobjectives", ""),
-    ("epp.dev", "modelpools", ""),
+    ("epp.dev", "modelpools", ""), ("discovery.k8s.io", "endpointslices", ""),
 )
 pytestmark = pytest.mark.filterwarnings("ignore:Unverified HTTPS request")
 
 EXPECTED = {
     (verb, group, resource, "")
     for verb in ("get", "list", "watch")
-    for group, resource in (("", "pods"), ("inference.networking.k8s.io", "inferencepools"),
+    for group, resource in (("", "pods"), ("discovery.k8s.io", "endpointslices"),
+                            ("inference.networking.k8s.io", "inferencepools"),
                             ("inference.networking.x-k8s.io", "inferencemodels"),
                             ("inference.networking.x-k8s.io", "inferenceobjectives"))
 }
