@@ -12,6 +12,7 @@ import orjson
 import pytest
 import yaml
 
+from epp.devstack.stack import GatewayHandle
 from epp.scheduling.config import DEFAULT_CONFIG
 from tests.integration.conftest import GatewayFactory, endpoint_dicts
 from tests.integration.helpers import metric_samples, post, wait_inflight_zero
@@ -39,12 +40,23 @@ def counts(text: str, name: str, **want: str) -> float:
     )
 
 
+async def until(gw: GatewayHandle, name: str, value: float, timeout: float = 10.0) -> str:
+    """Poll the EPP's metrics until `name` sums to `value`; returns that scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = await gw.metrics_text()
+        if counts(text, name) == value:
+            return text
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_requests_wait_in_the_epp_then_go_as_pods_free(
     echo_pool: list[tuple[str, int]], gateway: GatewayFactory, mode: str
 ) -> None:
     gw = await gateway(endpoint_dicts(echo_pool[:2]), config_text=flow_config(), body_mode=mode)
-    hold_ms = 700
+    hold_ms = 1000
     started = time.monotonic()
 
     async def one(i: int) -> tuple[int, float, str]:
@@ -54,9 +66,8 @@ async def test_requests_wait_in_the_epp_then_go_as_pods_free(
         return status, time.monotonic() - started, orjson.loads(raw).get("served_by", "")
 
     tasks = [asyncio.create_task(one(i)) for i in range(4)]
-    await asyncio.sleep(0.35)  # two are held by the pods, two wait in the EPP
-    text = await gw.metrics_text()
-    assert counts(text, "epp_flow_control_queue_size") == 2
+    # two are held by the pods, two wait in the EPP
+    text = await until(gw, "epp_flow_control_queue_size", 2)
     assert counts(text, "epp_inflight_requests") == 2
     results = await asyncio.gather(*tasks)
     assert [s for s, _, _ in results] == [200] * 4
@@ -81,11 +92,11 @@ async def test_full_band_answers_429_with_retry_after(
     echo_pool: list[tuple[str, int]], gateway: GatewayFactory
 ) -> None:
     gw = await gateway(endpoint_dicts(echo_pool[:1]), config_text=flow_config(band_max=1))
-    body = {"model": "m", "prompt": "hold " * 20, "hold_ms": 600}
+    body = {"model": "m", "prompt": "hold " * 20, "hold_ms": 1000}
     held = asyncio.create_task(post(gw, body))
-    await asyncio.sleep(0.2)
+    await until(gw, "epp_inflight_requests", 1)
     queued = asyncio.create_task(post(gw, body))
-    await asyncio.sleep(0.2)
+    await until(gw, "epp_flow_control_queue_size", 1)
     status, headers, raw = await post(gw, body)
     assert status == 429
     assert int(headers["retry-after"]) >= 1
@@ -103,10 +114,10 @@ async def test_client_disconnect_while_queued_leaves_nothing_behind(
     echo_pool: list[tuple[str, int]], gateway: GatewayFactory, mode: str
 ) -> None:
     gw = await gateway(endpoint_dicts(echo_pool[:1]), config_text=flow_config(), body_mode=mode)
-    held = asyncio.create_task(post(gw, {"model": "m", "prompt": "long " * 20, "hold_ms": 1500}))
-    await asyncio.sleep(0.3)
-    # This one waits in the EPP; its client gives up after 0.4 s.
-    timeout = aiohttp.ClientTimeout(total=0.4)
+    held = asyncio.create_task(post(gw, {"model": "m", "prompt": "long " * 20, "hold_ms": 2000}))
+    await until(gw, "epp_inflight_requests", 1)
+    # This one waits in the EPP; its client gives up after 0.5 s.
+    timeout = aiohttp.ClientTimeout(total=0.5)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         with pytest.raises(asyncio.TimeoutError):
             async with s.post(
