@@ -153,6 +153,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model-server /metrics scrape period in seconds (0 = off)",
     )
     g.add_argument(
+        "--model-info-refresh",
+        type=float,
+        default=60.0,
+        help="seconds between reads of each endpoint's /v1/models for max_model_len, which "
+        "answers over-long prompts with 400 (default: %(default)s; 0 = off)",
+    )
+    g.add_argument(
         "--metrics-stale-after",
         type=float,
         default=1.0,
@@ -493,6 +500,10 @@ class App:
         port = a.kv_events_port or (kv.connect_port if kv else 0)
         if port or (kv and kv.bind):
             self._subscribe_kv_events(port, kv.bind if kv else [], kv.topic_filter if kv else "")
+        if a.model_info_refresh > 0:
+            from epp.datalayer.model_info import ModelInfoProbe
+
+            self.components.append(ModelInfoProbe(self.datastore, refresh=a.model_info_refresh))
         if a.envoy_eds_file:
             from epp.datalayer.eds_file import EdsFileWriter
 

@@ -148,6 +148,7 @@ class Endpoint:
     latency: LatencyStats = field(default_factory=LatencyStats)
     served_models: frozenset[str] = frozenset()  # from /v1/models or labels; empty = unknown
     health: EndpointHealth = field(default_factory=EndpointHealth)
+    max_model_len: int = 0  # context window from the engine's /v1/models (0 = unknown)
 
     def __post_init__(self) -> None:
         self.key = format_hostport(self.address, self.port)

@@ -41,7 +41,7 @@ from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.director import Decision, Director, Ticket
 from epp.requestcontrol.errors import RequestError, too_large
 from epp.requestcontrol.flowcontrol.aio import AsyncFlowWaiter
-from epp.requestcontrol.parse import api_of, build_request, parse_body
+from epp.requestcontrol.parse import api_of, build_request, parse_body, reject_bodyless
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def _header_only(self, st: _Stream) -> list[pb.ProcessingResponse]:
         """GET /v1/models and friends: any ready endpoint, least loaded first."""
         try:
+            reject_bodyless(st.headers.get(":method", ""), st.path)
             ep = self.director.pick_any(st.headers.get("x-request-id", ""))
         except RequestError as e:
             return [self._error(st, e)]

@@ -33,6 +33,7 @@ from epp.requestcontrol.flowcontrol.controller import FlowController, FlowObserv
 from epp.requestcontrol.flowcontrol.hook import FlowDispatchHook
 from epp.requestcontrol.flowcontrol.queue import Ticket
 from epp.requestcontrol.lifecycle import HookSet, LifecycleHook
+from epp.requestcontrol.parse import check_context_length
 from epp.scheduling.framework import SchedulingError
 from epp.scheduling.request import InferenceRequest
 from epp.scheduling.scheduler import Scheduler
@@ -190,6 +191,7 @@ class Director:
         """Model resolution, candidates and load shedding: everything before scheduling."""
         rewritten = self._resolve_model(req)
         candidates = self._candidates(req)
+        check_context_length(req, candidates)
         if (
             self.flow is None
             and req.priority < 0

@@ -7,10 +7,12 @@ conversation starts with exactly the bytes of turn N.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
+from epp.datalayer.endpoint import Endpoint
 from epp.requestcontrol.errors import bad_request
 from epp.scheduling.request import CHARS_PER_TOKEN, InferenceRequest
 
@@ -32,6 +34,58 @@ def api_of(path: str) -> str:
         if p.endswith(suffix):
             return kind
     return "other"
+
+
+def reject_bodyless(method: str, path: str) -> None:
+    """A request without a body is answered by any pod (GET /v1/models ...), except a POST
+    to an inference path: that is a client error, answered here rather than by a pod."""
+    if method == "POST" and api_of(path) != "other":
+        raise bad_request("Request body is empty; expected a JSON object.", "invalid_body")
+
+
+# Text prompts are judged by a bound no real tokenizer undercuts on a whole prompt (English
+# averages ~4 bytes per token, code and other scripts fewer): a false 400 would need a prompt
+# averaging more than this many bytes per token.
+MAX_BYTES_PER_TOKEN = 8
+
+
+def check_context_length(req: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+    """400 when the prompt (plus the requested completion) cannot fit the context window
+    every candidate reports (`max_model_len`); nothing is judged while any is unknown."""
+    limit = 0
+    for ep in endpoints:
+        if ep.max_model_len <= 0:
+            return
+        limit = max(limit, ep.max_model_len)
+    if not limit:
+        return
+    tokens, exact = _longest_prompt_tokens(req)
+    if tokens + req.max_tokens <= limit:
+        return
+    what = f"{tokens} tokens" if exact else f"at least {tokens} tokens"
+    asked = f" plus {req.max_tokens} completion tokens" if req.max_tokens else ""
+    raise bad_request(
+        f"This model's maximum context length is {limit} tokens; the prompt has {what}{asked}.",
+        "context_length_exceeded",
+    )
+
+
+def _longest_prompt_tokens(req: InferenceRequest) -> tuple[int, bool]:
+    """Tokens of the longest prompt of the request (a batch's prompts are separate
+    sequences), and whether that is exact (token ids) or a lower bound (text)."""
+    body = req.body
+    raw = None
+    if body is not None and req.api in ("completions", "embeddings"):
+        raw = body.get("prompt" if req.api == "completions" else "input")
+    if isinstance(raw, list) and raw:
+        first = raw[0]
+        if _is_token(first):
+            return len(raw), True
+        if isinstance(first, list):
+            return max(len(p) for p in raw), True
+        if isinstance(first, str):
+            return max(len(p.encode()) for p in raw) // MAX_BYTES_PER_TOKEN, False
+    return len(req.prompt) // MAX_BYTES_PER_TOKEN, False
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -90,11 +144,20 @@ def _is_token(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)  # JSON true is not a token id
 
 
+# No engine's vocabulary reaches past a signed 32-bit id; larger or negative ids can only
+# crash or confuse the model server.
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
 def _token_prompt(tokens: list[Any], field: str) -> bytes:
     if not tokens:
         raise bad_request(f"'{field}' must not be empty.")
     if not all(_is_token(t) for t in tokens):
         raise bad_request(f"'{field}' token array must contain only integers.")
+    if min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID:
+        raise bad_request(
+            f"'{field}' token ids must be between 0 and {MAX_TOKEN_ID}.", "invalid_token_id"
+        )
     return b",".join(str(t).encode() for t in tokens)
 
 
