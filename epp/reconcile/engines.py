@@ -49,8 +49,8 @@ def engine_args(pool: ModelPool, role: str, spec: RoleSpec, art: Artifact) -> li
             args += ["--dp", str(dp)]
         if pd:
             args += ["--disaggregation-mode", role]
-    else:  # sim: the project's simulator, `epp sim`
-        args = ["--port", str(s.port), "--model", s.model.name]
+    else:  # sim: the project's simulator, `epp sim`, on every interface of the pod
+        args = ["--base-ip", "0.0.0.0", "--port", str(s.port), "--model", s.model.name]
     return args + list(spec.extra_args)
 
 

@@ -114,6 +114,10 @@ def expand_servers(
     `ports` of `base_ip` when `ports` is given."""
     if ports:
         return [(base_ip, p) for p in ports]
+    if base_ip == "0.0.0.0":  # all interfaces: one server in a pod (ModelPool engine `sim`)
+        if count != 1:
+            raise ValueError("--base-ip 0.0.0.0 serves one simulator only")
+        return [(base_ip, port)]
     a, b, c, d = (int(x) for x in base_ip.split("."))
     if a != 127:
         raise ValueError("simulated servers bind loopback addresses only (127.x.y.z)")

@@ -294,7 +294,8 @@ def start(workdir: Path, *, bin_dir: Path = KUBE_BIN, extra_apiserver_args: Sequ
             cluster._spawn("scheduler", [str(bin_dir / "kube-scheduler"), *auth])
         if kubelet:
             cluster._spawn("fake-kubelet", [sys.executable, "-m", "hack.kube.fake_kubelet",
-                                            "--kubeconfig", kc, "--nodes", ",".join(FAKE_NODES)])
+                                            "--kubeconfig", kc, "--nodes", ",".join(FAKE_NODES),
+                                            "--workdir", str(workdir / "pods")])
         if crds:
             cluster.install_crds()
         if kubelet:

@@ -8,9 +8,13 @@ binds to one of them:
   and `spec.readinessGates` (Ready only once each gate's condition is True, as a real
   kubelet does: tests that flip gate conditions run on kind/real clusters too);
 - finishes deletions: a pod with a deletionTimestamp is deleted with grace period 0
-  (what a kubelet does once containers have stopped).
+  (what a kubelet does once containers have stopped);
+- with `--workdir`, runs the project-image containers of pods in namespaces labelled
+  `fake-kubelet.epp.dev/run=true` as local processes, Ready by their readiness probe
+  (hack/kube/pod_processes.py says what is faked and how).
 
 Run: python -m hack.kube.fake_kubelet --kubeconfig K [--nodes fake-node-1,fake-node-2]
+     [--workdir DIR]
 It survives API-server restarts (relists with backoff). Stop it with SIGTERM.
 """
 
@@ -23,11 +27,13 @@ import json
 import logging
 import signal
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from hack.kube.kubeconfig import KubeAccess, load_kubeconfig
+from hack.kube.pod_processes import PodProcesses
 
 log = logging.getLogger("fake-kubelet")
 
@@ -74,8 +80,12 @@ def node_object(name: str) -> dict[str, Any]:
 
 
 class FakeKubelet:
-    def __init__(self, access: KubeAccess, nodes: list[str], workers: int = 8) -> None:
+    def __init__(self, access: KubeAccess, nodes: list[str], workers: int = 8,
+                 workdir: Path | None = None) -> None:
         self.access = access
+        self.procs = PodProcesses(workdir, access.server, self._request, self._resync) \
+            if workdir is not None else None
+        self._latest: dict[str, dict[str, Any]] = {}  # uid -> newest pod object seen
         self.nodes = set(nodes)
         self.workers = workers
         self._ips: dict[str, str] = {}  # pod uid -> ip
@@ -141,9 +151,21 @@ class FakeKubelet:
         if pod.get("spec", {}).get("nodeName") not in self.nodes:
             return
         uid = pod["metadata"]["uid"]
+        self._latest[uid] = pod
         if uid not in self._pending:
             self._queue.put_nowait(uid)
         self._pending[uid] = pod
+
+    def _resync(self, uid: str) -> None:
+        """A pod process became (un)ready: write its status again."""
+        pod = self._latest.get(uid)
+        if pod is not None:
+            self._offer(pod)
+
+    async def _forget(self, uid: str) -> None:
+        self._latest.pop(uid, None)
+        if self.procs is not None:
+            await self.procs.stop(uid)
 
     async def _worker(self) -> None:
         while True:
@@ -165,6 +187,7 @@ class FakeKubelet:
         uid, ns, name = meta["uid"], meta["namespace"], meta["name"]
         base = f"/api/v1/namespaces/{ns}/pods/{name}"
         if meta.get("deletionTimestamp"):
+            await self._forget(uid)
             body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
                     "preconditions": {"uid": uid}}
             status, _ = await self._request("DELETE", base, body)
@@ -176,6 +199,11 @@ class FakeKubelet:
             return
         containers_ready = (meta.get("annotations") or {}).get(READY_ANNOTATION, "true") != "false"
         ip = self._assign_ip(uid, status_obj.get("podIP"))
+        restarts: dict[str, int] = {}
+        if self.procs is not None and (self.procs.tracks(uid) or await self.procs.wanted(pod)):
+            await self.procs.start(pod, ip)
+            containers_ready = containers_ready and self.procs.ready(uid)
+            restarts = self.procs.restarts(uid)
         old_conds = list(status_obj.get("conditions") or [])
         conds = {c["type"]: c.get("status") for c in old_conds}
         # Readiness gates (spec.readinessGates) work as with a real kubelet: Ready needs
@@ -191,7 +219,7 @@ class FakeKubelet:
         containers = [
             {"name": c["name"], "image": c.get("image", ""), "imageID": "",
              "ready": containers_ready,
-             "restartCount": 0, "started": True, "containerID": f"fake://{uid}/{c['name']}",
+             "restartCount": restarts.get(c["name"], 0), "started": True, "containerID": f"fake://{uid}/{c['name']}",
              "state": {"running": {"startedAt": now}}}
             for c in pod.get("spec", {}).get("containers", [])
         ]
@@ -255,6 +283,7 @@ class FakeKubelet:
                     if uid:
                         self._release_ip(uid)
                         self._pending.pop(uid, None)
+                        await self._forget(uid)
                 elif ev.get("type") in ("ADDED", "MODIFIED"):
                     self._offer(obj)
         return rv
@@ -289,11 +318,14 @@ class FakeKubelet:
         finally:
             for w in workers:
                 w.cancel()
+            if self.procs is not None:
+                await self.procs.stop_all()
             await self.http.close()
 
 
 async def _main(args: argparse.Namespace) -> None:
-    kubelet = FakeKubelet(load_kubeconfig(args.kubeconfig), args.nodes.split(","))
+    kubelet = FakeKubelet(load_kubeconfig(args.kubeconfig), args.nodes.split(","),
+                          workdir=Path(args.workdir) if args.workdir else None)
     task = asyncio.create_task(kubelet.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -306,6 +338,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kubeconfig", required=True)
     ap.add_argument("--nodes", default="fake-node-1,fake-node-2")
+    ap.add_argument("--workdir", default="",
+                    help="run pods of run-labelled namespaces as processes, logs here")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -128,7 +128,7 @@ def test_engines() -> None:
                                        model={"name": "sim-m", "uri": "hf://x/y"}))
     eng = engine_of(render.deployment(sim, "decode", sim.spec.roles.decode, None))
     assert eng["command"] == ["epp", "sim"]
-    assert eng["args"] == ["--port", "8100", "--model", "sim-m"]
+    assert eng["args"] == ["--base-ip", "0.0.0.0", "--port", "8100", "--model", "sim-m"]
     assert eng["ports"] == [{"name": "http", "containerPort": 8100, "protocol": "TCP"}]
     sg = ModelPool.from_dict(pool_doc(engine="sglang", roles={
         "prefill": {"replicas": 1}, "decode": {"parallelism": {"tensor": 4}}}))
