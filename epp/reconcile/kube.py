@@ -143,6 +143,10 @@ class Kube:
     async def create(self, path: str, obj: JSON) -> JSON:
         return await self.request("POST", path, body=obj)
 
+    async def replace(self, path: str, obj: JSON) -> JSON:
+        """PUT: an update guarded by the object's resourceVersion (409 if it moved on)."""
+        return await self.request("PUT", path, body=obj)
+
     async def watch(self, path: str, resource_version: str, label_selector: str = "",
                     timeout_seconds: int = 300) -> AsyncIterator[JSON]:
         """Yield watch events ({type, object}) until the server closes the stream."""

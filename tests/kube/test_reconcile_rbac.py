@@ -166,13 +166,26 @@ def test_manifests_pass_server_side_dry_run(rbac_cluster: Cluster) -> None:
     # A server-side dry run does not create the Namespace, so objects inside it need it to
     # exist already (rbac_cluster applied it); everything else is validated by the server.
     out = rbac_cluster.kubectl("apply", "--dry-run=server", "--server-side",
-                               "--field-manager=rbac-test", "-f", str(MANIFESTS))
+                               "--field-manager=rbac-test", "-k", str(MANIFESTS))
     for obj in ("namespace/epp-system", "serviceaccount/epp-reconciler",
                 "clusterrole.rbac.authorization.k8s.io/epp-reconciler",
                 "clusterrolebinding.rbac.authorization.k8s.io/epp-reconciler",
                 "clusterrole.rbac.authorization.k8s.io/epp-pool-operator",
+                "role.rbac.authorization.k8s.io/epp-reconciler-leader",
+                "rolebinding.rbac.authorization.k8s.io/epp-reconciler-leader",
                 "deployment.apps/epp-reconciler"):
         assert obj in out, out
+
+
+def test_leader_election_lease_only_in_its_own_namespace(rbac_cluster: Cluster) -> None:
+    api, authz = _authz(rbac_cluster)
+    try:
+        for verb in ("get", "create", "update"):
+            assert _allowed(authz, verb, "coordination.k8s.io", "leases", namespace=SA_NS)
+            assert not _allowed(authz, verb, "coordination.k8s.io", "leases")  # team-a
+        assert not _allowed(authz, "delete", "coordination.k8s.io", "leases", namespace=SA_NS)
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
 
 
 # ---- a whole controller run with nothing but the ServiceAccount's token ------------------
