@@ -1,6 +1,8 @@
-"""Proxy-overhead benchmark: plain Envoy round-robin vs Envoy + EPP, same backends, same run.
+"""Proxy-overhead benchmark: plain Envoy round-robin vs Envoy + EPP vs the peer routers,
+same backends, same run.
 
     python -m bench.proxy [--json] [--duration S] [--connections N] [--epp-processes N]
+                          [--workers N] [--peers vllm-router:cache_aware,...]
 
 Backends are near-instant (an Envoy answering every POST with a fixed completion via
 `direct_response`, on four loopback IPs) so the figures are the routers' own cost. Load is
@@ -8,7 +10,14 @@ Backends are near-instant (an Envoy answering every POST with a fixed completion
 
 * plain_envoy_rps / epp_rps / ratio: throughput at `--connections` concurrency;
 * added_p50_ms_c1: p50 latency added by the EPP with one connection (small body);
-* large_body_added_ms: the same for a 220 KB prompt.
+* large_body_added_ms: the same for a 220 KB prompt;
+* peers: the same rps / ratio / added p50 for each peer router (`--peers`, default
+  vllm-router and sglang-router cache_aware, from the `peers` extra; skipped with the reason
+  when a binary is missing) in front of the same backends.
+
+`--workers N` runs the EPP as `epp serve --workers N` (one port, SO_REUSEPORT; Envoy caps
+streams per HTTP/2 connection so it opens several connections for the kernel to spread);
+`--epp-processes N` runs N replicas on their own ports (sharing state unless `--no-sync`).
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ from typing import Any
 
 import orjson
 
+from bench.routers import RouterSpec, RouterUnavailable, launch
 from epp.devstack.envoy import render_round_robin_config, start_envoy
 from epp.devstack.procs import free_port, stop_process, wait_http
-from epp.devstack.stack import start_gateway
+from epp.devstack.stack import free_port_block, start_gateway
 
 BACKEND_IPS = ["127.0.4.2", "127.0.4.3", "127.0.4.4", "127.0.4.5"]
 COMPLETION = orjson.dumps(
@@ -181,6 +191,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         gw = await start_gateway(
             endpoints,
             epp_processes=args.epp_processes,
+            epp_workers=args.workers,
+            sync=args.sync,
             scrape_interval=0,  # the backends have no /metrics; EPP-local load signals only
             response_headers=args.response_headers,
             workdir=str(work / "gw"),
@@ -198,6 +210,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             epp_large = wrk(epp_url, large, script, 1, d / 2)
         finally:
             gw.close()
+        peers = await _peers(args, port, work, small, script, plain, plain_c1)
         errors = sum(r["non2xx"] for r in (plain, epp, plain_c1, epp_c1, plain_large, epp_large))
         return {
             "plain_envoy_rps": round(plain["rps"], 1),
@@ -209,8 +222,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "epp_p50_ms_c1": epp_c1["p50_ms"],
             "connections": c,
             "epp_processes": args.epp_processes,
+            "epp_workers": args.workers,
+            "sync": args.sync,
             "response_headers": args.response_headers,
             "non2xx": errors,
+            "peers": peers,
         }
     finally:
         for p in procs:
@@ -218,12 +234,65 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+async def _peers(
+    args: argparse.Namespace,
+    port: int,
+    work: Path,
+    body: Path,
+    script: Path,
+    plain: dict[str, float],
+    plain_c1: dict[str, float],
+) -> dict[str, Any]:
+    """Each peer router in front of the same backends, measured like the EPP path."""
+    from epp.sim.config import SimConfig
+
+    pool = [SimConfig(host=ip, port=port, model="bench") for ip in BACKEND_IPS]
+    out: dict[str, Any] = {}
+    for name in [n for n in args.peers.split(",") if n]:
+        spec = RouterSpec.parse(name)
+        try:
+            # the peers' Prometheus listens on port + 1 (bench.routers)
+            async with launch(spec, pool, free_port_block(2), work / "peers") as url:
+                target = f"{url}/v1/completions"
+                wrk(target, body, script, 4, 1)  # warm-up
+                d, c = args.duration, args.connections
+                full = wrk(target, body, script, c, d)
+                c1 = wrk(target, body, script, 1, d / 2)
+        except RouterUnavailable as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            out[name] = {"skipped": " / ".join(lines[:1] + lines[-2:])[:400]}
+            continue
+        out[name] = {
+            "rps": round(full["rps"], 1),
+            "ratio": round(full["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
+            "p50_ms_c1": c1["p50_ms"],
+            "added_p50_ms_c1": round(c1["p50_ms"] - plain_c1["p50_ms"], 3),
+            "non2xx": full["non2xx"] + c1["non2xx"],
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--epp-processes", type=int, default=1)
+    p.add_argument("--epp-processes", type=int, default=1, help="EPP replicas (default: 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="epp serve --workers per replica (default: 1)"
+    )
+    p.add_argument(
+        "--sync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replicas / workers share state (default: on)",
+    )
+    p.add_argument(
+        "--peers",
+        default="vllm-router:cache_aware,sglang-router:cache_aware",
+        help="peer routers measured in the same run, comma list, '' for none "
+        "(default: vllm-router:cache_aware,sglang-router:cache_aware)",
+    )
     p.add_argument(
         "--response-headers",
         action=argparse.BooleanOptionalAction,

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,19 +40,37 @@ class RouterUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RouterSpec:
+    """`kind[:variant]`; the EPP also takes `@<replicas>[x<workers>][-nosync]`: e.g.
+    `epp@2` (two replicas behind Envoy sharing state), `epp@4-nosync` (four independent
+    replicas, the ecosystem's active-active today), `epp@1x2` (one `--workers 2`)."""
+
     kind: str
     variant: str = ""
+    replicas: int = 1
+    workers: int = 1
+    sync: bool = True
 
     @classmethod
     def parse(cls, text: str) -> RouterSpec:
-        kind, _, variant = text.strip().partition(":")
+        head, _, scale = text.strip().partition("@")
+        kind, _, variant = head.partition(":")
         if kind not in ("round_robin", "vllm-router", "sglang-router", "epp", "oracle"):
             raise ValueError(f"unknown router {text!r}")
-        return cls(kind, variant)
+        if not scale:
+            return cls(kind, variant)
+        m = re.fullmatch(r"(\d+)(?:x(\d+))?(-nosync)?", scale)
+        if kind != "epp" or m is None or int(m.group(1)) < 1 or int(m.group(2) or 1) < 1:
+            raise ValueError(f"bad router {text!r}: epp[:variant]@<replicas>[x<workers>][-nosync]")
+        return cls(kind, variant, int(m.group(1)), int(m.group(2) or 1), not m.group(3))
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.variant}" if self.variant else self.kind
+        out = f"{self.kind}:{self.variant}" if self.variant else self.kind
+        if (self.replicas, self.workers, self.sync) != (1, 1, True):
+            out += f"@{self.replicas}"
+            out += f"x{self.workers}" if self.workers > 1 else ""
+            out += "" if self.sync else "-nosync"
+        return out
 
 
 def _find_binary(name: str) -> Path:
@@ -273,7 +292,14 @@ async def _launch_epp(
                 "labels": {"model": c.model, "role": c.role, "engine-type": c.engine,
                            **c.labels},
             })
-        gw = start_gateway(endpoints, listen_port=port, config_text=config_text)
+        gw = start_gateway(
+            endpoints,
+            listen_port=port,
+            config_text=config_text,
+            epp_processes=spec.replicas,
+            epp_workers=spec.workers,
+            sync=spec.sync,
+        )
         if inspect.isawaitable(gw):
             gw = await gw
         async with gw as handle:

@@ -104,7 +104,7 @@ class GatewayHandle:
         self.close()
 
 
-def _free_ports(n: int) -> int:
+def free_port_block(n: int) -> int:
     """A port p with p .. p+n-1 free (`epp serve --workers n` serves metrics on p + i)."""
     for _ in range(100):
         p = free_port()
@@ -157,7 +157,7 @@ async def start_gateway(
         listen_port=listen_port or free_port(),
         admin_port=free_port(),
         epp_ports=[free_port() for _ in range(epp_processes)],
-        metrics_ports=[_free_ports(epp_workers) for _ in range(epp_processes)],
+        metrics_ports=[free_port_block(epp_workers) for _ in range(epp_processes)],
         sync_ports=[free_port() for _ in range(epp_processes)],
         endpoints_file=wd / "endpoints.yaml",
         _tmp=tmp,
