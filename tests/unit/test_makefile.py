@@ -48,9 +48,10 @@ def test_manifests_chart_and_samples_use_the_built_image() -> None:
             ours += [(path.name, i) for i in _images(doc) if i.split(":")[0].endswith("epp")]
     assert ours, "no manifest uses the epp image"
     assert {i for _, i in ours} == {epp.IMAGE}, ours
-    chart = yaml.safe_load((REPO / "charts/epp/Chart.yaml").read_text())
-    values = yaml.safe_load((REPO / "charts/epp/values.yaml").read_text())
-    assert f"{values['image']['repository']}:{chart['appVersion']}" == epp.IMAGE
+    for name in ("epp", "epp-reconciler"):
+        chart = yaml.safe_load((REPO / f"charts/{name}/Chart.yaml").read_text())
+        values = yaml.safe_load((REPO / f"charts/{name}/values.yaml").read_text())
+        assert f"{values['image']['repository']}:{chart['appVersion']}" == epp.IMAGE, name
 
 
 def _fake_engine(tmp_path: Path, name: str, info_ok: bool) -> Path:
