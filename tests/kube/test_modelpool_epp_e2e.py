@@ -76,7 +76,7 @@ def install_reconciler(cluster: Cluster, ns: str) -> str:
         capture_output=True, text=True, timeout=120, check=True).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
-    return next(d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole")
+    return str(next(d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"))
 
 
 def condition(raw: dict[str, Any], ctype: str) -> dict[str, Any]:
