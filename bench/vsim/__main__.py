@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="diurnal rate curve period in model seconds (default 0 = off)")
     p.add_argument("--diurnal-amplitude", type=float, default=0.0,
                    help="diurnal amplitude, 0..1 of the mean rate (default 0)")
-    p.add_argument("--pd-sidecar", action="store_true",
-                   help="P/D: run the prefill hop the EPP picks (a decode sidecar); default: "
-                   "ignored, as bench.run's simulator pods do")
+    p.add_argument("--pd-sidecar", default="auto", choices=("auto", "on", "off"),
+                   help="P/D pools: run the prefill hop the router picks (a decode-pod "
+                   "sidecar); auto = for epp routers, as bench.run does (default auto)")
     p.add_argument("--out", default="", help="write results.json (bench.run format) here")
     args = p.parse_args(argv)
 
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 response_body=args.response_body, scale_groups=not args.no_scale_groups,
                 trace=args.trace or None, zipf_s=args.zipf,
                 diurnal_period_s=args.diurnal_period,
-                diurnal_amplitude=args.diurnal_amplitude, pd_sidecar=args.pd_sidecar,
+                diurnal_amplitude=args.diurnal_amplitude,
+                pd_sidecar=None if args.pd_sidecar == "auto" else args.pd_sidecar == "on",
             )
             wall = time.perf_counter() - t0
             print(f"| {router} | {rate:g} | {s['completed']}/{s['sent']} | {_f(s['ttft_p50'])} "

@@ -120,7 +120,7 @@ def run(
     diurnal_amplitude: float = 0.0,
     trace: str | Path | None = None,
     zipf_s: float | None = None,
-    pd_sidecar: bool = False,
+    pd_sidecar: bool | None = None,
     fuse: bool = True,
     keep_requests: bool = False,
     router_seed: int | None = None,
@@ -137,6 +137,9 @@ def run(
     relative to model time (default: the scenario's, as in the harness; 1 = production).
     response_body: the gateway also sends response bodies to the EPP (first token, usage)
     instead of headers only (the harness's default). trace: replay a JSONL trace.
+    pd_sidecar: on P/D pools, run the prefill hop the router names (a decode-pod sidecar:
+    prefill pod, KV transfer, decode); default: for `epp` routers on pools with prefill
+    pods, as bench.run does (elsewhere the engines ignore the prefill header).
     keep_requests: put the per-request records under `_requests`. router_seed: seeds the
     routers' own random choices (tie-breaks) and the simulation's (scrape phases, error
     injection); default: the schedule's seed. Same seeds, same numbers.
@@ -147,19 +150,23 @@ def run(
         diurnal_amplitude=diurnal_amplitude, trace=trace, zipf_s=zipf_s,
     )
     r = make_router(router, epp_config_text)
+    if pd_sidecar is None:  # bench.run puts sidecars in front of decode pods of P/D pools
+        pd_sidecar = router.partition(":")[0] == "epp" and any(
+            c.role == "prefill" for c in ph.pool)
     sim = Simulation(
         ph.pool, r, ph.requests, time_scale=ph.time_scale,
         seed=ph.seed if router_seed is None else router_seed,
         scrape_interval=scrape_interval, response_body=response_body, fuse=fuse,
         send_deadline=ph.send_deadline, pd_sidecar=pd_sidecar,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sim.run()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = summarize(sim, ph)
     out["router"] = {"name": r.name, **r.stats()}
     out["sim"] = {
         "wall_s": wall,
+        "cpu_s": cpu,
         "events": sim.events,
         "pods": len(sim.pods),
         "requests": len(ph.requests),

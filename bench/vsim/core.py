@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.vsim.routers import RouteError, Router
+from bench.vsim.routers import Pick, RouteError, Router
 from bench.vsim.workload import TokenCache, VRequest
 from epp import clock
 from epp.datalayer.metrics_scraper import apply_metrics
@@ -366,12 +366,21 @@ class Simulation:
         except RouteError as e:
             self._fail(vr, e.status, str(e), now + self.router.overhead_s, router_end=False)
             return
+        if pick is not None:
+            self.forward(vr, pick, now)
+
+    def forward(self, vr: VRequest, pick: Pick, now: float) -> None:
+        """The router decided: the request travels to its pod (or its prefill pod first)."""
         arrive = now + self.router.overhead_s
         vr.server = pick.pod.key
         if pick.prefill is not None and self.pd_sidecar:
             self.push(arrive, self._at_pod, (vr, pick.prefill, True, pick.pod))
         else:
             self.push(arrive, self._at_pod, (vr, pick.pod, False, None))
+
+    def reject(self, vr: VRequest, status: int, error: str, now: float) -> None:
+        """The router gave up on a request it had held (e.g. flow control's 429)."""
+        self._fail(vr, status, error, now + self.router.overhead_s, router_end=False)
 
     def _drop_session(self, session: str) -> None:
         q = self.session_queue.pop(session, [])

@@ -6,7 +6,8 @@ Every router sees only what it sees in the real harness:
   EndpointPickerConfig like `epp serve` does, fed scraped engine metrics (the simulation
   calls `apply_metrics` at the scrape interval) and the response events the gateway
   forwards: response headers (and, in `response_body` mode only, the first token and the
-  usage at the end), the predicted-TTFT prefill timer, and the release when the ext_proc
+  usage at the end), the predicted-TTFT prefill timer, flow control's queue (pumped by its events and
+  a 10 ms tick, like `epp serve`'s asyncio waiter), and the release when the ext_proc
   stream closes: with the harness's default gateway (response headers only) that is
   right after the response headers, not at the end of the stream;
 * `round_robin`: Envoy's ROUND_ROBIN over every pod;
@@ -40,6 +41,8 @@ from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.decision import Decision
 from epp.requestcontrol.director import Director, DirectorSettings
 from epp.requestcontrol.errors import RequestError
+from epp.requestcontrol.flowcontrol.aio import DEFAULT_TICK_S
+from epp.requestcontrol.flowcontrol.queue import Ticket
 from epp.requestcontrol.parse import build_request
 
 if TYPE_CHECKING:
@@ -69,7 +72,9 @@ class Router:
         self.sim = sim
         self.pods = [p for p in sim.pods if p.cfg.role != "prefill"] or list(sim.pods)
 
-    def pick(self, vr: VRequest, now: float) -> Pick:
+    def pick(self, vr: VRequest, now: float) -> Pick | None:
+        """Where `vr` goes; None: it waits in the router, which calls `sim.forward` (or
+        `sim.reject`) later."""
         raise NotImplementedError
 
     def on_headers(self, vr: VRequest, now: float, status: int) -> None:
@@ -227,6 +232,9 @@ class EppRouter(Router):
         self.name = name
         self.errors: dict[int, int] = {}
         self.picks_with_prefill = 0
+        self.queued_total = 0
+        self.tick_s = DEFAULT_TICK_S
+        self._ticking = False
 
     def setup(self, sim: Simulation) -> None:
         super().setup(sim)
@@ -242,12 +250,12 @@ class EppRouter(Router):
         settings = DirectorSettings(saturation=SaturationPolicy(metrics_stale_after=1.0))
         self.director = Director(
             self.datastore, rc.scheduler, settings, hooks=rc.hooks,
-            rng=random.Random(sim.seed * 17 + 3),
+            rng=random.Random(sim.seed * 17 + 3), flow_control=rc.flow_control,
         )
         self.model = sim.pods[0].cfg.model
         self.response_body = sim.response_body
 
-    def pick(self, vr: VRequest, now: float) -> Pick:
+    def pick(self, vr: VRequest, now: float) -> Pick | None:
         data = {
             "model": self.model,
             "messages": vr.full_messages,
@@ -260,10 +268,18 @@ class EppRouter(Router):
         try:
             req = build_request(f"r{vr.idx}", "chat", data, headers)
             director.apply_headers(req, headers)
-            d = director.schedule(director.admission(req))
+            out = director.dispatch(director.admission(req))
         except RequestError as e:
             self.errors[e.status] = self.errors.get(e.status, 0) + 1
             raise RouteError(e.status, e.message) from e
+        if isinstance(out, Ticket):  # flow control: the request waits in the EPP
+            self.queued_total += 1
+            out.on_done = lambda t, vr=vr: self._left_queue(vr, t)
+            self._arm_tick()
+            return None
+        return self._bind(vr, out, now)
+
+    def _bind(self, vr: VRequest, d: Decision, now: float) -> Pick:
         vr.decision = d
         res = d.result
         vr.predicted_uncached = res.uncached_tokens
@@ -275,6 +291,35 @@ class EppRouter(Router):
         ttft_s = (res.predicted_ttft_ms or 0.0) / 1000.0 / self.sim.time_scale
         self.sim.call_at(now + ttft_s, self._prefill_elapsed, d)
         return Pick(pod, prefill)
+
+    # ---- flow control (the asyncio waiter's job, in virtual time) ---------------------------
+    def _left_queue(self, vr: VRequest, t: Ticket) -> None:
+        now = self.sim.now
+        if t.decision is not None and t.error is None:
+            self.sim.forward(vr, self._bind(vr, t.decision, now), now)
+        else:
+            err = t.error
+            status = err.status if isinstance(err, RequestError) else 503
+            self.errors[status] = self.errors.get(status, 0) + 1
+            self.sim.reject(vr, status, str(err) if err else "cancelled", now)
+
+    def _arm_tick(self) -> None:
+        if not self._ticking:
+            self._ticking = True
+            self.sim.call_at(self.sim.now + self.tick_s / self.sim.time_scale, self._tick)
+
+    def _tick(self, _: object = None) -> None:
+        """AsyncFlowWaiter's periodic pump: queued requests move when scraped load drops or
+        their time in the queue runs out."""
+        self._ticking = False
+        flow = self.director.flow
+        while flow is not None and flow.successor is not None:
+            flow = flow.successor
+        if flow is None:
+            return
+        flow.pump()
+        if flow.queued:
+            self._arm_tick()
 
     def _prefill_elapsed(self, d: Decision) -> None:
         self.director.prefill_elapsed(d)
@@ -303,7 +348,8 @@ class EppRouter(Router):
         self.director.release(d)
 
     def stats(self) -> dict[str, Any]:
-        return {"errors": dict(self.errors), "picks_with_prefill": self.picks_with_prefill}
+        return {"errors": dict(self.errors), "picks_with_prefill": self.picks_with_prefill,
+                "queued_in_epp": self.queued_total}
 
 
 def seed_plugins(rc: Any, seed: int) -> None:

@@ -42,7 +42,8 @@ def study(
                          "wall_s": wall, "summary": s})
             print(f"{scenario} {n:4d} pods {router:>14}: TTFT p90 {s['ttft_p90']:.3f} "
                   f"cached {s['cached_ratio']:.2f} goodput {s['goodput']:.1f} "
-                  f"out {s['output_throughput']:.0f} tok/s ({wall:.0f} s)", flush=True)
+                  f"out {s['output_throughput']:.0f} tok/s ({wall:.0f} s wall, "
+                  f"{s['sim']['cpu_s']:.0f} s CPU)", flush=True)
     return {"scenario": scenario, "sizes": sizes, "routers": routers, "load": load,
             "requests_per_pod": requests_per_pod, "rows": rows}
 
