@@ -202,7 +202,7 @@ async def test_failure_injection(http: aiohttp.ClientSession) -> None:
 
 async def test_dies_and_comes_back(http: aiohttp.ClientSession) -> None:
     (h,) = await start_pool(
-        [make_config(**{**FAST, "port": 18741, "die_after_s": 0.3, "down_for_s": 0.4})]
+        [make_config(**{**FAST, "port": free_port(), "die_after_s": 0.3, "down_for_s": 0.4})]
     )
     try:
         assert (await complete(http, h.url, "before"))[0] == 200
