@@ -172,6 +172,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="subscribe to each endpoint's vLLM KV-event ZMQ publisher on this port (0 = off)",
     )
     g.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=0,
+        help="with --kv-events-port: each endpoint's vLLM KV-event replay port (its "
+        "replay_endpoint), asked for the batches the EPP missed (0 = off; default: 0)",
+    )
+    g.add_argument(
         "--tokenizer-dir",
         action="append",
         default=[],
@@ -555,10 +562,16 @@ class App:
             precise=precise,
             resolve=_EndpointResolver(ds),
         )
-        callbacks = {"on_event": sync.on_event, "on_gap": sync.on_gap, "on_stream": sync.on_stream}
+        callbacks = {"on_event": sync.on_event, "on_gap": sync.on_gap, "on_stream": sync.on_stream,
+                     "on_disconnect": sync.on_disconnect}  # fmt: skip
         if port:
             sub = KVEventSubscriber(topic=topic, **callbacks)  # type: ignore[arg-type]
-            sub.follow(ds, lambda ep: f"tcp://{format_hostport(ep.address, port)}")
+            rport = self.args.kv_events_replay_port
+            sub.follow(
+                ds,
+                lambda ep: f"tcp://{format_hostport(ep.address, port)}",
+                (lambda ep: f"tcp://{format_hostport(ep.address, rport)}") if rport else None,
+            )
             self.components.append(sub)
         for address in bind:
             log.info("kv events: publishers connect to %s", address)

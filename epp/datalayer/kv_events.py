@@ -26,8 +26,11 @@ events. Sequence gaps (lost messages) and publisher restarts are counted and rep
 optional `on_gap(endpoint_key, missed)` callback (missed = -1 for a restart), so the index
 can distrust that endpoint's state; `on_stream(endpoint_key, seq)` is called for the first
 batch seen from a publisher and after its restarts (seq 0 = the EPP saw the stream from its
-start). vLLM's replay socket is not used.
-"""
+start); `on_disconnect(endpoint_key)` when a connected publisher's TCP connection drops
+(connect mode: its engine may be restarting, and what it sends meanwhile is lost).
+With a publisher's replay address (vLLM's `replay_endpoint`, connect mode), the batches the
+EPP missed, before it joined or in a gap, are asked for and applied in order first; only
+what the replay cannot give counts as lost. """
 
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
@@ -267,6 +271,8 @@ class _Stream:
     bind: bool
     socket: zmq.asyncio.Socket | None = None
     task: asyncio.Task[None] | None = None
+    monitor: asyncio.Task[None] | None = None
+    replay: str | None = None  # the publisher's replay (ROUTER) address, if it has one
 
 
 class KVEventSubscriber:
@@ -287,6 +293,7 @@ class KVEventSubscriber:
         topic: str = "",
         on_gap: OnGap | None = None,
         on_stream: OnStream | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
         rcvhwm: int = 100_000,
     ) -> None:
         if on_event is None:
@@ -294,6 +301,7 @@ class KVEventSubscriber:
         self._on_event = on_event
         self._on_gap = on_gap
         self._on_stream = on_stream
+        self._on_disconnect = on_disconnect
         self._topic = topic.encode()
         self._rcvhwm = rcvhwm
         self._streams: dict[str, _Stream] = {}  # by stream id (key or address)
@@ -312,16 +320,23 @@ class KVEventSubscriber:
         self.events = 0
         self.dropped = 0  # malformed frames / payloads / events, unattributable messages
         self.gaps = 0
+        self.disconnects = 0
+        self.replayed = 0  # batches recovered from publishers' replay sockets
+        self.replay_failures = 0
+        self.replay_timeout_s = 2.0
+        self._replaying: dict[str, list[tuple[int, bytes]]] = {}
+        self._replay_tasks: set[asyncio.Task[None]] = set()
         self.callback_errors = 0
 
     # ---- configuration ------------------------------------------------------------------------
-    def add(self, endpoint_key: str, address: str) -> None:
-        """Subscribe to `address` and attribute its events to `endpoint_key`."""
+    def add(self, endpoint_key: str, address: str, replay: str | None = None) -> None:
+        """Subscribe to `address` and attribute its events to `endpoint_key`; `replay`: the
+        publisher's replay address, asked for the batches the EPP missed."""
         cur = self._streams.get(endpoint_key)
-        if cur is not None and cur.address == address:
+        if cur is not None and cur.address == address and cur.replay == replay:
             return
         self.remove(endpoint_key)
-        stream = _Stream(address, endpoint_key, False)
+        stream = _Stream(address, endpoint_key, False, replay=replay)
         self._streams[endpoint_key] = stream
         if self._running:
             self._open(endpoint_key, stream)
@@ -332,13 +347,18 @@ class KVEventSubscriber:
         if stream is not None:
             self._close(stream)
 
-    def follow(self, datastore: Datastore, address_for: Callable[[Endpoint], str | None]) -> None:
+    def follow(
+        self,
+        datastore: Datastore,
+        address_for: Callable[[Endpoint], str | None],
+        replay_for: Callable[[Endpoint], str | None] | None = None,
+    ) -> None:
         """Subscribe to every datastore endpoint `address_for` maps to a ZMQ address."""
 
         def added(ep: Endpoint) -> None:
             address = address_for(ep)
             if address:
-                self.add(ep.key, address)
+                self.add(ep.key, address, replay_for(ep) if replay_for else None)
 
         def removed(ep: Endpoint) -> None:
             if ep.key in self._streams:
@@ -364,6 +384,8 @@ class KVEventSubscriber:
 
     async def stop(self) -> None:
         self._running = False
+        for t in list(self._replay_tasks):
+            t.cancel()
         streams = list(self._streams.values())
         tasks = [s.task for s in streams if s.task is not None]
         for s in streams:
@@ -383,7 +405,7 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
         # Reconnect fast to a restarted publisher: what it sends before we are back is lost.
         sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 100)
         try:
             if stream.bind:
                 sock.bind(stream.address)
@@ -400,14 +422,54 @@ class KVEventSubscriber:
             return
         stream.socket = sock
         stream.task = asyncio.create_task(self._recv_loop(sid, stream), name=f"kv-events {sid}")
+        if not stream.bind and (self._on_disconnect is not None or stream.replay):
+            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+            stream.monitor = asyncio.create_task(
+                self._watch(stream.key or sid, stream, mon), name=f"kv-events monitor {sid}"
+            )
 
     def _close(self, stream: _Stream) -> None:
+        if stream.monitor is not None:
+            stream.monitor.cancel()
+            stream.monitor = None
         if stream.task is not None:
             stream.task.cancel()
             stream.task = None
         if stream.socket is not None:
             stream.socket.close(linger=0)
             stream.socket = None
+
+    async def _watch(self, key: str, stream: _Stream, mon: zmq.asyncio.Socket) -> None:
+        """A dropped connection to a publisher: its engine may have restarted, and what it
+        publishes until we are connected again is lost. A (re)connection to a publisher with
+        a replay socket: ask for its stream from 0 at once, so a quiet publisher (a fresh
+        engine) is known before it publishes anything."""
+        try:
+            while True:
+                frames = await mon.recv_multipart()
+                event = parse_monitor_message(frames)
+                if (
+                    event.get("event") == zmq.EVENT_CONNECTED
+                    and stream.replay
+                    and key not in self._last_seq
+                    and key not in self._replaying
+                ):
+                    self._replaying[key] = []
+                    self._replay_tasks.add(
+                        asyncio.create_task(self._replay(key, stream.replay, 0, probe=True))
+                    )
+                elif event.get("event") == zmq.EVENT_DISCONNECTED:
+                    self.disconnects += 1
+                    self._last_seq.pop(key, None)
+                    if self._on_disconnect is not None:
+                        try:
+                            self._on_disconnect(key)
+                        except Exception:
+                            log.exception("kv events: on_disconnect callback failed for %s", key)
+        except (zmq.ZMQError, asyncio.CancelledError):
+            pass
+        finally:
+            mon.close(linger=0)
 
     async def _recv_loop(self, sid: str, stream: _Stream) -> None:
         sock = stream.socket
@@ -439,7 +501,27 @@ class KVEventSubscriber:
         if key is None:
             self.dropped += 1
             return
-        self._check_seq(key, int.from_bytes(seq_b, "big"))
+        seq = int.from_bytes(seq_b, "big")
+        waiting = self._replaying.get(key)
+        if waiting is not None:  # a replay is filling what came before: keep order
+            waiting.append((seq, payload))
+            return
+        stream = self._streams.get(key)
+        if stream is not None and stream.replay and self._running:
+            last = self._last_seq.get(key)
+            # First batch (the EPP joined, or reconnected) or a restarted publisher: the whole
+            # stream from 0; else what the gap lost.
+            start = 0 if last is None or seq <= last else last + 1
+            if seq > start:
+                self._replaying[key] = [(seq, payload)]
+                self._replay_tasks.add(
+                    asyncio.create_task(self._replay(key, stream.replay, start))
+                )
+                return
+        self._apply(key, seq, payload)
+
+    def _apply(self, key: str, seq: int, payload: bytes) -> None:
+        self._check_seq(key, seq)
         try:
             batch = decode_batch(payload)
         except KVEventDecodeError as e:
@@ -456,6 +538,48 @@ class KVEventSubscriber:
             except Exception:
                 self.callback_errors += 1
                 log.exception("kv events: on_event callback failed for %s", key)
+
+    async def _replay(self, key: str, address: str, start: int, probe: bool = False) -> None:
+        """Ask the publisher's replay socket for the batches from `start` on, apply those
+        the live stream skipped, then what arrived meanwhile."""
+        got: list[tuple[int, bytes]] = []
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(address)
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                frames = await asyncio.wait_for(sock.recv_multipart(), self.replay_timeout_s)
+                if len(frames) < 3:
+                    break
+                seq = int.from_bytes(frames[-2], "big", signed=True)
+                if seq < 0:
+                    break
+                got.append((seq, frames[-1]))
+        except (TimeoutError, zmq.ZMQError) as e:
+            log.warning("kv events %s: replay from %s failed: %r", key, address, e)
+        finally:
+            sock.close(linger=0)
+            self._replay_tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        live = self._replaying.pop(key, [])
+        first_live = live[0][0] if live else None
+        filled = [(s, p) for s, p in got if first_live is None or s < first_live]
+        complete = bool(filled) and [s for s, _ in filled] == list(
+            range(start, start + len(filled))
+        ) and (first_live is None or filled[-1][0] == first_live - 1)
+        if complete:
+            self.replayed += len(filled)
+            for s, p in filled:
+                self._apply(key, s, p)
+        elif probe and not got and not live and key not in self._last_seq:
+            # Connected, and the publisher has sent nothing yet: a fresh stream, seen whole.
+            self._last_seq[key] = -1
+            self._stream(key, 0)
+        elif got or live or not probe:
+            self.replay_failures += 1
+        for s, p in live:
+            self._apply(key, s, p)
 
     def _check_seq(self, key: str, seq: int) -> None:
         last = self._last_seq.get(key)

@@ -86,6 +86,17 @@ class PrefixIndexKVSync:
         elif self.precise is not None:
             self.precise.gap(key, missed)
 
+    def on_disconnect(self, endpoint_key: str) -> None:
+        """The publisher's connection dropped: the engine may be restarting with an empty
+        cache, and its events are lost until we reconnect. Guess nothing about it until its
+        stream says more."""
+        key = self._key(endpoint_key)
+        if key is None:
+            return
+        if self.precise is not None:
+            self.precise.gap(key, 0)
+        self._reset(key, "publisher disconnected")
+
     def on_stream(self, endpoint_key: str, seq: int) -> None:
         key = self._key(endpoint_key)
         if key is not None and self.precise is not None:

@@ -285,10 +285,11 @@ class PreciseIndex:
             self._untrust(v, f"joined its event stream at sequence {seq}")
 
     def gap(self, key: str, missed: int) -> None:
-        """Batches were lost: the view may lack stores and hold evicted blocks."""
+        """Batches were lost (`missed` > 0) or may be (0: the publisher disconnected): the
+        view may lack stores and hold evicted blocks."""
         v = self.view(key)
         self._clear(v)
-        self._untrust(v, f"{missed} event batches lost")
+        self._untrust(v, f"{missed} event batches lost" if missed else "publisher disconnected")
 
     def _untrust(self, v: PodView, why: str) -> None:
         v.trusted = False
@@ -368,6 +369,20 @@ class PreciseIndex:
         for key in current:
             matched[key] = i
         return matched
+
+    def confirmed_prefix(self, key: str, hashes: Sequence[int]) -> int:
+        """Leading blocks one pod holds according to its events alone (no speculation):
+        the engine's own state, what it will report as cached if nothing changes first."""
+        v = self.pods.get(key)
+        if v is None:
+            return 0
+        blocks = v.blocks
+        n = 0
+        for h in hashes:
+            if h not in blocks:
+                break
+            n += 1
+        return n
 
     def blocks_held(self, key: str) -> int:
         v = self.pods.get(key)

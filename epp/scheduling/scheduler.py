@@ -21,7 +21,13 @@ from epp.scheduling.framework import (
     SchedulingResult,
     WeightedScorer,
 )
-from epp.scheduling.plugins.common import CACHED_KEY, TOKENS_KEY, prefix_match, prompt_tokens
+from epp.scheduling.plugins.common import (
+    CACHED_KEY,
+    TOKENS_KEY,
+    PromptTokens,
+    prefix_match,
+    prompt_tokens,
+)
 from epp.scheduling.request import CycleState, InferenceRequest
 from epp.scheduling.services import Services
 
@@ -130,11 +136,18 @@ class Scheduler(ProfileRunner):
         cached: dict[str, int] | None = cycle.get(CACHED_KEY)
         if cached is not None:
             key = result.target.key
-            result.predicted_cached_tokens = cached.get(key, 0)
             precise = services.precise
-            tokenized = bool(cycle.get(TOKENS_KEY))
-            trusted = precise is not None and tokenized and precise.is_trusted(key)
-            result.prediction_mode = "precise" if trusted else "approximate"
+            pt = cycle.get(TOKENS_KEY)
+            if precise is not None and isinstance(pt, PromptTokens) and precise.is_trusted(key):
+                # What the engine holds now by its events (without the blocks just sent to
+                # it, which a request running alongside may not find computed yet).
+                bs = precise.block_size
+                held = min(precise.confirmed_prefix(key, pt.hashes), (pt.count - 1) // bs)
+                result.predicted_cached_tokens = held * bs
+                result.prediction_mode = "precise"
+            else:
+                result.predicted_cached_tokens = cached.get(key, 0)
+                result.prediction_mode = "approximate"
         outputs = self.outputs
         if PREFIX_HASHES in outputs:
             result.prefix_hashes = prefix_match(cycle, self.services, request).hashes

@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-events-port", type=int, default=0, help="ZMQ PUB port (server i uses port+i)"
     )
+    parser.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=0,
+        help="ZMQ ROUTER port replaying missed KV-event batches (server i uses port+i; 0 = off)",
+    )
     for name, typ, help_text in _OVERRIDES:
         parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
                             help=f"{help_text} (default: the preset's)")
@@ -71,6 +77,11 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     if args.kv_events_port:
         configs = [
             c.replace(kv_events_port=args.kv_events_port + i) for i, c in enumerate(configs)
+        ]
+    if args.kv_events_replay_port:
+        configs = [
+            c.replace(kv_events_replay_port=args.kv_events_replay_port + i)
+            for i, c in enumerate(configs)
         ]
     for c in configs:
         c.validate()

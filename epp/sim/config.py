@@ -50,6 +50,7 @@ class SimConfig:
     max_waiting: int = 0  # 0 = unbounded; else 429 when the waiting queue is this long
     # --- KV events (ZMQ PUB on host:kv_events_port) ; 0 = off
     kv_events_port: int = 0
+    kv_events_replay_port: int = 0  # ROUTER serving missed batches (vLLM replay_endpoint)
     seed: int = 0
     labels: dict[str, str] = field(default_factory=dict)
 

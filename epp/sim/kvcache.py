@@ -40,6 +40,7 @@ class BlockPool:
         self._blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self._blocks)
         self._cached: dict[int, Block] = {}
+        self.evictions = 0  # cached blocks dropped to make room
         # vLLM-format KV events waiting to be published: tagged arrays.
         self.events: list[list[Any]] = []
 
@@ -89,6 +90,7 @@ class BlockPool:
         b.block_hash = None
         if h is not None and self._cached.get(h) is b:
             del self._cached[h]
+            self.evictions += 1
             self.events.append(["BlockRemoved", [h], None])
 
     def commit(self, b: Block, block_hash: int, parent: int | None, token_ids: list[int]) -> None:

@@ -72,8 +72,8 @@ class SimServer:
         cfg.validate()
         self.cfg = cfg
         self.stats = EngineStats()
-        sim_tokenizer()  # load it now, not on the first request
         self.kv_events = KVEventPublisher(cfg) if cfg.kv_events_port else None
+        sim_tokenizer()  # load it now, not on the first request
         self.engine = Engine(cfg, self.stats, self.kv_events.publish if self.kv_events else None)
         self._rng = random.Random(cfg.seed or hash(cfg.address))
         self._headers = {"x-sim-server": cfg.address}
@@ -109,6 +109,8 @@ class SimServer:
 
     async def start(self) -> None:
         self.started_at = time.monotonic()
+        if self.kv_events:
+            self.kv_events.start_replay()
         await self._bind()
         if self.cfg.die_after_s > 0:
             self._lifecycle = asyncio.create_task(self._die_and_return())
@@ -148,6 +150,7 @@ class SimServer:
             # subscribers see the restart from that (vLLM sends no AllBlocksCleared then).
             self.kv_events.close()
             self.kv_events = KVEventPublisher(self.cfg)
+            self.kv_events.start_replay()
         publish = self.kv_events.publish if self.kv_events else None
         self.engine = Engine(self.cfg, self.stats, publish)
         await self._bind()
@@ -419,6 +422,7 @@ class SimServer:
             "running": self.engine.num_running,
             "kv_usage": self.engine.pool.usage(),
             "cached_blocks": self.engine.pool.num_cached,
+            "evictions": self.engine.pool.evictions,
             "requests_total": self.requests_total,
             "prefill_only_total": self.prefill_only_total,
             "remote_prefilled_total": self.remote_prefilled_total,

@@ -18,6 +18,7 @@ from epp.requestcontrol.kv_sync import PrefixIndexKVSync
 from epp.requestcontrol.parse import build_request
 from epp.scheduling.config import ConfigError
 from epp.scheduling.precise_index import PreciseIndex
+from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.services import Services
 from epp.sim.kvcache import ROOT_HASH, BlockPool, chain_hash
 from epp.sim.tokenizer import DATA_DIR, sim_tokenizer
@@ -342,3 +343,60 @@ def test_predicted_cached_tokens_match_the_engine_through_evictions_and_a_restar
 
 def test_sim_tokenizer_dir_is_what_the_epp_loads() -> None:
     assert (DATA_DIR / "tokenizer.json").is_file() and sim_tokenizer().chunking
+
+
+# ---- replay: what the EPP missed before it joined, from the publisher's replay socket ---------
+async def test_a_late_subscriber_is_trusted_after_replaying_the_stream() -> None:
+    import asyncio
+
+    from epp.devstack.procs import free_port
+    from epp.sim.config import make_config
+    from epp.sim.kvevents import KVEventPublisher
+
+    cfg = make_config(host="127.0.0.1", port=8000, kv_events_port=free_port(),
+                      kv_events_replay_port=free_port())  # fmt: skip
+    pub = KVEventPublisher(cfg)
+    pub.start_replay()
+    pool = BlockPool(64, BS)
+    idx = PreciseIndex(BS)
+    streams: list[tuple[str, int]] = []
+    sync = PrefixIndexKVSync(director_index(), precise=idx)
+
+    def on_stream(key: str, seq: int) -> None:
+        streams.append((key, seq))
+        sync.on_stream(key, seq)
+
+    def store(ids: list[int]) -> None:
+        parent = None
+        for j in range(len(ids) // BS):
+            h = chain_hash(parent or ROOT_HASH, ids[j * BS : (j + 1) * BS])
+            (b,) = pool.allocate(1) or []
+            pool.commit(b, h, parent, ids[j * BS : (j + 1) * BS])
+            parent = h
+        pub.publish(pool.events)
+        pool.events = []
+
+    try:
+        early = toks(16, 1000)
+        store(early)  # published before anyone listens: lost on the PUB socket
+        sub = KVEventSubscriber(on_event=sync.on_event, on_gap=sync.on_gap, on_stream=on_stream)
+        sub.add("127.0.0.1:8000", pub.endpoint,
+                replay=f"tcp://127.0.0.1:{cfg.kv_events_replay_port}")  # fmt: skip
+        await sub.start()
+        await asyncio.sleep(0.3)  # connected
+        late = toks(8, 2000)
+        store(late)
+        for _ in range(100):
+            if idx.blocks_held("127.0.0.1:8000") >= 6:
+                break
+            await asyncio.sleep(0.02)
+        assert streams == [("127.0.0.1:8000", 0)]  # seen from sequence 0, thanks to the replay
+        assert sub.replayed == 1 and idx.is_trusted("127.0.0.1:8000")
+        assert idx.match(idx.hash_ids(early)) == {"127.0.0.1:8000": 4}
+        await sub.stop()
+    finally:
+        pub.close()
+
+
+def director_index() -> PrefixIndex:
+    return PrefixIndex()
