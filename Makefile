@@ -9,7 +9,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= epp:$(VERSION)
 PYTEST_FLAGS ?= -q -rs
 
-.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean image print-image protos
+.PHONY: venv run test test-unit test-integration test-kube lint bench kube-build kube-up kube-down clean image print-image kind-demo protos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,13 @@ image:
 
 print-image:
 	@echo $(IMAGE)
+
+# Quickstart on kind (needs docker or podman, kind, and network access): cluster, image,
+# CRDs, the reconciler chart, a simulated ModelPool (its EPP included), an Envoy gateway and
+# one request through it. KIND_CLUSTER=epp-demo by default; `kind delete cluster --name ...`.
+KIND_CLUSTER ?= epp-demo
+kind-demo: $(STAMP)
+	IMAGE=$(IMAGE) KIND_CLUSTER=$(KIND_CLUSTER) BIN=$(BIN) bash hack/kind/demo.sh
 
 # The replica state-sync protocol: protos/ -> epp/sync/v1 (committed; tests/unit/test_protos.py
 # fails when they drift). grpcio-tools is pinned exactly in pyproject.toml's dev extra.

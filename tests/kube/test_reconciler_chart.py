@@ -82,3 +82,14 @@ def test_objects_accepted_by_the_api_server(helm: str, kube_cluster: Cluster,
     assert out.count("serverside-applied") == len(docs), out
 
 
+
+
+def test_kind_demo_objects_accepted_by_the_api_server(kube_cluster: Cluster,
+                                                      kube_ns: str) -> None:
+    from hack.kind import objects
+
+    docs = [objects.pool(kube_ns), *objects.gateway(kube_ns)]
+    out = kube_cluster.kubectl("apply", "--dry-run=server", "--server-side",
+                               "--field-manager=test", "-f", "-",
+                               input=yaml.safe_dump_all(docs))
+    assert out.count("serverside-applied") == len(docs), out
