@@ -98,3 +98,11 @@ IPERF_ROUTERS ?= epp,round_robin
 bench-iperf: $(STAMP)
 	$(BIN)/python -m bench.iperf.env
 	$(BIN)/python -m bench.iperf.run --routers $(IPERF_ROUTERS)
+
+# Soak (a benchmark, not part of `make test`, which runs a 3-minute version): 30 minutes of
+# load with pod kills, endpoint churn, KV-event publisher restarts and client cancels; fails
+# on leaks (in-flight, RSS, fds, asyncio tasks) or unexplained failed requests.
+SOAK_ARGS ?= --duration 1800 --json
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
