@@ -29,9 +29,10 @@ async def test_sigkilled_pod_loses_only_started_streams(tmp_path: Path) -> None:
     # Something was actually in flight on the victim and had to be retried or cut.
     assert rep.retried + rep.cut_mid_response > 0, rep
     assert rep.ok == rep.requests - rep.cut_mid_response
-    # The EPP learned of it within a scrape interval or two and stopped picking it.
-    assert rep.marked_down_after_kill_s is not None and rep.marked_down_after_kill_s < 0.5, rep
-    assert rep.last_pick_after_kill_s is None or rep.last_pick_after_kill_s < 0.5, rep
-    # ... and took it back once it was healthy again.
-    assert rep.back_after_restart_s is not None and rep.back_after_restart_s < 3.0, rep
+    # The EPP learned of it within a scrape interval (50 ms; the bounds leave room for a
+    # busy machine and the metrics polling) and stopped picking it ...
+    assert rep.marked_down_after_kill_s is not None and rep.marked_down_after_kill_s < 1.0, rep
+    assert rep.last_pick_after_kill_s is None or rep.last_pick_after_kill_s < 1.0, rep
+    # ... and took it back once it was healthy again (scrape backoff is at most 2 s).
+    assert rep.back_after_restart_s is not None and rep.back_after_restart_s < 5.0, rep
     assert rep.inflight_after == 0 and rep.open_requests_after == 0, rep
