@@ -110,8 +110,13 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
         "failure_mode_allow": o.fail_open,
         "message_timeout": "30s",
         "allow_mode_override": True,
-        # Without this Envoy drops the EPP's `envoy.lb` metadata (the override_host source).
-        "metadata_options": {"receiving_namespaces": {"untyped": [headers.LB_METADATA_NAMESPACE]}},
+        # `receiving_namespaces`: else Envoy drops the EPP's `envoy.lb` metadata (the
+        # override_host source); `forwarding_namespaces` sends it back on the response path,
+        # with the host override_host picked (`x-gateway-destination-endpoint-served`).
+        "metadata_options": {
+            "receiving_namespaces": {"untyped": [headers.LB_METADATA_NAMESPACE]},
+            "forwarding_namespaces": {"untyped": [headers.LB_METADATA_NAMESPACE]},
+        },
     }
     strip = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
@@ -302,6 +307,8 @@ def _pool_cluster(o: EnvoyOptions) -> dict[str, Any]:
         ],
         # Fail-open pools: a request the EPP could not answer (no metadata) goes to any pod.
         fallback_policy={"policies": [_least_request() if o.fail_open else nothing]},
+        # The protocol's "served" metadata (read by the EPP in response processing).
+        selected_host_key={"key": headers.LB_METADATA_NAMESPACE, "path": [{"key": SERVED_HEADER}]},
     )
     eds_dir = str(Path(o.eds_path).parent)
     return {

@@ -380,6 +380,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 d.attempts = int(raw) if raw.isdigit() else 0
             elif key == _SERVED:
                 d.served = (h.raw_value or h.value.encode()).decode(errors="replace")
+        if not d.served:  # the protocol's way: envoy.lb metadata set by the gateway's LB
+            d.served = m.served_endpoint(msg)
         self.director.response_headers(d, status)
         if msg.response_headers.end_of_stream:
             self._finish(st)
