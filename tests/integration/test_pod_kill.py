@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench.faults import run_kill
+from epp.devstack.procs import free_port
+from tests.integration.conftest import GatewayFactory, endpoint_dicts
+from tests.integration.helpers import metric_samples, post
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +39,23 @@ async def test_sigkilled_pod_loses_only_started_streams(tmp_path: Path) -> None:
     # ... and took it back once it was healthy again (scrape backoff is at most 2 s).
     assert rep.back_after_restart_s is not None and rep.back_after_restart_s < 5.0, rep
     assert rep.inflight_after == 0 and rep.open_requests_after == 0, rep
+
+
+async def test_gateway_retries_teach_the_epp_without_the_scraper(
+    echo_pool: list[tuple[str, int]], gateway: GatewayFactory
+) -> None:
+    """A listed endpoint nothing listens on: requests routed to it first are retried on a
+    fallback, and the failure-learning hook (the scraper is off here) takes it out."""
+    dead_ip = "127.0.0.6"
+    dead = {"address": dead_ip, "port": free_port(dead_ip), "name": "dead"}
+    gw = await gateway([*endpoint_dicts(echo_pool[:2]), dead], scrape_interval=0)
+    attempts = []
+    for i in range(30):
+        status, headers, raw = await post(gw, {"model": "m", "prompt": f"request {i}"})
+        assert status == 200, raw
+        attempts.append(int(headers.get("x-envoy-attempt-count", "1")))
+    key = f"{dead['address']}:{dead['port']}"
+    down = metric_samples(await gw.metrics_text(), "epp_endpoint_down")
+    assert ({"endpoint": key, "reason": "unreachable"}, 1.0) in down
+    # Learned on the first retry: at most a couple of requests had to go around it.
+    assert 1 <= sum(a > 1 for a in attempts) <= 2, attempts
