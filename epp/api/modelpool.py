@@ -226,6 +226,26 @@ class EppSpec(_Model):
         return v.lower()
 
 
+class SidecarSpec(_Model):
+    """The P/D sidecar (`epp sidecar`) the reconciler puts in front of the engine in decode
+    pods when the pool has a prefill role: the pod's serving port (`spec.port`) is the
+    sidecar's, the engine moves to `enginePort`."""
+
+    image: str = Field(default="", description="sidecar image; default the epp image")
+    engine_port: int = Field(
+        default=8200, ge=1, le=65535, description="the engine's port inside decode pods"
+    )
+    connector: Literal["", "nixlv2", "sglang"] = Field(
+        default="", description="P/D protocol; default by engine: sglang for SGLang, else "
+        "nixlv2 (vLLM kv_transfer_params)"
+    )
+    prefill_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="then the request is decoded locally (reported)"
+    )
+    resources: Resources = Field(default_factory=Resources)
+    extra_args: list[str] = Field(default_factory=list, description="more `epp sidecar` flags")
+
+
 class ModelPoolSpec(_Model):
     model: ModelSpec
     engine: Engine = "vllm"
@@ -237,9 +257,15 @@ class ModelPoolSpec(_Model):
     businesses: list[Business] = Field(default_factory=list)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     epp: EppSpec = Field(default_factory=EppSpec)
+    sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelPoolSpec:
+        if self.roles.prefill is not None and self.sidecar.engine_port == self.port:
+            raise ValueError(
+                f"sidecar.enginePort {self.sidecar.engine_port} must differ from port: decode "
+                "pods serve on port through the P/D sidecar, the engine listens on enginePort"
+            )
         names = [b.name for b in self.businesses]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

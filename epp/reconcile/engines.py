@@ -21,14 +21,19 @@ DEFAULT_IMAGES = {
 }
 
 
-def engine_args(pool: ModelPool, role: str, spec: RoleSpec, art: Artifact) -> list[str]:
+def engine_args(
+    pool: ModelPool, role: str, spec: RoleSpec, art: Artifact, port: int | None = None
+) -> list[str]:
+    """`port`: where the engine listens (default the pool's port; decode pods of a P/D pool
+    move it behind the sidecar)."""
     s = pool.spec
+    port = port or s.port
     tp = spec.parallelism.tensor
     dp = spec.parallelism.data
     pd = pool.spec.roles.prefill is not None
     if s.engine == "vllm":
         args = ["--model", art.model_path, "--served-model-name", s.model.name,
-                "--port", str(s.port)]
+                "--port", str(port)]
         if art.revision:
             args += ["--revision", art.revision]
         if tp > 1:
@@ -40,7 +45,7 @@ def engine_args(pool: ModelPool, role: str, spec: RoleSpec, art: Artifact) -> li
             args += ["--kv-transfer-config", json.dumps(kv, separators=(",", ":"))]
     elif s.engine == "sglang":
         args = ["--model-path", art.model_path, "--served-model-name", s.model.name,
-                "--host", "0.0.0.0", "--port", str(s.port)]
+                "--host", "0.0.0.0", "--port", str(port)]
         if art.revision:
             args += ["--revision", art.revision]
         if tp > 1:
@@ -50,19 +55,25 @@ def engine_args(pool: ModelPool, role: str, spec: RoleSpec, art: Artifact) -> li
         if pd:
             args += ["--disaggregation-mode", role]
     else:  # sim: the project's simulator, `epp sim`, on every interface of the pod
-        args = ["--base-ip", "0.0.0.0", "--port", str(s.port), "--model", s.model.name]
+        args = ["--base-ip", "0.0.0.0", "--port", str(port), "--model", s.model.name]
+        if pd:
+            args += ["--role", role]
     return args + list(spec.extra_args)
 
 
-def engine_container(pool: ModelPool, role: str, spec: RoleSpec, art: Artifact) -> dict[str, Any]:
+def engine_container(
+    pool: ModelPool, role: str, spec: RoleSpec, art: Artifact, port: int | None = None
+) -> dict[str, Any]:
     s = pool.spec
+    port = port or s.port
     container: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
         "image": s.image or DEFAULT_IMAGES[s.engine],
-        "args": engine_args(pool, role, spec, art),
-        "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
+        "args": engine_args(pool, role, spec, art, port),
+        "ports": [{"name": "http" if port == s.port else "engine", "containerPort": port,
+                   "protocol": "TCP"}],
         "readinessProbe": {
-            "httpGet": {"path": "/health", "port": s.port},
+            "httpGet": {"path": "/health", "port": port},
             "periodSeconds": 5,
             "failureThreshold": 3,
         },

@@ -8,6 +8,7 @@ Objects (all namespaced in the pool's namespace, labelled `epp.dev/pool=<pool>`)
 - one `InferenceModel` per served model name (with its businesses' criticality);
 - one `HTTPRoute` `<pool>-<business>` per business, setting the business header;
 - the pool's EPP (`render_epp.py`) unless `spec.epp.managed` is off.
+- with a prefill role, the P/D sidecar in decode pods and its read-only RBAC (`render_pd.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from epp.api.modelpool import (
     RoleSpec,
     model_label_value,
 )
-from epp.reconcile import artifacts, engines, render_epp, template
+from epp.reconcile import artifacts, engines, render_epp, render_pd, template
 from epp.reconcile.merge import merge
 
 LABEL_POOL = "epp.dev/pool"
@@ -55,7 +56,7 @@ OWNED_KINDS: tuple[Kind, ...] = (
     Kind(POOL_API, "InferencePool", "inferencepools"),
     Kind(MODEL_API, "InferenceModel", "inferencemodels"),
     Kind(ROUTE_API, "HTTPRoute", "httproutes"),
-    # the pool's EPP (render_epp.py)
+    # the pool's EPP (render_epp.py) and the P/D sidecar (render_pd.py)
     Kind("v1", "ServiceAccount", "serviceaccounts"),
     Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
     Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
@@ -155,11 +156,12 @@ def deployment(
     art = artifacts.resolve(pool.spec.model.uri)
 
     # Layers, lowest first: engine defaults + artifact, base template, ModelPool role overrides.
-    engine = engines.engine_container(pool, role, spec, art)
+    engine = engines.engine_container(pool, role, spec, art, render_pd.engine_port(pool, role))
     engine["volumeMounts"] = [art.mount]
     if art.env:
         engine["env"] = list(art.env)
     pod_spec: dict[str, Any] = {"containers": [engine], "volumes": [art.volume]}
+    pod_spec = render_pd.pod_defaults(pool, role, pod_spec)
     pod_spec = merge(pod_spec, tpl_pod.get("spec") or {})
     pod_spec = merge(pod_spec, _role_override(spec))
     _quantities_as_strings(pod_spec)
@@ -293,6 +295,7 @@ def render(
 ) -> list[dict[str, Any]]:
     """Every object the pool stands for, in apply order. Raises ValueError on a bad spec."""
     objs: list[dict[str, Any]] = render_epp.render(pool, lambda n: _meta(pool, n, owner), epp)
+    objs += render_pd.render(pool, lambda n: _meta(pool, n, owner))
     roles = pool.spec.roles.items()
     objs += [service(pool, role, owner) for role, _ in roles]
     objs += [deployment(pool, role, spec, base_template, owner) for role, spec in roles]

@@ -37,7 +37,7 @@ OWNED = (("", "services"), ("apps", "deployments"),
          ("inference.networking.k8s.io", "inferencepools"),
          ("inference.networking.x-k8s.io", "inferencemodels"),
          ("gateway.networking.k8s.io", "httproutes"),
-         # the pool's own EPP (epp/reconcile/render_epp.py)
+         # the pool's own EPP and the P/D sidecar (render_epp.py, render_pd.py)
          ("", "serviceaccounts"), ("rbac.authorization.k8s.io", "roles"),
          ("rbac.authorization.k8s.io", "rolebindings"), ("policy", "poddisruptionbudgets"))
 RESOURCES = (  # (group, resource, subresource) probed with every verb

@@ -55,7 +55,8 @@ def test_objects_and_labels() -> None:
     kinds = [o["kind"] for o in objs]
     epp = ["ServiceAccount", "Role", "RoleBinding", "Service", "Deployment",
            "PodDisruptionBudget"]  # the pool's own EPP (test_reconcile_render_epp.py)
-    assert kinds == [*epp, "Service", "Service", "Deployment", "Deployment", "InferencePool",
+    pd = ["ServiceAccount", "Role", "RoleBinding"]  # the P/D sidecar (render_pd.py)
+    assert kinds == [*epp, *pd, "Service", "Service", "Deployment", "Deployment", "InferencePool",
                      "InferenceModel", "HTTPRoute", "HTTPRoute"]
     for o in objs:
         assert o["metadata"]["namespace"] == "ns"
