@@ -240,7 +240,7 @@ class SidecarSpec(_Model):
         "nixlv2 (vLLM kv_transfer_params)"
     )
     prefill_timeout_seconds: float = Field(
-        default=30.0, gt=0, description="then the request is decoded locally (reported)"
+        default=30.0, ge=0.1, description="then the request is decoded locally (reported)"
     )
     resources: Resources = Field(default_factory=Resources)
     extra_args: list[str] = Field(default_factory=list, description="more `epp sidecar` flags")

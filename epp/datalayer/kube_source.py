@@ -78,8 +78,12 @@ class KubeSource:
         api_client: client.ApiClient | None = None,
         watch_timeout: int = 300,
         backoff_max: float = 5.0,
+        endpoints_only: bool = False,
     ) -> None:
+        """`endpoints_only`: watch the pool and its pods only, no InferenceModels or
+        InferenceObjectives (the P/D sidecar's allow-list; needs no RBAC for them)."""
         self.ds = datastore
+        self.endpoints_only = endpoints_only
         self.pool_name = pool_name
         self.namespace = namespace
         self.kubeconfig = kubeconfig
@@ -116,6 +120,9 @@ class KubeSource:
                               api.POOL_VERSION, self.namespace, api.POOL_PLURAL,
                               field_selector=f"metadata.name={self.pool_name}"),
             self._on_pool_list, self._on_pool_event, **self._reflector_opts()))
+        if self.endpoints_only:
+            self._done["models"] = self._done["objectives"] = True
+            return
         self._start(Reflector(
             "inferencemodels",
             functools.partial(custom.list_namespaced_custom_object, api.X_GROUP, api.X_VERSION,

@@ -148,7 +148,8 @@ class KubeAllowList:
         from epp.datalayer.kube_source import KubeSource
 
         source = KubeSource(
-            self.datastore, self.pool_name, self.namespace, kubeconfig=self.kubeconfig
+            self.datastore, self.pool_name, self.namespace, kubeconfig=self.kubeconfig,
+            endpoints_only=True,
         )
         self._source = source
         await source.start()
