@@ -104,7 +104,9 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
         "InferencePool/mp", "InferenceModel/mp", "HTTPRoute/mp-production", "HTTPRoute/mp-testing",
         # the pool's own EPP (1.20 serves PodDisruptionBudget as policy/v1beta1 only)
         "ServiceAccount/mp-epp", "Role/mp-epp", "RoleBinding/mp-epp", "Service/mp-epp",
-        "Deployment/mp-epp", "PodDisruptionBudget/mp-epp"])
+        "Deployment/mp-epp", "PodDisruptionBudget/mp-epp",
+        # the P/D sidecar's identity (a prefill role makes this a P/D pool)
+        "ServiceAccount/mp-pd-sidecar", "Role/mp-pd-sidecar", "RoleBinding/mp-pd-sidecar"])
     for o in objs.values():
         ref = o["metadata"]["ownerReferences"][0]
         assert (ref["uid"], ref["controller"]) == (uid, True)
@@ -117,7 +119,9 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
         ("sim-llama", "unassigned", "decode")
     engine = dep["spec"]["template"]["spec"]["containers"][0]
     assert engine["command"] == ["epp", "sim"]
-    assert engine["args"] == ["--port", "8000", "--model", "sim-llama"]
+    # P/D: the decode engine sits behind the sidecar on the internal port
+    assert engine["args"] == ["--port", "8200", "--model", "sim-llama", "--role", "decode"]
+    assert dep["spec"]["template"]["spec"]["containers"][1]["name"] == "pd-sidecar"
     route = objs["HTTPRoute/mp-testing"]["spec"]["rules"][0]
     assert route["filters"][0]["requestHeaderModifier"]["set"] == \
         [{"name": "x-business", "value": "testing"}]
@@ -136,12 +140,33 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
     assert got == [("decode", "production"), ("decode", "production"), ("decode", "testing"),
                    ("prefill", "production")]
 
-    before = {k: v["metadata"]["resourceVersion"] for k, v in (await children(kube, kube_ns)).items()}
+    # Controllers write to our objects too (Deployment status, the 1.20 token controller's
+    # ServiceAccount secrets), and a 1.20 API server stores a no-op apply's new managedFields
+    # timestamp once the second has changed: compare contents, once nobody writes any more.
+    def content(o: dict[str, Any]) -> dict[str, Any]:
+        o = {k: v for k, v in o.items() if k != "status"}
+        meta = {k: v for k, v in o["metadata"].items() if k != "resourceVersion"}
+        meta["managedFields"] = [{k: v for k, v in m.items() if k != "time"}
+                                 for m in meta.get("managedFields") or []]
+        return {**o, "metadata": meta}
+
+    async def contents() -> dict[str, dict[str, Any]]:
+        return {k: content(v) for k, v in (await children(kube, kube_ns)).items()}
+
+    last: list[dict[str, dict[str, Any]]] = []
+
+    async def settled() -> dict[str, dict[str, Any]] | None:
+        now = await contents()
+        stable = bool(last) and last[-1] == now
+        last.append(now)
+        await asyncio.sleep(0.3)
+        return now if stable else None
+    before = await until(settled, what="owned objects settled")
     pool_before = await kube.get(pool_path(kube_ns, "mp"))
     r3 = await reconcile(kube, kube_ns, "mp", SETTINGS)
     assert r3.ok and r3.moves == 0 and not r3.pruned
-    after = {k: v["metadata"]["resourceVersion"] for k, v in (await children(kube, kube_ns)).items()}
-    assert after == before  # idempotent: nothing written
+    after = await contents()
+    assert after == before  # idempotent: nothing changed
     pool_after = await kube.get(pool_path(kube_ns, "mp"))
     assert pool_after["metadata"]["generation"] == pool_before["metadata"]["generation"]
 
@@ -222,7 +247,8 @@ async def test_prune_and_garbage_collection(kube: Kube, kube_ns: str) -> None:
     r = await reconcile(kube, kube_ns, "mp", SETTINGS)
     assert r.ok
     assert sorted(r.pruned) == ["Deployment/mp-prefill", "HTTPRoute/mp-testing",
-                                "Service/mp-prefill"]
+                                "Role/mp-pd-sidecar", "RoleBinding/mp-pd-sidecar",
+                                "Service/mp-prefill", "ServiceAccount/mp-pd-sidecar"]
     assert "HTTPRoute/mp-testing" not in await children(kube, kube_ns)
     assert raw["metadata"]["uid"]
     await kube.delete(pool_path(kube_ns, "mp"))
@@ -291,4 +317,4 @@ def test_render_matches_what_is_applied(cluster: Any, kube_ns: str) -> None:
     objs = render_documents([pool_doc(kube_ns)], epp=EppOptions(pdb_api="policy/v1beta1"))
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
                           input=yaml.safe_dump_all(objs))
-    assert out.count("serverside-applied") == len(objs) == 8 + 6  # + the EPP objects
+    assert out.count("serverside-applied") == len(objs) == 8 + 6 + 3  # + the EPP and P/D sidecar objects
