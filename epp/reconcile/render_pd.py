@@ -54,7 +54,9 @@ def sidecar_container(pool: ModelPool) -> dict[str, Any]:
     sc = s.sidecar
     args = [
         "--host", "0.0.0.0", "--port", str(s.port),
-        "--engine-url", f"http://127.0.0.1:{sc.engine_port}",
+        # The pod IP rather than localhost: the same in a pod, and what works where
+        # containers do not share a loopback (the test cluster's fake kubelet).
+        "--engine-url", f"http://$(POD_IP):{sc.engine_port}",
         "--connector", connector(pool),
         "--prefill-timeout", f"{sc.prefill_timeout_seconds:g}",
         "--pool-name", pool.name,
@@ -66,7 +68,8 @@ def sidecar_container(pool: ModelPool) -> dict[str, Any]:
         "command": ["epp", "sidecar"],
         "args": args,
         "env": [
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
         "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
         "readinessProbe": {

@@ -120,7 +120,8 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
     engine = dep["spec"]["template"]["spec"]["containers"][0]
     assert engine["command"] == ["epp", "sim"]
     # P/D: the decode engine sits behind the sidecar on the internal port
-    assert engine["args"] == ["--port", "8200", "--model", "sim-llama", "--role", "decode"]
+    assert engine["args"] == ["--base-ip", "0.0.0.0", "--port", "8200", "--model", "sim-llama",
+                             "--role", "decode"]
     assert dep["spec"]["template"]["spec"]["containers"][1]["name"] == "pd-sidecar"
     route = objs["HTTPRoute/mp-testing"]["spec"]["rules"][0]
     assert route["filters"][0]["requestHeaderModifier"]["set"] == \

@@ -57,12 +57,13 @@ def test_decode_pods_serve_through_the_sidecar_engine_moves_inside() -> None:
     # The sidecar: the pod's serving port, probes on its own health endpoints.
     assert sidecar["command"] == ["epp", "sidecar"]
     a = sidecar["args"]
-    assert (arg(a, "--port"), arg(a, "--engine-url")) == ("8000", "http://127.0.0.1:8200")
+    assert (arg(a, "--port"), arg(a, "--engine-url")) == ("8000", "http://$(POD_IP):8200")
     assert (arg(a, "--connector"), arg(a, "--pool-name")) == ("nixlv2", "p")
     assert sidecar["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
-    assert sidecar["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
+    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP"}
     spec = deps["p-decode"]["spec"]["template"]["spec"]
     assert spec["serviceAccountName"] == "p-pd-sidecar"
     assert "serviceAccountName" not in deps["p-prefill"]["spec"]["template"]["spec"]
@@ -71,8 +72,9 @@ def test_decode_pods_serve_through_the_sidecar_engine_moves_inside() -> None:
     # Everything the gateway and the EPP see is on the serving port.
     (ip,) = objects(pool(), "InferencePool").values()
     assert ip["spec"]["targetPorts"] == [{"number": 8000}]
-    for svc in objects(pool(), "Service").values():
-        assert svc["spec"]["ports"][0]["targetPort"] == 8000
+    services = objects(pool(), "Service")
+    for name in ("p-prefill", "p-decode"):
+        assert services[name]["spec"]["ports"][0]["targetPort"] == 8000
 
 
 def test_the_rendered_sidecar_args_parse() -> None:
@@ -80,7 +82,7 @@ def test_the_rendered_sidecar_args_parse() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     settings, allow = build(parser.parse_args(dec["pd-sidecar"]["args"]))
-    assert (settings.port, settings.engine_url) == (8000, "http://127.0.0.1:8200")
+    assert (settings.port, settings.engine_url) == (8000, "http://$(POD_IP):8200")
     assert allow.describe() == "prefill pods of InferencePool default/p"  # ns from the env
 
 
@@ -105,23 +107,23 @@ def test_kv_transfer_settings_per_engine() -> None:
 
 def test_sidecar_rbac_is_read_only_pods_and_pools() -> None:
     p = pool()
-    (role,) = objects(p, "Role").values()
-    assert role["metadata"]["name"] == "p-pd-sidecar"
+    role = objects(p, "Role")["p-pd-sidecar"]
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
     assert verbs == {"get", "list", "watch"}
     assert {r for rule in role["rules"] for r in rule["resources"]} == {"pods", "inferencepools"}
-    (binding,) = objects(p, "RoleBinding").values()
+    binding = objects(p, "RoleBinding")["p-pd-sidecar"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "p-pd-sidecar",
                                     "namespace": "ns"}]
     assert binding["roleRef"]["name"] == "p-pd-sidecar"
-    assert set(objects(p, "ServiceAccount")) == {"p-pd-sidecar"}
+    assert "p-pd-sidecar" in objects(p, "ServiceAccount")
     for obj in (role, binding):
         assert obj["metadata"]["ownerReferences"][0]["name"] == "p"
 
 
 def test_pool_without_prefill_role_is_untouched() -> None:
     p = pool(pd=False)
-    assert not objects(p, "ServiceAccount") and not objects(p, "Role")
+    assert not any("pd-sidecar" in n for kind in ("ServiceAccount", "Role", "RoleBinding")
+                   for n in objects(p, kind))
     dec = containers(objects(p, "Deployment")["p-decode"])
     assert list(dec) == ["engine"] and arg(dec["engine"]["args"], "--port") == "8000"
     assert "--kv-transfer-config" not in dec["engine"]["args"]
@@ -136,7 +138,7 @@ def test_sidecar_settings_and_overrides() -> None:
     dec = containers(objects(p, "Deployment")["p-decode"])
     sc = dec["pd-sidecar"]
     assert sc["image"] == "reg/epp:1"
-    assert arg(sc["args"], "--engine-url") == "http://127.0.0.1:9100"
+    assert arg(sc["args"], "--engine-url") == "http://$(POD_IP):9100"
     assert arg(sc["args"], "--prefill-timeout") == "2.5" and sc["args"][-2:] == [
         "--log-level", "debug"]
     assert sc["resources"] == {"requests": {"cpu": "1"}}
