@@ -1,12 +1,24 @@
 """Pick-latency benchmark: the scheduling decision alone, in-process.
 
     python -m bench.pick [--json] [--iterations N]
+    python -m bench.pick --precise [--tokenizer-dir DIR]     # precise prefix routing
 
 One case per (endpoints, prompt tokens): a datastore of N endpoints with live-looking load
 signals, a prefix index warmed with earlier conversations, and the default scheduler
 configuration. Each iteration runs what the EPP runs per request after the body has
 arrived: `Director.admit` (model lookup, candidates, admission, all profiles, accounting,
 prefix insert), then the release. `parse_p50_us` is parsing the JSON body on top.
+
+`--precise`: the same with `bench/scenarios/epp_configs/precise.yaml` (the default policy
+with the precise prefix scorer) and a tokenizer (default: the simulator's), on chat
+requests: groups whose system prompt is 90% of the prompt (8 groups, fewer when one pod's
+cache, 40,000 blocks of 16, could not hold them all: 5 at 100k tokens), and a question of 10%
+that no other request shares. Every pod's KV events are emulated after each pick (the chosen pod
+stores the prompt's blocks, evicting its oldest beyond its capacity), so the precise index
+holds what it would in production. Reported separately: `tokenize_*_us` renders the chat
+template and tokenizes the request the first time (the shared system prompt comes from the
+chunk cache, the question is new), `p50_us`/`p99_us` is the pick with the tokens at hand
+(hashing the prompt's blocks, matching both indexes, every scorer), `total_*_us` both.
 """
 
 from __future__ import annotations
@@ -17,15 +29,21 @@ import random
 import statistics
 import sys
 import time
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
+from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.parse import build_request, parse_body
 from epp.scheduling.config import build_scheduler
+from epp.scheduling.services import Services
+from epp.sim.tokenizer import DATA_DIR
+from epp.tokenization.tokenizer import TokenizerSet, load_tokenizer
 
 CASES = [(10, 4_000), (100, 4_000), (1000, 4_000), (10, 100_000), (100, 100_000), (1000, 100_000)]
 MODEL = "llama-3-8b"
@@ -114,18 +132,150 @@ def run_case(
     }
 
 
+PRECISE_CONFIG = Path(__file__).parent / "scenarios" / "epp_configs" / "precise.yaml"
+SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "so", "du", "fa")
+
+
+def _pseudo(rng: random.Random, tokens: int) -> str:
+    """About `tokens` tokens of the simulator's tokenizer (one per pseudo-word)."""
+    return " ".join(rng.choice(SYLLABLES) + rng.choice(SYLLABLES) for _ in range(tokens))
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(len(s) * q))], 1)
+
+
+def run_precise_case(
+    n_endpoints: int, prompt_tokens: int, iterations: int, tokenizer_dir: str, seed: int = 1
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    ds = _datastore(n_endpoints, rng)
+    services = Services(tokenizers=TokenizerSet(load_tokenizer(tokenizer_dir)))
+    control = build_request_control(PRECISE_CONFIG.read_text(), services=services)
+    director = Director(ds, control.scheduler, hooks=control.hooks, rng=random.Random(seed))
+    precise = services.precise
+    tok = services.tokenizers.default if services.tokenizers else None
+    assert precise is not None and tok is not None
+    capacity = 40_000  # the pods' num_blocks (`_datastore`)
+    precise.capacity = lambda key: capacity
+    for ep in ds.endpoints():
+        precise.stream_started(ep.key, 0)  # every pod's event stream seen from its start
+    # As many groups (up to 8) as one pod's cache holds with room to spare, so the steady
+    # state is prefixes that stay cached, as on a pool sized for its traffic.
+    shared = prompt_tokens * 9 // 10
+    groups = max(1, min(8, int(capacity * precise.block_size * 0.8) // shared))
+    systems = [_pseudo(rng, shared) for _ in range(groups)]
+    bodies = []
+    for i in range(iterations + 64):
+        msgs = [{"role": "system", "content": systems[i % len(systems)]},
+                {"role": "user", "content": f"{i}: " + _pseudo(rng, prompt_tokens // 10)}]  # fmt: skip
+        bodies.append(orjson.dumps({"model": MODEL, "messages": msgs, "max_tokens": 128}))
+
+    caches: dict[str, OrderedDict[int, None]] = {}
+
+    def engine_stores(d: Any) -> None:
+        """The chosen pod computed the prompt: its KV events say so. Like vLLM's free
+        queue, the pod evicts least recently used blocks, a prompt's tail before its head."""
+        ids = tok.request_ids("chat", d.request.body) or []
+        bs = precise.block_size
+        n = len(ids) // bs
+        hashes = [(seed << 48) ^ h for h in precise.hash_ids(ids)]  # any engine hashes
+        key = d.target.key
+        lru = caches.setdefault(key, OrderedDict())
+        new = [i for i, h in enumerate(hashes) if h not in lru]
+        if new:
+            first = new[0]
+            precise.stored(key, hashes[first:], hashes[first - 1] if first else None,
+                           ids[first * bs : n * bs], bs)  # fmt: skip
+        for h in reversed(hashes):
+            lru[h] = None
+            lru.move_to_end(h)
+        evicted = []
+        while len(lru) > capacity:
+            evicted.append(lru.popitem(last=False)[0])
+        if evicted:
+            precise.removed(key, evicted)
+
+    for body in bodies[:64]:  # warm the indexes, the chunk cache and the latency model
+        d = director.admit(build_request("w", "chat", parse_body(body), {}))
+        engine_stores(d)
+        director.first_byte(d)
+        director.release(d)
+
+    pick_us: list[float] = []
+    tok_us: list[float] = []
+    parse_us: list[float] = []
+    gc.collect()
+    gc.disable()
+    try:
+        for i, body in enumerate(bodies[64:]):
+            t0 = time.perf_counter()
+            data = parse_body(body)
+            req = build_request(str(i), "chat", data, {})
+            t1 = time.perf_counter()
+            tok.request_ids("chat", data)  # first sight of this request's text
+            t2 = time.perf_counter()
+            d = director.admit(req)
+            t3 = time.perf_counter()
+            parse_us.append((t1 - t0) * 1e6)
+            tok_us.append((t2 - t1) * 1e6)
+            pick_us.append((t3 - t2) * 1e6)
+            engine_stores(d)
+            director.first_byte(d)
+            director.release(d)
+    finally:
+        gc.enable()
+    leaked = sum(ep.inflight.requests for ep in ds.endpoints())
+    assert leaked == 0, f"in-flight leak: {leaked}"
+    total = [a + b for a, b in zip(tok_us, pick_us, strict=True)]
+    return {
+        "mode": "precise",
+        "endpoints": n_endpoints,
+        "prompt_tokens": prompt_tokens,
+        "p50_us": round(statistics.median(pick_us), 1),
+        "p99_us": _pct(pick_us, 0.99),
+        "tokenize_p50_us": round(statistics.median(tok_us), 1),
+        "tokenize_p99_us": _pct(tok_us, 0.99),
+        "total_p50_us": round(statistics.median(total), 1),
+        "total_p99_us": _pct(total, 0.99),
+        "parse_p50_us": round(statistics.median(parse_us), 1),
+        "iterations": len(pick_us),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="one JSON object per case")
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--case", action="append", default=[], help="ENDPOINTSxTOKENS, e.g. 100x4000")
+    p.add_argument(
+        "--precise",
+        action="store_true",
+        help="precise prefix routing: tokenizer + KV-event index (default: approximate)",
+    )
+    p.add_argument(
+        "--tokenizer-dir",
+        default=str(DATA_DIR),
+        help="with --precise: a local Hugging Face tokenizer directory (default: the "
+        "simulator's, epp/sim/data/tokenizer)",
+    )
     a = p.parse_args(argv)
     cases = [tuple(int(x) for x in c.split("x")) for c in a.case] or CASES
     for n, tokens in cases:
         iters = a.iterations if tokens < 50_000 else max(50, a.iterations // 3)
-        res = run_case(n, tokens, iters)
+        if a.precise:
+            res = run_precise_case(n, tokens, iters, a.tokenizer_dir)
+        else:
+            res = run_case(n, tokens, iters)
         if a.json:
             sys.stdout.write(orjson.dumps(res).decode() + "\n")
+        elif a.precise:
+            sys.stdout.write(
+                f"{n:>5} endpoints x {tokens:>6} tokens: pick p50 {res['p50_us']:>8.1f} us  "
+                f"p99 {res['p99_us']:>8.1f} us; tokenize p50 {res['tokenize_p50_us']:.1f} "
+                f"p99 {res['tokenize_p99_us']:.1f} us; total p99 {res['total_p99_us']:.1f} us\n"
+            )
         else:
             sys.stdout.write(
                 f"{n:>5} endpoints x {tokens:>6} tokens: p50 {res['p50_us']:>8.1f} us  "

@@ -32,6 +32,10 @@ from epp.sim.config import SimConfig
 VENV_BIN = Path(sys.executable).parent
 ENVOY = VENV_BIN.parent / "lib" / "python3.11" / "site-packages" / "envoy" / "_bin" / "envoy"
 EPP_CONFIGS = Path(__file__).parent / "scenarios" / "epp_configs"
+# Precise prefix variants: the simulators publish KV events (and keep a replay buffer) on
+# these ports of their own IPs, and the EPP tokenizes with the simulators' tokenizer.
+SIM_KV_EVENTS_PORT = 5557
+SIM_KV_REPLAY_PORT = 5558
 
 
 class RouterUnavailable(Exception):
@@ -255,6 +259,46 @@ async def launch(
         await proc.stop()
 
 
+def needs_kv_events(spec: RouterSpec) -> bool:
+    """An EPP variant whose config has a precise prefix scorer."""
+    if spec.kind != "epp" or not spec.variant or spec.variant == "default":
+        return False
+    path = EPP_CONFIGS / f"{spec.variant}.yaml"
+    return path.exists() and "precise-prefix-cache-scorer" in path.read_text()
+
+
+def prepare_pool(routers: Sequence[str], pool: Sequence[SimConfig]) -> list[SimConfig]:
+    """The pool with KV-event publishers on when a router needs them (the others ignore
+    them; a publisher nobody listens to costs the simulator little)."""
+    if not any(needs_kv_events(RouterSpec.parse(r)) for r in routers if r != "oracle"):
+        return list(pool)
+    return [
+        c.replace(
+            kv_events_port=c.kv_events_port or SIM_KV_EVENTS_PORT,
+            kv_events_replay_port=c.kv_events_replay_port or SIM_KV_REPLAY_PORT,
+        )
+        for c in pool
+    ]
+
+
+def _precise_args(spec: RouterSpec, pool: Sequence[SimConfig]) -> list[str]:
+    if not needs_kv_events(spec):
+        return []
+    ports = {c.kv_events_port for c in pool}
+    if 0 in ports or len(ports) != 1:
+        raise RouterUnavailable(
+            f"{spec.name} needs every simulator to publish KV events on one port "
+            "(bench.routers.prepare_pool)"
+        )
+    from epp.sim.tokenizer import DATA_DIR
+
+    args = ["--tokenizer-dir", str(DATA_DIR), "--kv-events-port", str(ports.pop())]
+    replay = {c.kv_events_replay_port for c in pool}
+    if len(replay) == 1 and 0 not in replay:
+        args += ["--kv-events-replay-port", str(replay.pop())]
+    return args
+
+
 @contextlib.asynccontextmanager
 async def _launch_epp(
     spec: RouterSpec, pool: Sequence[SimConfig], port: int, workdir: Path
@@ -296,6 +340,7 @@ async def _launch_epp(
             endpoints,
             listen_port=port,
             config_text=config_text,
+            epp_args=_precise_args(spec, pool),
             epp_processes=spec.replicas,
             epp_workers=spec.workers,
             sync=spec.sync,

@@ -22,7 +22,7 @@ import aiohttp
 import yaml
 
 from bench import report
-from bench.routers import RouterSpec, RouterUnavailable, launch
+from bench.routers import RouterSpec, RouterUnavailable, launch, prepare_pool
 from bench.scenarios import SCENARIOS, Scenario, get
 from bench.scenarios.driver import drive, sample_pods
 from bench.scenarios.oracle import oracle
@@ -104,6 +104,7 @@ async def run_scenario(
     command: str = "",
 ) -> dict[str, Any]:
     raw = out / "raw"
+    sc = dataclasses.replace(sc, pool=prepare_pool(routers, sc.pool))  # KV events if needed
     model = sc.pool[0].model
     schedules = {
         rate: build(sc.workload, rate, sc.requests_per_rate, sc.seed + i)

@@ -304,16 +304,16 @@ class PreciseIndex:
             self._clear(v)
 
     # ---- lookups ------------------------------------------------------------------------------
-    def speculate(self, key: str, hashes: Sequence[int]) -> None:
+    def speculate(self, key: str, hashes: Sequence[int], start: int = 0) -> None:
         """The pod was just sent these blocks: count them as held until an event confirms
-        them or they expire."""
-        if not hashes:
+        them or they expire. `start`: blocks before it are known to be held already."""
+        if len(hashes) <= start:
             return
         v = self.view(key)
         expiry = self.clock() + self.speculative_ttl_s
         added = []
         blocks, spec = v.blocks, v.spec
-        for h in hashes:
+        for h in hashes[start:] if start else hashes:
             if h in blocks:
                 continue
             if h not in spec:

@@ -23,6 +23,7 @@ from epp.scheduling.framework import (
 )
 from epp.scheduling.plugins.common import (
     CACHED_KEY,
+    PRECISE_MATCH_KEY,
     TOKENS_KEY,
     PromptTokens,
     prefix_match,
@@ -142,7 +143,11 @@ class Scheduler(ProfileRunner):
                 # What the engine holds now by its events (without the blocks just sent to
                 # it, which a request running alongside may not find computed yet).
                 bs = precise.block_size
-                held = min(precise.confirmed_prefix(key, pt.hashes), (pt.count - 1) // bs)
+                matched = (cycle.get(PRECISE_MATCH_KEY) or {}).get(key, 0)
+                view = precise.pods.get(key)
+                if view is not None and view.spec:  # some of it may be speculative
+                    matched = precise.confirmed_prefix(key, pt.hashes[:matched])
+                held = min(matched, (pt.count - 1) // bs)
                 result.predicted_cached_tokens = held * bs
                 result.prediction_mode = "precise"
             else:

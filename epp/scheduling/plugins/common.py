@@ -15,6 +15,7 @@ from epp.scheduling.services import Services
 PREFIX_KEY = "prefix-match"
 TOKENS_KEY = "prompt-tokens"
 CACHED_KEY = "cached-tokens"
+PRECISE_MATCH_KEY = "precise-match"  # endpoint key -> leading blocks held (precise index)
 
 
 def prefix_match(cycle: CycleState, services: Services, request: InferenceRequest) -> PrefixMatch:
@@ -79,7 +80,9 @@ def cached_tokens(
                 del out[k]
             bs = precise.block_size
             limit = (pt.count - 1) // bs  # the engine always computes the last prompt token
-            for k, n in precise.match(pt.hashes).items():
+            held = precise.match(pt.hashes)
+            cycle.set(PRECISE_MATCH_KEY, held)
+            for k, n in held.items():
                 if pods[k].trusted:
                     out[k] = min(n, limit) * bs
     cycle.set(CACHED_KEY, out)

@@ -35,7 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import SchedulingResult, Scorer
-from epp.scheduling.plugins.common import TOKENS_KEY, PromptTokens, cached_tokens
+from epp.scheduling.plugins.common import (
+    PRECISE_MATCH_KEY,
+    TOKENS_KEY,
+    PromptTokens,
+    cached_tokens,
+)
 from epp.scheduling.precise_index import PreciseIndex
 from epp.scheduling.request import CycleState, InferenceRequest
 
@@ -152,6 +157,7 @@ class PrecisePrefixCacheScorer(Scorer):
         pt = cycle.get(TOKENS_KEY)
         if not self.speculative or precise is None or not isinstance(pt, PromptTokens):
             return
-        precise.speculate(result.target.key, pt.hashes)
-        if result.prefill is not None:
-            precise.speculate(result.prefill.key, pt.hashes)
+        held: dict[str, int] = cycle.get(PRECISE_MATCH_KEY) or {}
+        for ep in (result.target, result.prefill):
+            if ep is not None:
+                precise.speculate(ep.key, pt.hashes, held.get(ep.key, 0))
