@@ -28,6 +28,11 @@ from epp.sim.kvcache import ROOT_HASH, chain_hash
 from epp.sim.tokenizer import encode, render_chat
 
 _GEN_PROMPT = render_chat([], add_generation_prompt=True)
+# Long messages (system prompts, trace blocks) tokenized once per process, not once per run:
+# a policy sweep calls `run` again and again on the same schedules.
+_LONG_CHARS = 2048
+_SHARED: dict[tuple[str, str], list[int]] = {}
+_SHARED_MAX = 20_000
 
 
 class TokenCache:
@@ -67,8 +72,15 @@ class TokenCache:
         key = (m.get("role", "user"), m.get("content", ""))
         ids = self._msg.get(key)
         if ids is None:
-            ids = encode(render_chat([m], add_generation_prompt=False))
-            self._msg[key] = ids
+            long = len(key[1]) >= _LONG_CHARS
+            ids = _SHARED.get(key) if long else None
+            if ids is None:
+                ids = encode(render_chat([m], add_generation_prompt=False))
+                if long:
+                    if len(_SHARED) >= _SHARED_MAX:
+                        _SHARED.clear()
+                    _SHARED[key] = ids
+            self._msg[key] = ids  # keeps the list alive: leading_hashes keys on its id
         return ids
 
     def prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -121,7 +121,10 @@ class EngineCore:
     ) -> None:
         self.cfg = cfg
         self.stats = stats
-        self.pool = BlockPool(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.pool = BlockPool(
+            cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching,
+            record_events=on_events is not None,
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._on_events = on_events
@@ -305,11 +308,15 @@ class EngineCore:
     def _commit(self, req: Request) -> None:
         bs = self.cfg.block_size
         full = req.num_computed // bs
+        pool = self.pool
+        events = pool.record_events
         while req.num_committed < full:
             j = req.num_committed
             h = req.block_hash(j, bs)
             parent = req.hashes[j - 1] if j else None
-            self.pool.commit(req.blocks[j], h, parent, req.tokens[j * bs : (j + 1) * bs])
+            pool.commit(
+                req.blocks[j], h, parent, req.tokens[j * bs : (j + 1) * bs] if events else None
+            )
             req.num_committed += 1
 
     def complete(self, batch: Batch, now: float, dt: float = 0.0) -> list[Request]:

@@ -33,7 +33,10 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True,
+        record_events: bool = True,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
@@ -41,7 +44,9 @@ class BlockPool:
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self._blocks)
         self._cached: dict[int, Block] = {}
         self.evictions = 0  # cached blocks dropped to make room
-        # vLLM-format KV events waiting to be published: tagged arrays.
+        # vLLM-format KV events waiting to be published: tagged arrays (only recorded when
+        # someone publishes them: building them costs as much as the rest of a commit).
+        self.record_events = record_events
         self.events: list[list[Any]] = []
 
     @property
@@ -91,19 +96,24 @@ class BlockPool:
         if h is not None and self._cached.get(h) is b:
             del self._cached[h]
             self.evictions += 1
-            self.events.append(["BlockRemoved", [h], None])
+            if self.record_events:
+                self.events.append(["BlockRemoved", [h], None])
 
-    def commit(self, b: Block, block_hash: int, parent: int | None, token_ids: list[int]) -> None:
-        """Mark a full block as holding `token_ids` (its chained hash) for reuse."""
+    def commit(
+        self, b: Block, block_hash: int, parent: int | None, token_ids: list[int] | None
+    ) -> None:
+        """Mark a full block as holding `token_ids` (its chained hash) for reuse
+        (`token_ids` only matter to the KV events; None when they are not recorded)."""
         if not self.enable_caching or b.block_hash is not None:
             return
         if block_hash in self._cached:  # computed concurrently by another request
             return
         b.block_hash = block_hash
         self._cached[block_hash] = b
-        self.events.append(
-            ["BlockStored", [block_hash], parent, token_ids, self.block_size, None, None]
-        )
+        if self.record_events:
+            self.events.append(
+                ["BlockStored", [block_hash], parent, token_ids, self.block_size, None, None]
+            )
 
     def free(self, blocks: Sequence[Block]) -> None:
         """Release a request's blocks; tail blocks first so they are evicted first."""
@@ -117,4 +127,5 @@ class BlockPool:
         for b in self._blocks:
             b.block_hash = None
         self._cached.clear()
-        self.events.append(["AllBlocksCleared"])
+        if self.record_events:
+            self.events.append(["AllBlocksCleared"])
