@@ -168,16 +168,17 @@ async def start_stack(procs: Procs, kubeconfig: Path, ns: str, ips: list[str],
                                        "servers": [{"host": ip, "port": port} for ip in ips]}))
     sim = procs.spawn("sim", [sys.executable, "-m", "epp.sim", "--config", str(sim_cfg)])
     grpc_port, metrics_port = free_port(), free_port()
+    eds = procs.workdir / "eds" / "pool.yaml"  # the gateway's endpoints, kept by the EPP
     epp = procs.spawn("epp", [
         sys.executable, "-m", "epp.cli", "serve", "--pool-name", POOL, "--pool-namespace", ns,
         "--kubeconfig", str(kubeconfig), "--grpc-port", str(grpc_port),
         "--grpc-health-port", str(free_port()), "--metrics-port", str(metrics_port),
-        "--scrape-interval", "0.05"])
+        "--scrape-interval", "0.05", "--envoy-eds-file", str(eds)])
     for ip in ips:
         await wait_http(f"http://{ip}:{port}/health", proc=sim)
     await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", proc=epp)
     opts = EnvoyOptions(listen_port=free_port(), admin_port=free_port(), epp_ports=[grpc_port],
-                       upstream="original_dst")  # no EDS file here: pods come from the API
+                        eds_path=str(eds))
     envoy = procs.add(start_envoy(render_envoy_config(opts), procs.workdir))
     await wait_http(f"http://127.0.0.1:{opts.admin_port}/ready", proc=envoy)
     return f"http://127.0.0.1:{opts.listen_port}"
