@@ -38,7 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("P/D protocol")
     g.add_argument("--connector", choices=sorted(CONNECTORS), default=_D.connector,
                    help="how the prefill pod is driven: nixlv2 = vLLM NixlConnector "
-                        "kv_transfer_params (default: %(default)s)")
+                        "kv_transfer_params, two-phase; sglang = SGLang bootstrap (prefill "
+                        "and decode sent at once) (default: %(default)s)")
+    g.add_argument("--sglang-bootstrap-port", type=int, default=_D.sglang_bootstrap_port,
+                   help="sglang connector: the prefill pods' KV bootstrap port "
+                        "(default: %(default)s)")
     g.add_argument("--prefill-timeout", type=float, default=_D.prefill_timeout_s,
                    help="seconds to wait for the prefill answer before decoding locally "
                         "(default: %(default)s)")
@@ -93,6 +97,7 @@ def build(args: argparse.Namespace) -> tuple[SidecarSettings, AllowList]:
         max_headers=args.max_headers,
         strip_client_kv_params=not args.no_strip_client_kv_params,
         metrics_port=args.metrics_port,
+        sglang_bootstrap_port=args.sglang_bootstrap_port,
     )
     allow: AllowList
     if args.pool_name:

@@ -47,6 +47,13 @@ class SidecarMetrics:
             ["reason"],
             registry=r,
         )
+        self.prefill_errors = Counter(
+            "epp_sidecar_prefill_errors_total",
+            "Concurrent (SGLang-style) prefill requests that failed while the decode ran "
+            "(no local fallback is possible there; the decode engine reports its own error).",
+            ["reason"],
+            registry=r,
+        )
         self.rejected = Counter(
             "epp_sidecar_rejected_targets_total",
             "Prefill targets refused without connecting (SSRF guard), by reason.",

@@ -19,7 +19,6 @@ Log lines carry the request's `x-request-id` (the id the EPP logs its decision u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -227,7 +226,7 @@ class Sidecar:
         headers = self._forward_headers(request, rid)
         target_header = request.headers.get(PREFILLER, "").strip()
         if not target_header:
-            if self.settings.strip_client_kv_params and b"kv_transfer_params" in body:
+            if self.settings.strip_client_kv_params and self.connector.client_marker in body:
                 body = self._strip_client_params(body, rid)
             self.metrics.served(MODE_LOCAL)
             return await self._to_engine(request, body, headers, MODE_LOCAL)
@@ -263,14 +262,14 @@ class Sidecar:
         except _Answer as a:
             return a.response
         if plan is None:  # fallback: the original request, as the client sent it
-            if self.settings.strip_client_kv_params and b"kv_transfer_params" in body:
+            if self.settings.strip_client_kv_params and self.connector.client_marker in body:
                 body = self._strip_client_params(body, rid)
             return await self._to_engine(request, body, headers, mode)
         try:
             return await self._to_engine(request, plan.body, headers, mode)
         finally:
             if plan.background is not None:
-                await _finish_background(plan.background)
+                await self._finish_background(plan.background, preq)
 
     async def _prefill(self, preq: PrefillRequest) -> tuple[DecodePlan | None, str]:
         """The connector's prefill phase. (plan, disaggregated) or (None, local-fallback);
@@ -314,6 +313,21 @@ class Sidecar:
             "reason": reason, "error": message,
             "after_ms": round((time.monotonic() - t0) * 1000, 2)})
         return MODE_FALLBACK
+
+    async def _finish_background(self, task: asyncio.Task[None], preq: PrefillRequest) -> None:
+        """The decode is over (or the client left): end a concurrent prefill, report its
+        failure (the decode engine reports its own)."""
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except PrefillFailed as e:
+            self.metrics.prefill_errors.labels(e.reason).inc()
+            log.warning("concurrent prefill failed", extra={
+                "request_id": preq.request_id, "prefiller": preq.target, "reason": e.reason,
+                "error": str(e)})
 
     def _strip_client_params(self, body: bytes, rid: str) -> bytes:
         """A client must not steer the engine's KV pull (it would dial any remote_host)."""
@@ -391,8 +405,3 @@ def _copy_headers(src: CIMultiDict[str] | Any, dst: Any) -> None:
             dst.add(k, v)
 
 
-async def _finish_background(task: asyncio.Task[None]) -> None:
-    if not task.done():
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

@@ -272,3 +272,74 @@ async def test_refused_target_is_never_dialled(make_stack: StackFactory) -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+# ---- SGLang bootstrap connector -----------------------------------------------------------
+@dataclass
+class FakeSGLang:
+    """A fake SGLang engine (SGLang cannot run here): records the bodies it gets; as the
+    decode side it streams a few chunks, as the prefill side it answers after `delay` s."""
+
+    bodies: list[dict[str, Any]]
+    status: int = 200
+    delay: float = 0.0
+    cancelled: int = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.bodies.append(body)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if not body.get("stream"):
+            return web.json_response({"choices": []}, status=self.status)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(b'data: {"choices":[{"delta":{"content":"t%d"}}]}\n\n' % i)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def start(self, host: str) -> tuple[web.AppRunner, str]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, host, 0).start()
+        return runner, f"{host}:{runner.addresses[0][1]}"
+
+
+async def test_sglang_connector_sends_both_with_one_bootstrap_room() -> None:
+    # The decode side waits for its KV, as SGLang's decode engine does on the room.
+    prefill, decode = FakeSGLang([], delay=0.01), FakeSGLang([], delay=0.2)
+    p_runner, p_addr = await prefill.start("127.0.0.2")
+    d_runner, d_addr = await decode.start("127.0.0.1")
+    sc = Sidecar(SidecarSettings(port=0, engine_url=f"http://{d_addr}", connector="sglang",
+                                 sglang_bootstrap_port=9999), StaticAllowList(["127.0.0.2"]))
+    await sc.start()
+    try:
+        url = f"http://127.0.0.1:{sc.port}"
+        status, headers, raw = await post(url, chat(stream=True), {"x-prefiller-host-port": p_addr})
+        assert status == 200 and headers["x-epp-pd"] == "disaggregated"
+        assert raw.endswith(b"data: [DONE]\n\n")
+        (p_body,), (d_body,) = prefill.bodies, decode.bodies
+        assert p_body["bootstrap_room"] == d_body["bootstrap_room"]
+        assert (p_body["bootstrap_host"], p_body["bootstrap_port"]) == ("127.0.0.2", 9999)
+        assert p_body["stream"] is False and d_body["stream"] is True
+        # A failing prefill side cannot fall back (the decode already runs): counted, logged.
+        prefill.status = 500
+        status, _, _ = await post(url, chat(stream=True), {"x-prefiller-host-port": p_addr})
+        assert status == 200
+        text = ""
+        async with aiohttp.ClientSession() as s, s.get(url + "/sidecar/metrics") as r:
+            text = await r.text()
+        assert 'epp_sidecar_prefill_errors_total{reason="http_500"} 1.0' in text
+        # Client bootstrap fields never reach a locally decoded request.
+        await post(url, chat(bootstrap_host="10.9.9.9", bootstrap_room=1))
+        assert "bootstrap_host" not in decode.bodies[-1]
+    finally:
+        await sc.stop()
+        await p_runner.cleanup()
+        await d_runner.cleanup()

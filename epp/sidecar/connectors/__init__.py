@@ -6,9 +6,11 @@ from typing import Any
 
 from epp.sidecar.connectors.base import Connector
 from epp.sidecar.connectors.nixl import NixlConnector
+from epp.sidecar.connectors.sglang import SGLangConnector
 
 CONNECTORS: dict[str, type[Connector]] = {
     NixlConnector.name: NixlConnector,
+    SGLangConnector.name: SGLangConnector,
 }
 
 

@@ -64,6 +64,9 @@ class DecodePlan:
 
 class Connector:
     name: ClassVar[str] = ""
+    # Bytes whose presence in a raw body means it may carry this connector's fields (a cheap
+    # test before parsing a locally decoded request to strip them).
+    client_marker: ClassVar[bytes] = b"kv_transfer_params"
 
     @classmethod
     def from_settings(cls, settings: Any) -> Connector:
