@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +85,10 @@ class PreciseIndex:
         self.pods: dict[str, PodView] = {}
         self.holders: dict[int, set[str]] = {}
         self._expiries: deque[tuple[float, str, list[int]]] = deque()
+        # Block hashes per tokenizer chunk (see hash_prompt), bounded in hashes held.
+        self._chunk_hashes: OrderedDict[int, list[int]] = OrderedDict()
+        self._chunk_hashes_size = 0
+        self.chunk_cache_entries = 1_000_000
         self._warned: set[str] = set()
 
     # ---- hashing ------------------------------------------------------------------------------
@@ -105,6 +109,44 @@ class PreciseIndex:
 
     def hash_ids(self, ids: Sequence[int]) -> list[int]:
         return self.hash_tokens(array("I", ids).tobytes())
+
+    def hash_prompt(self, ids: Sequence[int], marks: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Block hashes of a prompt's ids; `marks` (from the tokenizer: a key naming the
+        text up to a chunk's end, and the ids up to there) let the blocks that end inside a
+        chunk be reused by every later prompt that shares the text up to it."""
+        bs = self.block_size
+        n = len(ids) // bs
+        out: list[int] = []
+        cache = self._chunk_hashes
+        for key, end in marks:
+            got = cache.get(key)
+            if got is None:
+                got = self._hash_range(ids, len(out), end // bs, out[-1] if out else 0)
+                cache[key] = got
+                self._chunk_hashes_size += len(got) + 1
+            else:
+                cache.move_to_end(key)
+            out += got
+        if len(out) < n:
+            out += self._hash_range(ids, len(out), n, out[-1] if out else 0)
+        while self._chunk_hashes_size > self.chunk_cache_entries and cache:
+            _, old = cache.popitem(last=False)
+            self._chunk_hashes_size -= len(old) + 1
+        return out
+
+    def _hash_range(self, ids: Sequence[int], start: int, stop: int, parent: int) -> list[int]:
+        if stop <= start:
+            return []
+        bs = self.block_size
+        data = array("I", ids[start * bs : stop * bs]).tobytes()
+        step = bs * 4
+        h = parent if start else self.root
+        out = [0] * (stop - start)
+        view = memoryview(data)
+        for i in range(stop - start):
+            h = _hash(view[i * step : (i + 1) * step], h)
+            out[i] = h
+        return out
 
     # ---- views ----------------------------------------------------------------------------------
     def view(self, key: str) -> PodView:
@@ -342,7 +384,11 @@ class PreciseIndex:
                         self._unhold(key, h)
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Longest run of leading blocks each pod holds (confirmed or speculative)."""
+        """Longest run of leading blocks each pod holds (confirmed or speculative).
+
+        Walks the blocks while several pods hold them; once few remain, each one's run is
+        found by bisection (an engine's cached blocks are prefix-closed: it evicts a
+        sequence's tail before its head, and a lookup stops at the first miss)."""
         if self._expiries:
             self.expire()
         holders = self.holders
@@ -356,6 +402,10 @@ class PreciseIndex:
         i = 1
         n = len(hashes)
         while i < n:
+            if len(current) <= 4:
+                for key in current:
+                    matched[key] = self._run(key, hashes, i)
+                return matched
             hs = holders.get(hashes[i])
             if not hs:
                 break
@@ -370,19 +420,41 @@ class PreciseIndex:
             matched[key] = i
         return matched
 
+    def _run(self, key: str, hashes: Sequence[int], lo: int) -> int:
+        """Length of the pod's run of held blocks, known to be at least `lo`."""
+        v = self.pods[key]
+        blocks, spec = v.blocks, v.spec
+        hi = len(hashes)
+        h = hashes[hi - 1]
+        if h in blocks or h in spec:
+            return hi
+        while lo < hi - 1:  # held(lo - 1) and not held(hi - 1)
+            mid = (lo + hi) // 2
+            h = hashes[mid - 1]
+            if h in blocks or h in spec:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     def confirmed_prefix(self, key: str, hashes: Sequence[int]) -> int:
         """Leading blocks one pod holds according to its events alone (no speculation):
-        the engine's own state, what it will report as cached if nothing changes first."""
+        the engine's own state, what it will report as cached if nothing changes first.
+        (Bisection, as in `match`.)"""
         v = self.pods.get(key)
-        if v is None:
+        if v is None or not hashes:
             return 0
         blocks = v.blocks
-        n = 0
-        for h in hashes:
-            if h not in blocks:
-                break
-            n += 1
-        return n
+        lo, hi = 0, len(hashes)
+        if hashes[-1] in blocks:
+            return hi
+        while lo < hi:  # the first block not held
+            mid = (lo + hi) // 2
+            if hashes[mid] in blocks:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def blocks_held(self, key: str) -> int:
         v = self.pods.get(key)

@@ -16,6 +16,7 @@ versus chunked encodings of probe texts); otherwise every text is encoded whole.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -33,6 +34,9 @@ from epp.tokenization.chat import ChatTemplate, ChatTemplateError
 log = logging.getLogger(__name__)
 
 _hash = xxhash.xxh3_64_intdigest
+Mark = tuple[int, int]  # (key of the text up to a chunk's end, ids up to there)
+_SPECIAL_SALT = 0x9E3779B97F4A7C15
+_uids = itertools.count(1)
 # A point between two words: no token of a byte-level BPE pre-tokenizer crosses it.
 _BOUNDARY = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 _SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents"}
@@ -95,10 +99,11 @@ class ModelTokenizer:
         source: str = "",
         chat_template: str | None = None,
         chunk_chars: int = 1024,
-        cache_tokens: int = 4_000_000,
+        cache_tokens: int = 2_000_000,
         tokenizer_json: Mapping[str, Any] | None = None,
     ) -> None:
         self.source = source
+        self._uid = _hash(f"{next(_uids)}:{source}".encode())  # marks of two tokenizers differ
         self._tok = tokenizer
         self.config = dict(config or {})
         self.chunk_chars = max(16, chunk_chars)
@@ -116,16 +121,28 @@ class ModelTokenizer:
         self.chunking = self._chunking_safe(tokenizer_json)
 
     # ---- encoding --------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`, exactly as `tokenizer.encode(text).ids` would give them."""
+    def encode(
+        self, text: str, add_special_tokens: bool = False, marks: list[Mark] | None = None
+    ) -> list[int]:
+        """Token ids of `text`, exactly as `tokenizer.encode(text).ids` would give them.
+
+        `marks`, if given, receives one (key, end) per cached chunk: `end` is the number of
+        ids up to the chunk's end, `key` names the whole text up to there (and the special
+        tokens added), so work derived from those ids can be cached under it."""
         if add_special_tokens and not self._specials_known:
             return list(self._tok.encode(text, add_special_tokens=True).ids)
-        ids = self._encode_plain(text)
+        prefix = self._prefix_ids if add_special_tokens else []
+        chunks: list[Mark] | None = [] if marks is not None else None
+        ids = self._encode_plain(text, chunks)
+        if marks is not None and chunks:
+            salt = _SPECIAL_SALT if add_special_tokens else 0
+            shift = len(prefix)
+            marks.extend((key ^ salt ^ self._uid, end + shift) for key, end in chunks)
         if add_special_tokens and (self._prefix_ids or self._suffix_ids):
             return [*self._prefix_ids, *ids, *self._suffix_ids]
         return ids
 
-    def _encode_plain(self, text: str) -> list[int]:
+    def _encode_plain(self, text: str, marks: list[Mark] | None = None) -> list[int]:
         step = self.chunk_chars
         n = len(text)
         if not self.chunking or n < 2 * step:
@@ -135,6 +152,7 @@ class ModelTokenizer:
         cache = self._cache
         search = _BOUNDARY.search
         parts: list[list[int] | None] = []
+        keys: list[int] = []
         missing: list[tuple[int, int, str]] = []
         pos = 0
         h = 0
@@ -143,6 +161,7 @@ class ModelTokenizer:
             end = m.start() if m is not None else n
             chunk = text[pos:end]
             h = _hash(chunk.encode(), h)
+            keys.append(h)
             got = cache.get(h)
             if got is None:
                 missing.append((len(parts), h, chunk))
@@ -159,9 +178,13 @@ class ModelTokenizer:
             st.chunk_misses += len(missing)
         st.chunk_hits += len(parts) - len(missing)
         out: list[int] = []
+        ends: list[int] = []
         for p in parts:
             assert p is not None
             out += p
+            ends.append(len(out))
+        if marks is not None:
+            marks.extend(zip(keys, ends, strict=True))
         st.tokens_from_cache += len(out) - sum(len(parts[i] or ()) for i, _, _ in missing)
         return out
 
@@ -179,7 +202,9 @@ class ModelTokenizer:
             raise ChatTemplateError(f"{self.source or 'tokenizer'} has no chat template")
         return self.chat.render(messages, **kwargs)
 
-    def request_ids(self, api: str, body: Mapping[str, Any]) -> list[int] | None:
+    def request_ids(
+        self, api: str, body: Mapping[str, Any], marks: list[Mark] | None = None
+    ) -> list[int] | None:
         """The prompt token ids an engine would compute for an OpenAI request body, or None
         when this request cannot be tokenized here (other APIs, template errors, ...)."""
         if api == "chat":
@@ -199,13 +224,13 @@ class ModelTokenizer:
             except ChatTemplateError as e:
                 log.debug("chat template refused a request: %s", e)
                 return None
-            return self.encode(text, bool(body.get("add_special_tokens", False)))
+            return self.encode(text, bool(body.get("add_special_tokens", False)), marks)
         if api == "completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # a batch: each prompt is its own sequence; route by the first
             if isinstance(prompt, str):
-                return self.encode(prompt, bool(body.get("add_special_tokens", True)))
+                return self.encode(prompt, bool(body.get("add_special_tokens", True)), marks)
             if (
                 isinstance(prompt, list)
                 and prompt

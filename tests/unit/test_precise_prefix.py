@@ -400,3 +400,23 @@ async def test_a_late_subscriber_is_trusted_after_replaying_the_stream() -> None
 
 def director_index() -> PrefixIndex:
     return PrefixIndex()
+
+
+def test_block_hashes_reused_per_chunk_equal_hashing_every_block() -> None:
+    tok = sim_tokenizer()
+    idx = PreciseIndex(16)
+    rng = random.Random(9)
+    words = ["kalo", "mine", "ruta", "vozi", "the", "of", "x=1;", "\n", "naïve"]
+    system = " ".join(rng.choice(words) for _ in range(3000))
+    for i in range(6):
+        tail = " ".join(rng.choice(words) for _ in range(rng.randint(0, 400)))
+        body = {"messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": f"{i} {tail}"}]}  # fmt: skip
+        marks: list[tuple[int, int]] = []
+        ids = tok.request_ids("chat", body, marks)
+        assert ids is not None and marks  # long enough to be chunked
+        assert idx.hash_prompt(ids, marks) == idx.hash_ids(ids)
+        completion = tok.request_ids("completions", {"prompt": system + tail}, marks := [])
+        assert completion is not None
+        assert idx.hash_prompt(completion, marks) == idx.hash_ids(completion)
+    assert len(idx._chunk_hashes) > 0

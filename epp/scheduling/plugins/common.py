@@ -3,7 +3,6 @@ predicted cached tokens per endpoint, and score normalisation."""
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,12 +48,13 @@ def prompt_tokens(
     precise, tokenizers = services.precise, services.tokenizers
     tok = tokenizers.get(request.routed_model) if tokenizers is not None else None
     ids = None
+    marks: list[tuple[int, int]] = []
     if precise is not None and tok is not None and request.body is not None:
-        ids = tok.request_ids(request.api, request.body)
+        ids = tok.request_ids(request.api, request.body, marks)
     if not ids or precise is None:
         cycle.set(TOKENS_KEY, False)
         return None
-    out = PromptTokens(len(ids), precise.hash_tokens(array("I", ids).tobytes()))
+    out = PromptTokens(len(ids), precise.hash_prompt(ids, marks))
     request.prompt_tokens = out.count
     cycle.set(TOKENS_KEY, out)
     return out
