@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pd-sidecar", default="auto", choices=("auto", "on", "off"),
                    help="P/D pools: run the prefill hop the router picks (a decode-pod "
                    "sidecar); auto = for epp routers, as bench.run does (default auto)")
+    p.add_argument("--kv-events", action="store_true",
+                   help="deliver the engines' KV events to the EPP for any config (default: "
+                   "only for configs with the precise-prefix-cache-scorer)")
     p.add_argument("--out", default="", help="write results.json (bench.run format) here")
     args = p.parse_args(argv)
 
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 diurnal_period_s=args.diurnal_period,
                 diurnal_amplitude=args.diurnal_amplitude,
                 pd_sidecar=None if args.pd_sidecar == "auto" else args.pd_sidecar == "on",
+                kv_events=args.kv_events,
             )
             wall = time.perf_counter() - t0
             print(f"| {router} | {rate:g} | {s['completed']}/{s['sent']} | {_f(s['ttft_p50'])} "

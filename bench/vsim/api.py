@@ -124,6 +124,7 @@ def run(
     fuse: bool = True,
     keep_requests: bool = False,
     router_seed: int | None = None,
+    kv_events: bool = False,
 ) -> dict[str, Any]:
     """Simulate one phase and summarise it (model seconds).
 
@@ -142,7 +143,10 @@ def run(
     pods, as bench.run does (elsewhere the engines ignore the prefill header).
     keep_requests: put the per-request records under `_requests`. router_seed: seeds the
     routers' own random choices (tie-breaks) and the simulation's (scrape phases, error
-    injection); default: the schedule's seed. Same seeds, same numbers.
+    injection); default: the schedule's seed. Same seeds, same numbers. kv_events: the
+    engines' KV events reach the EPP's indexes (always on for a config with the
+    precise-prefix-cache-scorer, which also gets the simulator's tokenizer, as bench.run
+    gives it).
     """
     ph = resolve(
         scenario, pool_size=pool_size, requests=requests, rate=rate, seed=seed,
@@ -157,7 +161,7 @@ def run(
         ph.pool, r, ph.requests, time_scale=ph.time_scale,
         seed=ph.seed if router_seed is None else router_seed,
         scrape_interval=scrape_interval, response_body=response_body, fuse=fuse,
-        send_deadline=ph.send_deadline, pd_sidecar=pd_sidecar,
+        send_deadline=ph.send_deadline, pd_sidecar=pd_sidecar, kv_events=kv_events,
     )
     t0, c0 = time.perf_counter(), time.process_time()
     sim.run()
@@ -179,6 +183,7 @@ def run(
         "fused_runs": sum(p.core.fused_runs for p in sim.pods),
         "preemptions": sum(p.core.stats.preemptions for p in sim.pods),
         "tokenizer_additive": sim.tokens.additive,
+        "kv_events_delivered": sim.kv_events_delivered,
     }
     if keep_requests:
         out["_requests"] = ph.requests

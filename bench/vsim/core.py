@@ -30,6 +30,7 @@ from typing import Any
 from bench.vsim.routers import Pick, RouteError, Router
 from bench.vsim.workload import TokenCache, VRequest
 from epp import clock
+from epp.datalayer.kv_events import decode_event
 from epp.datalayer.metrics_scraper import apply_metrics
 from epp.datalayer.prom_parse import ParsedMetrics
 from epp.sim.config import SimConfig
@@ -243,6 +244,8 @@ class Simulation:
         fuse: bool = True,
         send_deadline: float = math.inf,
         pd_sidecar: bool = False,
+        kv_events: bool = False,
+        kv_event_delay_s: float = 0.0005,
     ) -> None:
         self.seed = seed
         self.time_scale = time_scale
@@ -251,6 +254,9 @@ class Simulation:
         self.fuse = fuse
         self.send_deadline = send_deadline
         self.pd_sidecar = pd_sidecar
+        self.kv_events = kv_events  # also on when the router's config needs them
+        self.kv_event_delay_s = kv_event_delay_s
+        self.kv_events_delivered = 0
         self.now = 0.0
         self.heap: list[Event] = []
         self._seq = itertools.count()
@@ -286,6 +292,10 @@ class Simulation:
             router.setup(self)
             if router.uses_metrics:
                 self._start_scrapes()
+            if router.kv_sync is not None:
+                for p in self.pods:
+                    self._publish_to(p)
+                    router.kv_sync.on_stream(p.key, 0)
             for p in self.pods:
                 c = p.cfg
                 if c.die_after_s > 0:
@@ -309,6 +319,28 @@ class Simulation:
             self.events = n
         finally:
             clock.set_clock(None)
+
+    # ---- KV events (the engines' publishers -> the EPP's subscriber, in virtual time) ---------
+    def _publish_to(self, pod: Pod) -> None:
+        """Give `pod`'s engine a publisher: its event batches reach the router's KV sync
+        `kv_event_delay_s` later, in order."""
+        key = pod.key
+
+        def publish(events: list[list[object]]) -> None:
+            self.push(self.now + self.kv_event_delay_s, self._deliver_kv, (key, events))
+
+        pod.core.publish_events(publish)
+
+    def _deliver_kv(self, arg: tuple[str, list[list[object]]]) -> None:
+        key, events = arg
+        sync = self.router.kv_sync
+        if sync is None:
+            return
+        for raw in events:
+            ev = decode_event(raw)
+            if ev is not None:
+                self.kv_events_delivered += 1
+                sync.on_event(key, ev)
 
     # ---- metrics scraping (the EPP's MetricsScraper, in virtual time) -------------------------
     def _start_scrapes(self) -> None:
@@ -524,3 +556,8 @@ class Simulation:
         pod.core = EngineCore(pod.cfg, EngineStats())
         pod.alive = True
         pod.busy = False
+        sync = self.router.kv_sync
+        if sync is not None:  # a restarted engine: a new publisher, sequence from 0
+            self._publish_to(pod)
+            sync.on_gap(pod.key, -1)
+            sync.on_stream(pod.key, 0)

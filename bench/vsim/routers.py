@@ -43,7 +43,9 @@ from epp.requestcontrol.director import Director, DirectorSettings
 from epp.requestcontrol.errors import RequestError
 from epp.requestcontrol.flowcontrol.aio import DEFAULT_TICK_S
 from epp.requestcontrol.flowcontrol.queue import Ticket
+from epp.requestcontrol.kv_sync import PrefixIndexKVSync
 from epp.requestcontrol.parse import build_request
+from epp.scheduling.services import Services
 
 if TYPE_CHECKING:
     from bench.vsim.core import Pod, Simulation
@@ -64,6 +66,7 @@ class Pick:
 class Router:
     name = "router"
     uses_metrics = False  # the simulation scrapes engine metrics only for routers that read them
+    kv_sync: PrefixIndexKVSync | None = None  # set when the router consumes KV events
     # Model seconds the router adds on the way in (decision + proxying), the way back per
     # response event. Calibrated against the real harness (bench/vsim/validate.py).
     overhead_s = 0.0005
@@ -245,7 +248,9 @@ class EppRouter(Router):
             ep = endpoint_from_labels(c.host, c.port, f"sim-{c.host}-{c.port}", "", labels, True)
             p.endpoint = self.datastore.upsert_endpoint("vsim", ep)
         self.by_key = {p.endpoint.key: p for p in sim.pods}
-        rc = build_request_control(self.config_text)
+        precise_wanted = "precise-prefix-cache-scorer" in (self.config_text or "")
+        services = Services(tokenizers=_sim_tokenizers() if precise_wanted else None)
+        rc = build_request_control(self.config_text, services=services)
         seed_plugins(rc, sim.seed)
         settings = DirectorSettings(saturation=SaturationPolicy(metrics_stale_after=1.0))
         self.director = Director(
@@ -254,6 +259,14 @@ class EppRouter(Router):
         )
         self.model = sim.pods[0].cfg.model
         self.response_body = sim.response_body
+        precise = services.precise
+        if precise is not None or sim.kv_events:
+            # What `epp serve` wires to its KV-event subscriber; the simulation delivers the
+            # engines' events straight to it.
+            ds = self.datastore
+            if precise is not None:
+                precise.capacity = lambda key: ep.metrics.num_blocks if (ep := ds.get(key)) else 0
+            self.kv_sync = PrefixIndexKVSync(self.director.prefix_index, precise=precise)
 
     def pick(self, vr: VRequest, now: float) -> Pick | None:
         data = {
@@ -350,6 +363,21 @@ class EppRouter(Router):
     def stats(self) -> dict[str, Any]:
         return {"errors": dict(self.errors), "picks_with_prefill": self.picks_with_prefill,
                 "queued_in_epp": self.queued_total}
+
+
+_TOKENIZERS: Any = None
+
+
+def _sim_tokenizers() -> Any:
+    """The simulator's tokenizer as `--tokenizer-dir` loads it (bench.run passes it to
+    precise-prefix variants), loaded once per process."""
+    global _TOKENIZERS
+    if _TOKENIZERS is None:
+        from epp.sim.tokenizer import DATA_DIR
+        from epp.tokenization.tokenizer import TokenizerSet
+
+        _TOKENIZERS = TokenizerSet.from_specs([str(DATA_DIR)])
+    return _TOKENIZERS
 
 
 def seed_plugins(rc: Any, seed: int) -> None:

@@ -133,6 +133,12 @@ class EngineCore:
         self.busy_time = 0.0  # model seconds spent in steps (before slow_factor)
         self.max_len = min(cfg.max_model_len, cfg.num_gpu_blocks * cfg.block_size)
 
+    def publish_events(self, on_events: Callable[[list[list[object]]], None] | None) -> None:
+        """Send KV events (vLLM's tagged arrays, one batch per step) to `on_events` from now
+        on; None stops recording them."""
+        self._on_events = on_events
+        self.pool.record_events = on_events is not None
+
     # ------------------------------------------------------------------ requests
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Raise EngineError if a request of this shape can never run here."""

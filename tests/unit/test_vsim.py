@@ -173,3 +173,28 @@ def test_flow_control_queues_in_the_epp_and_leaks_nothing() -> None:
         assert ep.inflight.requests == 0 and ep.inflight.pending_requests == 0
     plain = run("multi_tenant", "epp", rate=8.0, requests=150)
     assert plain["router"]["queued_in_epp"] == 0
+
+
+def test_precise_prefix_variant_gets_the_engines_kv_events() -> None:
+    """A config with the precise-prefix-cache-scorer gets the simulator's tokenizer and the
+    engines' KV events (what bench.run wires for it); the default config gets none."""
+    precise = run("kv_pressure", "epp:precise", rate=8.0, requests=120)
+    default = run("kv_pressure", "epp", rate=8.0, requests=120)
+    assert precise["sim"]["kv_events_delivered"] > 1000
+    assert default["sim"]["kv_events_delivered"] == 0
+    assert precise["completed"] == 120
+    # The precise index knows what the engines hold: its uncached estimate is closer.
+    assert (precise["decisions"]["uncached_abs_error_mean"]
+            < default["decisions"]["uncached_abs_error_mean"])
+
+
+def test_cli_writes_a_results_file_validate_can_read(tmp_path: Path) -> None:
+    from bench.vsim.__main__ import main
+
+    assert main(["tiny", "--routers", "round_robin,epp", "--out", str(tmp_path)]) == 0
+    data = orjson.loads((tmp_path / "results.json").read_bytes())
+    assert [ph["router"] for ph in data["phases"]] == ["round_robin", "epp"]
+    assert all(ph["summary"]["completed"] == 20 for ph in data["phases"])
+    res = compare(data, seeds=1)  # a simulated run replayed by vsim gives itself back
+    for row in res["rows"]:
+        assert row["vsim"]["ttft_p90"] == pytest.approx(row["harness"]["ttft_p90"])
