@@ -507,6 +507,11 @@ class App:
         port = a.kv_events_port or (kv.connect_port if kv else 0)
         if port or (kv and kv.bind):
             self._subscribe_kv_events(port, kv.bind if kv else [], kv.topic_filter if kv else "")
+        elif self.director and self.director.scheduler.services.precise is not None:
+            log.warning(
+                "precise-prefix-cache-scorer without KV events (--kv-events-port or the "
+                "scorer's kvEventsConfig): every endpoint uses the approximate prefix index"
+            )
         if a.model_info_refresh > 0:
             from epp.datalayer.model_info import ModelInfoProbe
 
