@@ -249,7 +249,7 @@ class _Acc:
         out: dict[str, Any] = {}
         for e in order:
             lo, hi = _C.slot_ranges[e]
-            if not any(v is not None for v in vals[lo:hi]):
+            if vals[lo:hi].count(None) == hi - lo:  # nothing of this engine on the page
                 continue
             for read in _C.readers[e]:
                 read(vals, out)
