@@ -190,6 +190,24 @@ def run(
     return out
 
 
+def run_seeds(
+    scenario: str | Scenario = "shared_prefix", router: str = "epp", *,
+    seeds: Sequence[int] = (1, 2, 3, 4, 5), **kwargs: Any,
+) -> dict[str, Any]:
+    """`run` once per router seed (same schedule): every numeric summary key as its median
+    over the seeds, with `[min, max]` under `range`, and the single runs under `runs`. The
+    EPP's tail depends on its random tie-breaks (bench/RESULTS.md §5.1): compare policies on
+    medians."""
+    runs = [run(scenario, router, router_seed=s, **kwargs) for s in seeds]
+    out: dict[str, Any] = {"runs": runs, "range": {}}
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            vals = sorted(float(r[key]) for r in runs)
+            out[key] = vals[len(vals) // 2]
+            out["range"][key] = [vals[0], vals[-1]]
+    return out
+
+
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 

@@ -198,3 +198,12 @@ def test_cli_writes_a_results_file_validate_can_read(tmp_path: Path) -> None:
     res = compare(data, seeds=1)  # a simulated run replayed by vsim gives itself back
     for row in res["rows"]:
         assert row["vsim"]["ttft_p90"] == pytest.approx(row["harness"]["ttft_p90"])
+
+
+def test_run_seeds_gives_medians_and_ranges() -> None:
+    from bench.vsim import run_seeds
+
+    m = run_seeds("shared_prefix", "epp", requests=80, rate=10.0, seeds=(1, 2, 3))
+    assert len(m["runs"]) == 3
+    vals = sorted(r["ttft_p90"] for r in m["runs"])
+    assert m["ttft_p90"] == vals[1] and m["range"]["ttft_p90"] == [vals[0], vals[2]]
