@@ -35,7 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp import clock
-from epp.api.headers import DESTINATION_SERVED, REQUEST_ID
+from epp.api.headers import DESTINATION_SERVED, PD_MODE, REQUEST_ID
 from epp.extproc import messages as m
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.director import Decision, Director, Ticket
@@ -107,6 +107,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.prefill_header = h.prefiller
         self.remove_always = h.control_headers()
         self.remove_no_prefill = (*h.control_headers(), h.prefiller)
+        self._warned_no_sidecar: set[str] = set()
         self.flow_waiter = AsyncFlowWaiter()
 
     async def Process(
@@ -370,9 +371,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self._cancel_timer(st)
             self.director.first_byte(d, now, learn=False)
         status = 0
+        pd_mode = ""
         for h in msg.response_headers.headers.headers:
             key = h.key
-            if key == ":status":
+            if key == PD_MODE:
+                pd_mode = (h.raw_value or h.value.encode()).decode(errors="replace")
+            elif key == ":status":
                 raw = h.raw_value or h.value.encode()
                 status = int(raw) if raw.isdigit() else 0
             elif key == _ATTEMPTS:
@@ -382,6 +386,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 d.served = (h.raw_value or h.value.encode()).decode(errors="replace")
         if not d.served:  # the protocol's way: envoy.lb metadata set by the gateway's LB
             d.served = m.served_endpoint(msg)
+        if d.result.prefill is not None:
+            self._pd_outcome(d, pd_mode, status)
         self.director.response_headers(d, status)
         if msg.response_headers.end_of_stream:
             self._finish(st)
@@ -390,6 +396,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             st.model_restore = m.ModelNameRestore(d.rewritten_model, d.request.model)
             return m.response_headers_with_body(buffered=not d.request.stream)
         return m.response_headers_continue()
+
+    def _pd_outcome(self, d: Decision, pd_mode: str, status: int) -> None:
+        """What the decode pod's P/D sidecar did with a prefill pod the EPP named (its
+        `x-epp-pd` answer); no header on a success means no sidecar acted on it."""
+        if not pd_mode:
+            pd_mode = "no-sidecar" if 200 <= status < 300 else "error"
+            target = d.result.target.key
+            if pd_mode == "no-sidecar" and target not in self._warned_no_sidecar:
+                self._warned_no_sidecar.add(target)
+                log.warning(
+                    "a prefill pod was named but the decode pod answered without the P/D "
+                    "sidecar's x-epp-pd header: its requests are prefilled locally",
+                    extra={"request_id": d.request.request_id, "target": target},
+                )
+        self.metrics.pd_outcome(pd_mode)
 
     def _on_response_body(self, st: _Stream, body: pb.HttpBody) -> pb.ProcessingResponse:
         d = st.decision

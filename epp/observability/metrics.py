@@ -174,8 +174,18 @@ class EppMetrics:
         Gauge("epp_asyncio_tasks", "Tasks alive on the EPP's event loop.", registry=r).set_function(
             _task_count
         )
+        self.pd_outcomes = Counter(
+            "epp_pd_outcomes_total",
+            "Requests the EPP disaggregated, by what the decode pod's sidecar reported in "
+            "x-epp-pd (disaggregated, local-fallback, prefill-error, rejected; no-sidecar = "
+            "a success without the header: prefilled locally, silently; error = a failure "
+            "without it). Needs response-header processing.",
+            ["outcome"],
+            registry=r,
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
         self._pd_children: dict[tuple[str, str], Any] = {}
+        self._pd_outcome_children: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[object, ...], Any] = {}
         self._pred_children: dict[tuple[str, str], Any] = {}
@@ -221,6 +231,16 @@ class EppMetrics:
             "Scheduled requests whose lifecycle has not ended yet.",
             registry=self.registry,
         ).set_function(count)
+
+    def pd_outcome(self, outcome: str) -> None:
+        child = self._pd_outcome_children.get(outcome)
+        if child is None:
+            if len(self._pd_outcome_children) >= 16:  # a header value, bound the labels
+                outcome = "other"
+            child = self._pd_outcome_children.setdefault(
+                outcome, self.pd_outcomes.labels(outcome)
+            )
+        child.inc()
 
     def attach_datastore(self, datastore: Datastore) -> None:
         self.registry.register(_PoolCollector(datastore, self.pool_name))

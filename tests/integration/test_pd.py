@@ -212,7 +212,34 @@ async def test_long_fresh_prompt_prefilled_remotely_decoded_on_decode_pod(pd: PD
     assert sidecar_lines[0]["prefiller"] == decision[0]["prefill"]
     assert await pd.epp_metric("epp_pd_decisions_total",
                                {"decision": "disaggregated", "reason": "remote-faster"}) >= 1
+    # The EPP also reads what the sidecar did (x-epp-pd on the response headers).
+    assert await pd.epp_metric("epp_pd_outcomes_total", {"outcome": "disaggregated"}) >= 1
     assert await wait_inflight_zero(pd.gw) == 0
+
+
+async def test_decode_pod_without_sidecar_is_reported_not_silent(pd: PDStack) -> None:
+    """The failure the other routers' users complain about: a decode pod with no sidecar
+    prefills locally whatever the EPP decided. Here it cannot go unnoticed."""
+    endpoints = [
+        {"address": h, "port": p, "name": f"prefill-{i}", "labels": {"model": MODEL,
+                                                                     "role": "prefill"}}
+        for i, (h, p) in enumerate(pd.prefill)
+    ] + [
+        {"address": h, "port": p, "name": f"bare-decode-{i}", "labels": {"model": MODEL,
+                                                                         "role": "decode"}}
+        for i, (h, p) in enumerate(pd.decode)
+    ]  # fmt: skip
+    gw = await start_gateway(endpoints, workdir=str(pd.workdir / "gw-bare"))
+    try:
+        reply = await _send(gw.url, _chat(_words("bare", 3000)))
+        assert reply.status == 200 and "x-epp-pd" not in reply.headers
+        text = await gw.metrics_text()
+        outcomes = {lab["outcome"]: v for lab, v in metric_samples(text, "epp_pd_outcomes_total")}
+        assert outcomes == {"no-sidecar": 1.0}
+        log = (gw.workdir / "epp-0.log").read_text()
+        assert "answered without the P/D sidecar" in log
+    finally:
+        gw.close()
 
 
 async def test_cached_multi_turn_request_stays_local(pd: PDStack) -> None:
@@ -354,6 +381,7 @@ async def test_dead_prefill_pods_fall_back_to_local_decode_and_say_so(pd: PDStac
         assert await pd.sidecar_metric("epp_sidecar_fallbacks_total",
                                        {"reason": "connect"}) >= 1
         assert await pd.sidecar_metric("epp_sidecar_fallbacks_total") == fallbacks + 1
+        assert await pd.epp_metric("epp_pd_outcomes_total", {"outcome": "local-fallback"}) >= 1
         rid = reply.headers["x-request-id"]
         lines = [r for sc in pd.sidecars for r in _log_lines(sc.log, rid)]
         assert [(r["level"], r["reason"]) for r in lines] == [("warning", "connect")]
