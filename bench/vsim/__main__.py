@@ -31,6 +31,13 @@ def _f(v: Any, d: int = 3) -> str:
     return f"{v:.{d}f}" if isinstance(v, float) else str(v)
 
 
+def _audit(s: dict[str, Any]) -> str:
+    a = s["decisions"].get("audit")
+    if not a:
+        return "-"
+    return f"{a['passed_over_share']:.2f} ({a['missed_cached_share']:.2f} of tokens)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "scale":
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-events", action="store_true",
                    help="deliver the engines' KV events to the EPP for any config (default: "
                    "only for configs with the precise-prefix-cache-scorer)")
+    p.add_argument("--audit", action="store_true",
+                   help="check every pick against every pod's cache (decisions.audit: how "
+                   "often the router passed over a pod holding more of the prompt); slow on "
+                   "big pools (default off)")
     p.add_argument("--out", default="", help="write results.json (bench.run format) here")
     args = p.parse_args(argv)
 
@@ -86,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     routers = [r for r in args.routers.split(",") if r]
     phases = []
     print("| router | rate | done/sent | TTFT p50 | TTFT p90 | TPOT p50 | E2E p90 | out tok/s "
-          "| cached | SLO | goodput | sim s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| cached | SLO | goodput | passed over | sim s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for router in routers:
         for rate in rates:
             t0 = time.perf_counter()
@@ -100,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                 diurnal_period_s=args.diurnal_period,
                 diurnal_amplitude=args.diurnal_amplitude,
                 pd_sidecar=None if args.pd_sidecar == "auto" else args.pd_sidecar == "on",
-                kv_events=args.kv_events,
+                kv_events=args.kv_events, audit=args.audit,
             )
             wall = time.perf_counter() - t0
             print(f"| {router} | {rate:g} | {s['completed']}/{s['sent']} | {_f(s['ttft_p50'])} "
                   f"| {_f(s['ttft_p90'])} | {_f(s['tpot_p50'], 4)} | {_f(s['e2e_p90'])} "
                   f"| {_f(s['output_throughput'], 1)} | {_f(s['cached_ratio'], 2)} "
-                  f"| {_f(s['slo_attainment'], 2)} | {_f(s['goodput'], 2)} | {wall:.1f} |",
+                  f"| {_f(s['slo_attainment'], 2)} | {_f(s['goodput'], 2)} "
+                  f"| {_audit(s)} | {wall:.1f} |",
                   flush=True)
             phases.append({"router": router, "rate": rate, "summary": s,
                            "per_pod": s["per_pod"]})

@@ -125,6 +125,7 @@ def run(
     keep_requests: bool = False,
     router_seed: int | None = None,
     kv_events: bool = False,
+    audit: bool = False,
 ) -> dict[str, Any]:
     """Simulate one phase and summarise it (model seconds).
 
@@ -146,7 +147,9 @@ def run(
     injection); default: the schedule's seed. Same seeds, same numbers. kv_events: the
     engines' KV events reach the EPP's indexes (always on for a config with the
     precise-prefix-cache-scorer, which also gets the simulator's tokenizer, as bench.run
-    gives it).
+    gives it). audit: at each pick, look up every pod's cache for the prompt (slow on big
+    pools) and report under `decisions` how often and by how much the router passed over a
+    pod that held more of it.
     """
     ph = resolve(
         scenario, pool_size=pool_size, requests=requests, rate=rate, seed=seed,
@@ -162,6 +165,7 @@ def run(
         seed=ph.seed if router_seed is None else router_seed,
         scrape_interval=scrape_interval, response_body=response_body, fuse=fuse,
         send_deadline=ph.send_deadline, pd_sidecar=pd_sidecar, kv_events=kv_events,
+        audit=audit,
     )
     t0, c0 = time.perf_counter(), time.process_time()
     sim.run()
@@ -312,6 +316,21 @@ def _decisions(reqs: list[VRequest], sim: Simulation) -> dict[str, Any]:
         ),
         "busiest_pod_share": max(counts) / sum(counts) if sum(counts) else 0.0,
     }
+    audited = [r for r in reqs if r.audit is not None]
+    if audited:
+        prompt = sum(len(r.prompt_ids) for r in audited) or 1
+        passed = [r for r in audited if r.audit is not None and r.audit[1] - r.audit[0] > 0]
+        out["audit"] = {
+            "requests": len(audited),
+            # picks that went to a pod holding fewer of the prompt's blocks than another
+            "passed_over_share": len(passed) / len(audited),
+            # prompt tokens the best pod held that the chosen one did not, over all prompts
+            "missed_cached_share": sum(
+                r.audit[1] - r.audit[0] for r in passed if r.audit is not None
+            ) / prompt,
+            "best_cached_share": sum(r.audit[1] for r in audited if r.audit is not None)
+            / prompt,
+        }
     pred = [(r.predicted_uncached, len(r.prompt_ids) - r.cached_tokens) for r in reqs
             if r.predicted_uncached >= 0 and r.ok]
     if pred:

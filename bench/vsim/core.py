@@ -34,7 +34,7 @@ from epp.datalayer.kv_events import decode_event
 from epp.datalayer.metrics_scraper import apply_metrics
 from epp.datalayer.prom_parse import ParsedMetrics
 from epp.sim.config import SimConfig
-from epp.sim.engine import EngineCore, EngineError, Request
+from epp.sim.engine import EngineCore, EngineError, Request, prompt_hashes
 from epp.sim.metrics import EngineStats
 
 Event = tuple[float, int, Callable[[Any], None], Any]
@@ -246,6 +246,7 @@ class Simulation:
         pd_sidecar: bool = False,
         kv_events: bool = False,
         kv_event_delay_s: float = 0.0005,
+        audit: bool = False,
     ) -> None:
         self.seed = seed
         self.time_scale = time_scale
@@ -257,6 +258,7 @@ class Simulation:
         self.kv_events = kv_events  # also on when the router's config needs them
         self.kv_event_delay_s = kv_event_delay_s
         self.kv_events_delivered = 0
+        self.audit = audit
         self.now = 0.0
         self.heap: list[Event] = []
         self._seq = itertools.count()
@@ -405,10 +407,29 @@ class Simulation:
         """The router decided: the request travels to its pod (or its prefill pod first)."""
         arrive = now + self.router.overhead_s
         vr.server = pick.pod.key
+        if self.audit:
+            self._audit(vr, pick.pod)
         if pick.prefill is not None and self.pd_sidecar:
             self.push(arrive, self._at_pod, (vr, pick.prefill, True, pick.pod))
         else:
             self.push(arrive, self._at_pod, (vr, pick.pod, False, None))
+
+    def _audit(self, vr: VRequest, chosen: Pod) -> None:
+        """What the engines' caches held for this prompt when the router chose: the chosen
+        pod's cached blocks and the best any serving pod had (an oracle's view; costs a
+        cache lookup per pod per request)."""
+        bs = chosen.cfg.block_size
+        hashes = prompt_hashes(vr.prompt_ids, bs)
+        best = 0
+        got = 0
+        for p in self.pods:
+            if p.cfg.role == "prefill" or not p.alive:
+                continue
+            n = len(p.core.pool.lookup_prefix(hashes))
+            best = max(best, n)
+            if p is chosen:
+                got = n
+        vr.audit = (got * bs, best * bs)
 
     def reject(self, vr: VRequest, status: int, error: str, now: float) -> None:
         """The router gave up on a request it had held (e.g. flow control's 429)."""

@@ -130,6 +130,7 @@ class VRequest:
     engine_req: Any = None
     predicted_uncached: int = -1  # the router's estimate, when it makes one
     remote_kv: bool = False  # P/D: the prompt's KV comes from the prefill pod
+    audit: tuple[int, int] | None = None  # (cached tokens on the chosen pod, best pod's)
 
     @property
     def ok(self) -> bool:

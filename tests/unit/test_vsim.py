@@ -207,3 +207,13 @@ def test_run_seeds_gives_medians_and_ranges() -> None:
     assert len(m["runs"]) == 3
     vals = sorted(r["ttft_p90"] for r in m["runs"])
     assert m["ttft_p90"] == vals[1] and m["range"]["ttft_p90"] == [vals[0], vals[2]]
+
+
+def test_audit_counts_picks_that_passed_over_a_warmer_pod() -> None:
+    rr = run("shared_prefix", "round_robin", requests=150, rate=10.0, audit=True)
+    ca = run("shared_prefix", "cache_aware", requests=150, rate=10.0, audit=True)
+    a, b = rr["decisions"]["audit"], ca["decisions"]["audit"]
+    assert a["requests"] == b["requests"] == 150
+    assert a["passed_over_share"] > 0.2 > b["passed_over_share"]
+    assert a["missed_cached_share"] > b["missed_cached_share"]
+    assert "audit" not in run("shared_prefix", "round_robin", requests=30)["decisions"]
