@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from bench.faults import run_kill
@@ -41,18 +42,21 @@ async def test_sigkilled_pod_loses_only_started_streams(tmp_path: Path) -> None:
     assert rep.inflight_after == 0 and rep.open_requests_after == 0, rep
 
 
+@pytest.mark.parametrize("mode", ["FULL_DUPLEX_STREAMED", "BUFFERED"])
 async def test_gateway_retries_teach_the_epp_without_the_scraper(
-    echo_pool: list[tuple[str, int]], gateway: GatewayFactory
+    echo_pool: list[tuple[str, int]], gateway: GatewayFactory, mode: str
 ) -> None:
     """A listed endpoint nothing listens on: requests routed to it first are retried on a
     fallback, and the failure-learning hook (the scraper is off here) takes it out."""
     dead_ip = "127.0.0.6"
     dead = {"address": dead_ip, "port": free_port(dead_ip), "name": "dead"}
-    gw = await gateway([*endpoint_dicts(echo_pool[:2]), dead], scrape_interval=0)
+    gw = await gateway([*endpoint_dicts(echo_pool[:2]), dead], scrape_interval=0, body_mode=mode)
     attempts = []
     for i in range(30):
-        status, headers, raw = await post(gw, {"model": "m", "prompt": f"request {i}"})
+        body = {"model": "m", "prompt": f"request {i} " + "words " * 2000}  # retried bodies
+        status, headers, raw = await post(gw, body)
         assert status == 200, raw
+        assert orjson.loads(raw)["body_len"] == len(orjson.dumps(body))  # arrived whole
         attempts.append(int(headers.get("x-envoy-attempt-count", "1")))
     key = f"{dead['address']}:{dead['port']}"
     down = metric_samples(await gw.metrics_text(), "epp_endpoint_down")
