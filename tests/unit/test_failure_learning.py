@@ -62,6 +62,18 @@ def test_hosts_before_the_served_one_are_marked_and_skipped() -> None:
     assert any(first in schedule(d, 100 + i).result.primary for i in range(10))
 
 
+def test_hosts_skipped_without_an_attempt_are_not_blamed() -> None:
+    d, _ = pool()
+    dec = schedule(d)
+    first, second, _third = dec.result.primary
+    dec.attempts, dec.served = 1, second.key  # the gateway did not know `first` yet
+    d.response_headers(dec, 200)
+    assert not first.health.down(clock.now())
+    dec.attempts = 0  # a gateway that does not report attempts: trust the order
+    d.response_headers(dec, 200)
+    assert first.health.down(clock.now())
+
+
 def test_gateway_failure_marks_every_host_it_tried() -> None:
     d, _ = pool()
     dec = schedule(d)

@@ -5,8 +5,9 @@ attempt, retrying connect failures and resets before the first response byte, an
 the attempt count (`x-envoy-attempt-count`) and the host that answered
 (`x-gateway-destination-endpoint-served`). From the response headers this hook concludes:
 
-* hosts listed before the one that answered failed to connect or reset: they are marked
-  unreachable for `holdSeconds` (a good metrics scrape clears the mark early);
+* hosts listed before the one that answered failed to connect or reset (unless the gateway
+  made one attempt only: then it skipped them as unknown): they are marked unreachable for
+  `holdSeconds` (a good metrics scrape clears the mark early);
 * no host answered (the gateway's own 502/503/504 after every attempt): the hosts it tried
   are marked the same way;
 * a host answered 5xx `errorBurst` times in a row: it cools off for `coolOffSeconds`.
@@ -48,8 +49,11 @@ class FailureLearning(LifecycleHook):
                     break
             else:  # answered by a host we did not list: nothing to conclude
                 return
-            for ep in listed[:failed]:
-                self._unreachable(ep, now)
+            # One attempt means the hosts before it were skipped (not yet known to the
+            # gateway's cluster), not tried; an unknown count (0) trusts the order.
+            if d.attempts != 1:
+                for ep in listed[:failed]:
+                    self._unreachable(ep, now)
             self._answered(listed[failed], status, now)
         elif status in _GATEWAY_FAILURES:
             # No upstream answered at all: every host the gateway tried failed.
