@@ -353,7 +353,11 @@ class Simulation:
     def _scrape(self, pod: Pod) -> None:
         interval = self.scrape_interval / self.time_scale
         ep = pod.endpoint
-        if not pod.alive:
+        if not pod.alive:  # MetricsScraper.scrape_once on a connection refused
+            health = getattr(ep, "health", None)
+            if health is not None and health.unreachable_until != math.inf:
+                health.unreachable_until = math.inf
+                health.connect_failures += 1
             pod.scrape_failures += 1
             ep.metrics.scrape_errors += 1
             delay = min(2.0, self.scrape_interval * 2.0 ** min(pod.scrape_failures, 20))
@@ -361,6 +365,9 @@ class Simulation:
             self.push(self.now + delay / self.time_scale, self._scrape, pod)
             return
         pod.scrape_failures = 0
+        health = getattr(ep, "health", None)
+        if health is not None:
+            health.unreachable_until = 0.0
         apply_metrics(ep.metrics, pod.scrape(self.now), self.now * self.time_scale)
         self.push(self.now + interval, self._scrape, pod)
 
@@ -547,6 +554,8 @@ class Simulation:
     def _failed_at_client(self, arg: tuple[VRequest, bool]) -> None:
         vr, router_end = arg
         if router_end:
+            if vr.engine_req is None:  # the error came instead of a response's headers
+                self.router.on_headers(vr, self.now, vr.status)
             self.router.on_end(vr, self.now, False)
         self._finished(vr)
 
