@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epp-config", default="",
                    help="EndpointPickerConfig file for `epp` (default: the built-in one)")
     p.add_argument("--no-scale-groups", action="store_true",
-                   help="keep the scenario's prefix-group count on bigger pools")
-    p.add_argument("--trace", default="", help="replay this JSONL trace instead")
+                   help="keep the scenario's prefix-group count on bigger pools (default: "
+                   "groups grow with the pool)")
+    p.add_argument("--trace", default="",
+                   help="replay this JSONL trace instead of the scenario's schedule "
+                   "(default: none)")
     p.add_argument("--zipf", type=float, default=None,
                    help="Zipf exponent of prefix-group popularity (default: the scenario's)")
     p.add_argument("--diurnal-period", type=float, default=0.0,
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every pick against every pod's cache (decisions.audit: how "
                    "often the router passed over a pod holding more of the prompt); slow on "
                    "big pools (default off)")
-    p.add_argument("--out", default="", help="write results.json (bench.run format) here")
+    p.add_argument("--out", default="",
+                   help="write results.json (bench.run format) here (default: print only)")
     args = p.parse_args(argv)
 
     sc = get(args.scenario)
