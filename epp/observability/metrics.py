@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from epp import clock
 from epp.datalayer.datastore import Datastore
+from epp.observability.fasthist import FastCounter, FastHistogram
 
 _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -32,7 +33,7 @@ class EppMetrics:
         self.registry = registry or CollectorRegistry()
         self.pool_name = pool_name
         r = self.registry
-        self.requests = Counter(
+        self.requests = FastCounter(
             "inference_objective_request_total",
             "Requests per model.",
             ["model_name", "target_model_name"],
@@ -44,14 +45,14 @@ class EppMetrics:
             ["model_name", "target_model_name", "error_code"],
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = FastHistogram(
             "inference_objective_request_duration_seconds",
             "End-to-end request latency seen by the EPP (pick to response end).",
             ["model_name", "target_model_name"],
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = FastHistogram(
             "inference_objective_time_to_first_byte_seconds",
             "Time from pick to the response headers of the model server.",
             ["model_name"],
@@ -76,33 +77,33 @@ class EppMetrics:
             ["model_name"],
             registry=r,
         )
-        self.scheduler_e2e = Histogram(
+        self.scheduler_e2e = FastHistogram(
             "inference_extension_scheduler_e2e_duration_seconds",
             "Scheduling cycle duration.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.plugin_duration = Histogram(
+        self.plugin_duration = FastHistogram(
             "inference_extension_scheduler_plugin_duration_seconds",
             "Per-plugin processing time.",
             ["extension_point", "plugin_name"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.overhead = Histogram(
+        self.overhead = FastHistogram(
             "epp_overhead_seconds",
             "Time the EPP spends per request, by phase.",
             ["phase"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.picks = Counter(
+        self.picks = FastCounter(
             "epp_endpoint_picks_total",
             "Requests sent to each endpoint, by role in the decision.",
             ["endpoint", "role"],
             registry=r,
         )
-        self.prefix_hits = Histogram(
+        self.prefix_hits = FastHistogram(
             "inference_extension_prefix_indexer_hit_ratio",
             "Share of the prompt the picked endpoint is expected to have cached.",
             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
