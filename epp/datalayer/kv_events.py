@@ -570,6 +570,7 @@ class KVEventSubscriber:
         ) and (first_live is None or filled[-1][0] == first_live - 1)
         if complete:
             self.replayed += len(filled)
+            log.info("kv events %s: %d missed batches replayed from %s", key, len(filled), address)
             for s, p in filled:
                 self._apply(key, s, p)
         elif probe and not got and not live and key not in self._last_seq:

@@ -1,7 +1,8 @@
 """Precise prefix routing end to end: simulated vLLM pods publishing KV events over ZMQ, the
 EPP with the same tokenizer behind real Envoy. The EPP's predicted cached tokens on the
 chosen pod must equal what the engine reports in `usage` (within one block) for >= 99% of
-requests after warm-up, through forced evictions and a pod restart."""
+requests after warm-up, through forced evictions and a pod restart, with an EPP that
+started after the pods had already cached prompts."""
 
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ async def test_predicted_cached_tokens_match_the_engines(gateway: GatewayFactory
     try:
         for ip in IPS:
             await wait_http(f"http://{ip}:{port}/health", proc=sims[ip])
+        # The pods serve before the EPP exists: it starts late and must learn their caches
+        # from their replay sockets (the stream from sequence 0).
+        async with aiohttp.ClientSession() as s:
+            for k, ip in enumerate(IPS * 2):
+                msgs = [{"role": "system", "content": systems[k % len(systems)]},
+                        {"role": "user", "content": "kalo mine"}]  # fmt: skip
+                body = {"model": MODEL, "max_tokens": 4, "messages": msgs}
+                async with s.post(f"http://{ip}:{port}/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
         epp_args = ["--kv-events-port", str(kv_port), "--kv-events-replay-port",
                     str(kv_port + 1), "--tokenizer-dir", str(DATA_DIR)]  # fmt: skip
         gw = await gateway(
