@@ -543,6 +543,7 @@ class KVEventSubscriber:
         """Ask the publisher's replay socket for the batches from `start` on, apply those
         the live stream skipped, then what arrived meanwhile."""
         got: list[tuple[int, bytes]] = []
+        ended = False  # the publisher said it sent everything it has
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -555,6 +556,7 @@ class KVEventSubscriber:
                     break
                 seq = int.from_bytes(frames[-2], "big", signed=True)
                 if seq < 0:
+                    ended = True
                     break
                 got.append((seq, frames[-1]))
         except (TimeoutError, zmq.ZMQError) as e:
@@ -565,15 +567,18 @@ class KVEventSubscriber:
         live = self._replaying.pop(key, [])
         first_live = live[0][0] if live else None
         filled = [(s, p) for s, p in got if first_live is None or s < first_live]
-        complete = bool(filled) and [s for s, _ in filled] == list(
-            range(start, start + len(filled))
-        ) and (first_live is None or filled[-1][0] == first_live - 1)
+        complete = (
+            ended
+            and bool(filled)
+            and [s for s, _ in filled] == list(range(start, start + len(filled)))
+            and (first_live is None or filled[-1][0] == first_live - 1)
+        )
         if complete:
             self.replayed += len(filled)
             log.info("kv events %s: %d missed batches replayed from %s", key, len(filled), address)
             for s, p in filled:
                 self._apply(key, s, p)
-        elif probe and not got and not live and key not in self._last_seq:
+        elif probe and ended and not got and not live and key not in self._last_seq:
             # Connected, and the publisher has sent nothing yet: a fresh stream, seen whole.
             self._last_seq[key] = -1
             self._stream(key, 0)

@@ -420,3 +420,30 @@ def test_block_hashes_reused_per_chunk_equal_hashing_every_block() -> None:
         assert completion is not None
         assert idx.hash_prompt(completion, marks) == idx.hash_ids(completion)
     assert len(idx._chunk_hashes) > 0
+
+
+async def test_a_replay_socket_that_does_not_answer_is_no_proof() -> None:
+    import asyncio
+
+    from epp.devstack.procs import free_port
+    from epp.sim.config import make_config
+    from epp.sim.kvevents import KVEventPublisher
+
+    cfg = make_config(host="127.0.0.1", port=8000, kv_events_port=free_port())
+    pub = KVEventPublisher(cfg)  # no replay socket behind the address given below
+    idx = PreciseIndex(BS)
+    sync = PrefixIndexKVSync(director_index(), precise=idx)
+    sub = KVEventSubscriber(on_event=sync.on_event, on_gap=sync.on_gap, on_stream=sync.on_stream)
+    sub.replay_timeout_s = 0.3
+    try:
+        pub.publish([["AllBlocksCleared"]])  # seq 0, before anyone listens: lost
+        sub.add("127.0.0.1:8000", pub.endpoint, replay=f"tcp://127.0.0.1:{free_port()}")
+        await sub.start()
+        await asyncio.sleep(0.2)
+        pub.publish([["BlockStored", [1], None, toks(BS), BS, None, None]])  # seq 1
+        await asyncio.sleep(0.8)
+        assert sub.replay_failures >= 1 and sub.replayed == 0
+        assert not idx.is_trusted("127.0.0.1:8000")  # joined at sequence 1, history unknown
+        await sub.stop()
+    finally:
+        pub.close()
