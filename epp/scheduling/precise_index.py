@@ -83,7 +83,6 @@ class PreciseIndex:
             clock = time.monotonic
         self.clock = clock
         self.pods: dict[str, PodView] = {}
-        self.holders: dict[int, set[str]] = {}
         self._expiries: deque[tuple[float, str, list[int]]] = deque()
         # Block hashes per tokenizer chunk (see hash_prompt), bounded in hashes held.
         self._chunk_hashes: OrderedDict[int, list[int]] = OrderedDict()
@@ -166,42 +165,22 @@ class PreciseIndex:
                 return c
         return DEFAULT_CAPACITY_BLOCKS
 
-    def _add(self, v: PodView, h: int) -> None:
-        n = v.blocks.get(h)
-        if n is None:
-            v.blocks[h] = 1
-            hs = self.holders.get(h)
-            if hs is None:
-                self.holders[h] = {v.key}
-            else:
-                hs.add(v.key)
-        else:
-            v.blocks[h] = n + 1
+    @staticmethod
+    def _add(v: PodView, h: int) -> None:
+        v.blocks[h] = v.blocks.get(h, 0) + 1
 
-    def _drop(self, v: PodView, h: int) -> None:
+    @staticmethod
+    def _drop(v: PodView, h: int) -> None:
         n = v.blocks.get(h)
         if n is None:
             return
         if n > 1:
             v.blocks[h] = n - 1
-            return
-        del v.blocks[h]
-        if h not in v.spec:
-            self._unhold(v.key, h)
+        else:
+            del v.blocks[h]
 
-    def _unhold(self, key: str, h: int) -> None:
-        hs = self.holders.get(h)
-        if hs is not None:
-            hs.discard(key)
-            if not hs:
-                del self.holders[h]
-
-    def _clear(self, v: PodView) -> None:
-        for h in v.blocks:
-            self._unhold(v.key, h)
-        for h in v.spec:
-            if h not in v.blocks:
-                self._unhold(v.key, h)
+    @staticmethod
+    def _clear(v: PodView) -> None:
         v.blocks.clear()
         v.engine.clear()
         v.spec.clear()
@@ -358,12 +337,6 @@ class PreciseIndex:
         for h in hashes[start:] if start else hashes:
             if h in blocks:
                 continue
-            if h not in spec:
-                hs = self.holders.get(h)
-                if hs is None:
-                    self.holders[h] = {key}
-                else:
-                    hs.add(key)
             spec[h] = expiry
             added.append(h)
         if added:
@@ -377,48 +350,29 @@ class PreciseIndex:
             v = self.pods.get(key)
             if v is None:
                 continue
+            spec = v.spec
             for h in hashes:
-                if v.spec.get(h) == expiry:
-                    del v.spec[h]
-                    if h not in v.blocks:
-                        self._unhold(key, h)
+                if spec.get(h) == expiry:
+                    del spec[h]
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Longest run of leading blocks each pod holds (confirmed or speculative).
+        """Longest run of leading blocks each pod holds (confirmed or speculative), for the
+        pods holding the first block.
 
-        Walks the blocks while several pods hold them; once few remain, each one's run is
-        found by bisection (an engine's cached blocks are prefix-closed: it evicts a
-        sequence's tail before its head, and a lookup stops at the first miss)."""
+        Each run is found by bisection: an engine's cached blocks are prefix-closed (it
+        evicts a sequence's tail before its head, and its lookup stops at the first miss),
+        so a request costs one lookup per pod plus a few per pod that holds its start, and
+        no block-to-pods map has to be kept."""
         if self._expiries:
             self.expire()
-        holders = self.holders
         if not hashes:
             return {}
-        first = holders.get(hashes[0])
-        if not first:
-            return {}
-        current = set(first)
-        matched: dict[str, int] = {}
-        i = 1
-        n = len(hashes)
-        while i < n:
-            if len(current) <= 4:
-                for key in current:
-                    matched[key] = self._run(key, hashes, i)
-                return matched
-            hs = holders.get(hashes[i])
-            if not hs:
-                break
-            if not current <= hs:
-                for key in current - hs:
-                    matched[key] = i
-                current &= hs
-                if not current:
-                    break
-            i += 1
-        for key in current:
-            matched[key] = i
-        return matched
+        h0 = hashes[0]
+        return {
+            key: self._run(key, hashes, 1)
+            for key, v in self.pods.items()
+            if h0 in v.blocks or h0 in v.spec
+        }
 
     def _run(self, key: str, hashes: Sequence[int], lo: int) -> int:
         """Length of the pod's run of held blocks, known to be at least `lo`."""

@@ -112,7 +112,7 @@ def test_speculative_entries_expire_unless_confirmed() -> None:
     store_chain(idx, "a", ids)  # the engine confirms a's blocks
     clock.t = 6.0
     assert idx.match(hashes) == {"a": 3}
-    assert not idx.pods["b"].spec and hashes[0] in idx.holders
+    assert not idx.pods["b"].spec and hashes[0] in idx.pods["a"].blocks
 
 
 def test_events_for_another_block_size_lora_or_cpu_are_not_indexed() -> None:
