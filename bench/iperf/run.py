@@ -29,7 +29,7 @@ from typing import Any
 from bench.iperf.config import iperf_config, wall_bound_s, write_config
 from bench.iperf.env import DEFAULT_VENV, OFFLINE_ENV, IperfEnv, ensure
 from bench.iperf.summary import markdown, read_reports
-from bench.routers import RouterSpec, RouterUnavailable, launch
+from bench.routers import RouterSpec, RouterUnavailable, launch, prepare_pool
 from bench.run import RESULTS, SimPool
 from bench.scenarios import SCENARIOS, Scenario, get
 from epp.devstack.procs import free_port
@@ -129,6 +129,7 @@ async def run_all(env: IperfEnv, sc: Scenario, routers: list[str], out: Path,
                          "stages": []})
         return runs
     raw = out / "raw"
+    sc = dataclasses.replace(sc, pool=prepare_pool(routers, sc.pool))  # KV events if needed
     async with SimPool(sc.pool, raw) as pool:
         for name in routers:
             spec = RouterSpec.parse(name)
