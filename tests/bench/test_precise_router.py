@@ -21,3 +21,20 @@ def test_precise_variant_turns_the_pools_events_on_and_passes_the_flags() -> Non
     assert args == ["--tokenizer-dir", str(DATA_DIR), "--kv-events-port", "5557",
                     "--kv-events-replay-port", "5558"]  # fmt: skip
     assert _precise_args(RouterSpec.parse("epp"), ready) == []
+
+
+def test_workload_token_sizes_hold_under_the_simulators_tokenizer() -> None:
+    """A scenario's "2000-token system prompt" is 2000 tokens of the real tokenizer too, and
+    every reply word is one token (a reply sent back re-tokenizes to the generated ids)."""
+    import random
+
+    from bench.scenarios.workload import text_of
+    from epp.sim.tokenizer import OUTPUT_WORDS, encode, piece_id
+
+    rng = random.Random(4)
+    for n in (1, 60, 2000, 3000):
+        assert len(encode(text_of(rng, n))) == n
+    for w in OUTPUT_WORDS:
+        assert encode(w) == [piece_id(w)]
+    reply = "".join(OUTPUT_WORDS[:20])
+    assert encode(reply) == [piece_id(w) for w in OUTPUT_WORDS[:20]]
