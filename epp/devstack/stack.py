@@ -9,6 +9,7 @@ Used by `make run`, the integration tests and the benchmarks:
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import socket
 import subprocess
@@ -105,14 +106,18 @@ class GatewayHandle:
 
 
 def free_port_block(n: int) -> int:
-    """A port p with p .. p+n-1 free (`epp serve --workers n` serves metrics on p + i)."""
-    for _ in range(100):
-        p = free_port()
-        if p + n - 1 > 65535:
-            continue
+    """A port p with p .. p+n-1 free (`epp serve --workers n` serves metrics on p + i).
+    Looked for below the kernel's ephemeral range, where consecutive ports stay free."""
+    if n == 1:
+        return free_port()
+    rng = random.Random()
+    for _ in range(500):
+        p = rng.randrange(20_000, 32_000 - n)
         try:
-            for q in range(p + 1, p + n):
+            for q in range(p, p + n):
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    # as the servers that will listen there do (TIME_WAIT is no conflict)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(("127.0.0.1", q))
         except OSError:
             continue
