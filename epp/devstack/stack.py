@@ -212,7 +212,8 @@ async def start_gateway(
                 subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             )
         for proc, mport in zip(gw.epp_procs, gw.metrics_ports, strict=True):
-            await wait_http(f"http://127.0.0.1:{mport}/readyz", proc=proc)
+            for w in range(epp_workers):  # worker w serves metrics on mport + w
+                await wait_http(f"http://127.0.0.1:{mport + w}/readyz", proc=proc)
         opts = EnvoyOptions(
             listen_port=gw.listen_port,
             admin_port=gw.admin_port,

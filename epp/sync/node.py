@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -407,6 +408,7 @@ class SyncNode:
         now = time.monotonic()
         return {
             "origin": self.origin,
+            "pid": os.getpid(),
             "epoch": self.epoch,
             "seq": self.seq,
             "peers": {

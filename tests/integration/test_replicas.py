@@ -148,3 +148,46 @@ async def test_fail_open_pool_serves_through_a_dead_replica(
     results = await _load(gw, 25, 4.0, {1.5: kill()})
     assert len(results) >= 60
     assert [r for r in results if r.status != 200] == []
+
+
+async def test_workers_share_the_port_and_their_state(
+    echo_pool: list[tuple[str, int]], gateway: GatewayFactory
+) -> None:
+    """`epp serve --workers 2`: both workers take streams on the one ext_proc port, each
+    sees the other's load, and the supervisor restarts a worker that dies."""
+    gw = await gateway(endpoint_dicts(echo_pool), epp_workers=2, epp_args=SYNC_ARGS)
+    base = gw.metrics_ports[0]
+
+    async def served(port: int) -> float:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+        return sum(v for _, v in metric_samples(text, "inference_objective_request_total"))
+
+    async def debug(port: int) -> dict[str, object]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/debug/sync") as r:
+            data: dict[str, object] = await r.json()
+            return data
+
+    async with aiohttp.ClientSession() as s:
+        statuses = await asyncio.gather(*[_stream(s, gw, 50) for _ in range(80)])
+    assert all(st == 200 for st in statuses)
+    counts = [await served(base + i) for i in (0, 1)]
+    assert sum(counts) >= 80 and min(counts) > 0, counts  # the kernel spread the connections
+    for i in (0, 1):
+        peers = (await debug(base + i))["peers"]
+        assert isinstance(peers, dict) and len(peers) == 1
+
+    # A worker dies: the supervisor starts it again and the pair syncs again.
+    state = await debug(base + 1)
+    pid = int(str(state["pid"]))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            again = await debug(base + 1)
+            if again["pid"] != pid and again["peers"]:
+                break
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "worker 1 did not come back"
+        await asyncio.sleep(0.1)

@@ -175,3 +175,22 @@ async def test_queue_depths_are_shared(instances: list[Instance]) -> None:
     await until(lambda: b.view.queue_totals() == {(0, "team-a"): (3, 0), (-1, "batch"): (1, 0)})
     sizes = {(0, "team-a"): 1}
     await until(lambda: b.view.queue_totals() == {(0, "team-a"): (1, 0)})
+
+
+def test_endpointslice_addresses() -> None:
+    from epp.sync.membership import slice_addresses
+
+    obj = {
+        "ports": [{"name": "grpc-ext-proc", "port": 9002}, {"name": "sync", "port": 9004}],
+        "endpoints": [
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},  # starting: a peer
+            {"addresses": ["10.0.0.3"], "conditions": {"terminating": True}},
+            {"addresses": ["fd00::4"]},
+        ],
+    }
+    own = frozenset({"10.0.0.1"})
+    assert slice_addresses(obj, "sync", own) == ["10.0.0.2:9004", "[fd00::4]:9004"]
+    assert slice_addresses(obj, "missing", own) == []
+    unnamed = {"ports": [{"port": 7000}], "endpoints": [{"addresses": ["10.0.0.9"]}]}
+    assert slice_addresses(unnamed, "sync", own) == ["10.0.0.9:7000"]
