@@ -73,7 +73,7 @@ class Pod:
 
     __slots__ = (
         "alive", "batch", "busy", "cfg", "core", "ctx0", "dt", "end", "endpoint", "epoch", "idx",
-        "key", "n", "requests_total", "run_blocks", "run_j", "scrape_failures", "sim", "t0",
+        "key", "n", "requests_total", "run_j", "run_seqs", "scrape_failures", "sim", "t0",
         "used0", "version",
     )
 
@@ -95,7 +95,7 @@ class Pod:
         self.run_j = 0  # >= 1: a fused decode run of run_j steps; 0: one ordinary step
         self.n = 0
         self.ctx0 = 0
-        self.run_blocks = 0  # blocks the run will allocate (for scraped KV use mid-run)
+        self.run_seqs: list[tuple[int, int]] = []  # (computed, blocks) per request of a run
         self.used0 = 0
         self.requests_total = 0
         self.scrape_failures = 0
@@ -128,10 +128,10 @@ class Pod:
                 ctx0 += len(r.tokens)
             self.n, self.ctx0, self.run_j = n, ctx0, limit
             self.end = now + core.run_duration(n, ctx0, limit)
-            bs = self.cfg.block_size
-            self.run_blocks = sum(
-                -(-(r.num_computed + limit) // bs) - len(r.blocks) for r, _ in batch
-            )
+            # (tokens computed, blocks held) per request at the start: the blocks the run
+            # holds after k steps follow exactly (the engine allocates a step's block
+            # before the step).
+            self.run_seqs = [(r.num_computed, len(r.blocks)) for r, _ in batch]
             self.used0 = self.cfg.num_gpu_blocks - core.pool.num_free
         else:
             self.run_j = 0
@@ -215,7 +215,11 @@ class Pod:
         tpot_count = core.stats.itl.n
         if self.busy and self.run_j >= 2:
             j = self.steps_done_by(now)
-            used = self.used0 + (self.run_blocks * j) // self.run_j
+            k = min(j + 1, self.run_j)  # the step in progress has its blocks already
+            bs = c.block_size
+            used = self.used0 + sum(
+                max(0, -(-(computed + k) // bs) - held) for computed, held in self.run_seqs
+            )
             tpot_count += self.n * j
             tpot_sum += self.n * core.run_duration(self.n, self.ctx0, j)
         scale = self.sim.time_scale

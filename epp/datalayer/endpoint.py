@@ -100,6 +100,17 @@ class LatencyStats:
     # EWMA of the uncached prompt tokens of requests sent here (what a queued request
     # typically still has to prefill); 0 = nothing sent yet.
     uncached_tokens: float = 0.0
+    # Decode speed from the engine's own token-latency histogram, counted only over scrape
+    # windows in which no prefill the EPP sent was running there (a prefill chunk makes
+    # that step, and so the histogram's mean, many times slower): ms, 0 = unknown. The
+    # cumulative sum/count and scrape time last taken into account come with it.
+    decode_tpot_ms: float = 0.0
+    decode_tpot_at: float = 0.0
+    # The most sequences the engine was seen running: its batch limit, once it is reached.
+    max_running: float = 0.0
+    tpot_seen_sum: float = 0.0
+    tpot_seen_count: float = -1.0
+    tpot_seen_at: float = 0.0
 
 
 @dataclass(slots=True)

@@ -87,6 +87,9 @@ class _Stream:
     prefill_timer: asyncio.TimerHandle | None = None
     model_restore: m.ModelNameRestore | None = None
     queued: _Queued | None = None  # waiting in flow control
+    response_status: int = 0  # the model server's status, once its headers came back
+    response_ended: bool = False  # the EPP saw the end of the response
+    release_scheduled: bool = False
 
 
 @dataclass(slots=True)
@@ -142,6 +145,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                                 yield out
                     yield m.request_trailers_continue()
                 elif kind == "response_trailers":
+                    st.response_ended = True
                     self._finish(st)
                     yield m.response_trailers_continue()
                 if st.answered:
@@ -388,8 +392,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             d.served = m.served_endpoint(msg)
         if d.result.prefill is not None:
             self._pd_outcome(d, pd_mode, status)
+        st.response_status = status
         self.director.response_headers(d, status)
         if msg.response_headers.end_of_stream:
+            st.response_ended = True
             self._finish(st)
         elif d.rewritten_model is not None:
             # The client asked for another name: give it back in the response body.
@@ -447,6 +453,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 self.metrics.cached_tokens.labels(model).inc(reported)
                 self._check_prediction(d, reported)
         if body.end_of_stream:
+            st.response_ended = True
             self._finish(st)
         return out
 
@@ -480,9 +487,17 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def _finish(self, st: _Stream) -> None:
         self._cancel_timer(st)
         d = st.decision
-        if d is None or d.released:
+        if d is None or d.released or st.release_scheduled:
             return
-        self.director.release(d)
+        started = 200 <= st.response_status < 300 and not st.response_ended
+        delay = self.director.release_delay_s(d, started)
+        if delay > 0.0:
+            # The stream closed with the response still running (the gateway sends the
+            # EPP nothing after its headers): the pod keeps working on it for a while.
+            st.release_scheduled = True
+            asyncio.get_running_loop().call_later(delay, self.director.release, d)
+        else:
+            self.director.release(d)
         self.metrics.request_duration.labels(d.request.model, d.request.routed_model).observe(
             clock.now() - d.started
         )

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Admitted", "Decision", "Director", "DirectorSettings", "HeaderNames", "Ticket"]
 
+# A request whose end the EPP cannot see is charged for at most this many output tokens.
+MAX_DEFERRED_DECODE_TOKENS = 2048
+
 _CRITICALITY_PRIORITY = {
     Criticality.CRITICAL: 1,
     Criticality.STANDARD: 0,
@@ -288,6 +291,24 @@ class Director:
         end = now if now is not None else clock.now()
         for hook in self._set(d).complete:
             hook.complete(d, output_tokens, end)
+
+    def release_delay_s(self, d: Decision, response_started: bool) -> float:
+        """The gateway closed the request's stream. If it closed after the response headers
+        but before the response ended (it sends the EPP nothing later: the usual headers-only
+        response processing), the request is still decoding: keep its load charged until
+        it probably ends (predicted TTFT + expected decode time from the pick) rather than
+        count the pod as idle while it works. 0 = release now."""
+        if d.released or not response_started:
+            return 0.0
+        now = clock.now()
+        res = d.result
+        ttft_s = (res.predicted_ttft_ms or 0.0) / 1000.0
+        model = self.scheduler.services.latency
+        decode_s = model.decode_time_s(
+            res.target, min(d.request.expected_decode_tokens, MAX_DEFERRED_DECODE_TOKENS), now
+        )
+        end = max(d.first_byte_at or (d.started + ttft_s), now) + decode_s
+        return end - now
 
     def release(self, d: Decision | None) -> None:
         if d is None or d.released:

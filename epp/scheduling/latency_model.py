@@ -1,10 +1,13 @@
 """Per-endpoint latency model: predicted TTFT and TPOT, learned online.
 
-TTFT ≈ base + rate × (uncached prompt tokens of this request + prefill work already queued
-on the endpoint). TPOT ≈ base + per_seq × decode batch size. The per-endpoint coefficients
-live on `Endpoint.latency` and are fitted by EWMA from what the EPP observes (first byte,
-end of stream, usage). Priors are an 8B model on one H100; they are replaced by
-observations after a few requests.
+TTFT ≈ base + wait + uncached prompt tokens / prefill speed. The wait is the prefill work
+queued ahead (a fluid model of the uncached tokens the EPP sent, drained at the prefill
+speed, corrected by the engine's reported queue) or, with every sequence slot taken, the
+time for requests to finish. Speeds come from what the EPP observes: true first tokens and
+usage when the gateway sends response bodies, and always the engine's own token-latency
+histogram over windows with no prefill running, which says how much slower than the
+priors (an 8B model on one H100) the endpoint runs; the simulator's time scale looks the
+same. Per-endpoint state lives on `Endpoint.latency` and `Endpoint.queue`.
 """
 
 from __future__ import annotations
@@ -12,9 +15,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from epp import clock
 from epp.datalayer.endpoint import Endpoint
 
 PICK_RATE_TAU_S = 5.0  # time constant of the per-endpoint pick-rate estimate
+MIN_TPOT_SAMPLES = 4  # tokens a scrape window needs to say something about decode speed
+MIN_SPEED_FACTOR, MAX_SPEED_FACTOR = 0.2, 20.0
+DECODE_SPEED_TTL_S = 10.0  # a decode-speed reading older than this is forgotten
+METRICS_FRESH_S = 0.25  # scraped queue sizes older than this are not used
+
+
+@dataclass(slots=True)
+class QueueEstimate:
+    tokens_per_s: float  # the endpoint's prefill speed
+    backlog_tokens: float  # prefill work ahead of a new request
+    slot_wait_s: float  # wait for a sequence slot when the batch is full
+    running: float  # the decode batch (EPP in-flight or scraped running, the larger)
+
+    @property
+    def wait_s(self) -> float:
+        return max(self.backlog_tokens / self.tokens_per_s, self.slot_wait_s)
 
 
 @dataclass(slots=True)
@@ -35,43 +55,128 @@ class LatencyModel:
         self.priors = priors or LatencyPriors()
         self.alpha = alpha
         self.fleet_alpha = alpha / 4
+        self.fleet_speed = 1.0  # the fleet's speed factor (see `speed_factor`)
 
     # ---- prediction (hot path) ------------------------------------------------------------
-    def queued_prefill_tokens(self, ep: Endpoint) -> int:
-        inf = ep.inflight
-        queued = inf.pending_prefill_tokens + inf.prefill_tokens
-        extra = ep.metrics.waiting - inf.pending_requests
-        if extra > 0:  # waiting requests the engine reports beyond those we count
-            per = ep.latency.uncached_tokens or self.priors.unknown_queue_tokens
-            queued += int(extra * per)
-        return queued
+    def queue(self, ep: Endpoint, now: float, decode_tokens: int = 256) -> QueueEstimate:
+        """What a request sent to `ep` now would wait behind: the prefill work ahead (the
+        fluid model of what the EPP sent, raised to the engine's reported waiting queue
+        when that is fresh and larger) or, when every sequence slot is taken, requests
+        finishing (`decode_tokens`: how long a typical request holds its slot)."""
+        lat, inf, m = ep.latency, ep.inflight, ep.metrics
+        rate = self.prefill_tokens_per_s(ep, now)
+        backlog = self.backlog_tokens(ep, now, rate)
+        running = max(float(inf.requests), m.running)
+        slot_wait_s = 0.0
+        age = now - m.updated_at
+        waiting = m.waiting + self.pick_rate(ep, now) * age if age <= METRICS_FRESH_S else 0.0
+        cap = lat.max_running
+        if cap > 1 and (m.running >= cap or inf.requests > cap):
+            waiting = max(waiting, inf.requests - cap)
+            slot_wait_s = waiting * self.decode_time_s(ep, decode_tokens, now) / cap
+        elif waiting > 0:  # queued prefill work the EPP's model no longer counts
+            backlog = max(
+                backlog, m.waiting * (lat.uncached_tokens or self.priors.unknown_queue_tokens)
+            )
+        return QueueEstimate(rate, backlog, slot_wait_s, running)
+
+    def queued_prefill_tokens(self, ep: Endpoint, now: float | None = None) -> int:
+        return int(self.queue(ep, clock.now() if now is None else now).backlog_tokens)
 
     def predict_ttft_ms(
-        self, ep: Endpoint, uncached_tokens: int, queued_tokens: int | None = None
+        self,
+        ep: Endpoint,
+        uncached_tokens: int,
+        queue: QueueEstimate | None = None,
+        now: float | None = None,
     ) -> float:
-        lat = ep.latency
-        rate = lat.prefill_ms_per_token or self.priors.prefill_ms_per_token
-        base = lat.ttft_base_ms or self.priors.ttft_base_ms
-        if queued_tokens is None:
-            queued_tokens = self.queued_prefill_tokens(ep)
-        return base + rate * (uncached_tokens + queued_tokens)
+        if now is None:
+            now = clock.now()
+        q = queue or self.queue(ep, now)
+        base = ep.latency.ttft_base_ms or self.priors.ttft_base_ms * self.speed_factor(ep, now)
+        return base + 1000.0 * (q.wait_s + uncached_tokens / q.tokens_per_s)
 
     def batch_size(self, ep: Endpoint) -> float:
         return max(float(ep.inflight.requests), ep.metrics.running)
 
-    def predict_tpot_ms(self, ep: Endpoint, extra_seqs: int = 1) -> float:
+    def predict_tpot_ms(self, ep: Endpoint, extra_seqs: int = 1, now: float | None = None) -> float:
         lat = ep.latency
-        scraped = ep.metrics.tpot_recent_ms
-        if not lat.tpot_ms and scraped > 0:  # the engine's own recent TPOT, one more seq
-            return scraped + (lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms) * extra_seqs
-        base = lat.tpot_ms or self.priors.tpot_ms
         per_seq = lat.tpot_per_seq_ms or self.priors.tpot_per_seq_ms
-        return base + per_seq * (self.batch_size(ep) + extra_seqs)
+        if lat.tpot_ms:  # learned from responses' usage
+            return lat.tpot_ms + per_seq * (self.batch_size(ep) + extra_seqs)
+        now = clock.now() if now is None else now
+        decode = self.decode_tpot_ms(ep, now)
+        if decode:  # the engine's own decode speed at its current batch, one more seq
+            return decode + per_seq * extra_seqs
+        speed = self.speed_factor(ep, now)
+        return (self.priors.tpot_ms + per_seq * (self.batch_size(ep) + extra_seqs)) * speed
+
+    # ---- what the engines report about their own speed ------------------------------------
+    def refresh(self, ep: Endpoint, now: float) -> None:
+        """Take in a scrape of `ep` newer than the last one seen: its batch limit and its
+        decode speed, the mean token latency over windows in which no prefill the EPP sent
+        was running there (a prefill chunk makes that step many times slower). Cheap when
+        there is nothing new."""
+        lat, m = ep.latency, ep.metrics
+        if m.updated_at <= lat.tpot_seen_at:
+            return
+        window_start = lat.tpot_seen_at
+        lat.tpot_seen_at = m.updated_at
+        if m.running > lat.max_running:
+            lat.max_running = m.running
+        if m.tpot_count < 0:
+            return
+        dcount = m.tpot_count - lat.tpot_seen_count
+        quiet = self.prefill_free_since(ep, self.prefill_tokens_per_s(ep, now)) <= window_start
+        if quiet and lat.tpot_seen_count >= 0 and dcount >= MIN_TPOT_SAMPLES:
+            # (rounded to a microsecond: the engines' float sums carry rounding noise)
+            sample = round((m.tpot_sum - lat.tpot_seen_sum) * 1000.0 / dcount, 3)
+            if sample > 0:
+                cur = lat.decode_tpot_ms
+                # A lower envelope: polluted windows only ever read slow, so the estimate
+                # follows fast samples at once and slow ones gently.
+                if cur == 0 or sample < cur:
+                    lat.decode_tpot_ms = sample
+                else:
+                    lat.decode_tpot_ms = cur + 0.05 * (sample - cur)
+                lat.decode_tpot_at = now
+                factor = lat.decode_tpot_ms / self.priors.tpot_ms
+                self.fleet_speed += self.fleet_alpha * (factor - self.fleet_speed)
+        if dcount != 0 or lat.tpot_seen_count < 0:
+            lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
+
+    def decode_tpot_ms(self, ep: Endpoint, now: float) -> float:
+        """The endpoint's decode speed (ms per token) from quiet scrape windows; 0 = unknown
+        (also when the last quiet window is older than `DECODE_SPEED_TTL_S`: an endpoint
+        judged slow that then got no traffic is not judged slow forever)."""
+        self.refresh(ep, now)
+        lat = ep.latency
+        if now - lat.decode_tpot_at > DECODE_SPEED_TTL_S:
+            return 0.0
+        return lat.decode_tpot_ms
+
+    def speed_factor(self, ep: Endpoint, now: float) -> float:
+        """How much slower than the priors this endpoint runs (its decode speed over the
+        prior's; the fleet's when it has none). A GPU slows prefill and decode alike, and
+        so does the simulator's time scale."""
+        lat = ep.latency
+        if lat.decode_tpot_ms > 0 and now - lat.decode_tpot_at <= DECODE_SPEED_TTL_S:
+            f = lat.decode_tpot_ms / self.priors.tpot_ms
+        else:
+            f = self.fleet_speed
+        return min(max(f, MIN_SPEED_FACTOR), MAX_SPEED_FACTOR)
+
+    def decode_time_s(self, ep: Endpoint, tokens: int, now: float) -> float:
+        """How long `tokens` output tokens probably take to decode on `ep`."""
+        tpot_ms = self.decode_tpot_ms(ep, now) or self.priors.tpot_ms * self.speed_factor(ep, now)
+        return tokens * tpot_ms / 1000.0
 
     # ---- prefill queue, fluid model ------------------------------------------------------------
-    def prefill_tokens_per_s(self, ep: Endpoint, slow: float = 1.0) -> float:
-        rate_ms = ep.latency.prefill_ms_per_token or self.priors.prefill_ms_per_token
-        return 1000.0 / (rate_ms * slow)
+    def prefill_tokens_per_s(self, ep: Endpoint, now: float) -> float:
+        lat = ep.latency
+        if lat.prefill_ms_per_token:  # learned from true first tokens
+            return 1000.0 / lat.prefill_ms_per_token
+        return 1000.0 / (self.priors.prefill_ms_per_token * self.speed_factor(ep, now))
 
     def backlog_tokens(self, ep: Endpoint, now: float, tokens_per_s: float) -> float:
         """Uncached prompt tokens sent to `ep` and probably not prefilled yet at `now`."""
@@ -84,7 +189,8 @@ class LatencyModel:
 
     def charge_backlog(self, ep: Endpoint, tokens: int, now: float) -> None:
         inf = ep.queue
-        inf.backlog_tokens = self.backlog_tokens(ep, now, self.prefill_tokens_per_s(ep)) + tokens
+        rate = self.prefill_tokens_per_s(ep, now)
+        inf.backlog_tokens = self.backlog_tokens(ep, now, rate) + tokens
         inf.backlog_at = now
         inf.charged_total += tokens
         inf.pick_rate = self.pick_rate(ep, now) + 1.0 / PICK_RATE_TAU_S
@@ -95,9 +201,14 @@ class LatencyModel:
         first token: everything charged before it is prefilled too."""
         inf = ep.queue
         ahead_of_now = inf.charged_total - position
-        current = self.backlog_tokens(ep, now, self.prefill_tokens_per_s(ep))
+        current = self.backlog_tokens(ep, now, self.prefill_tokens_per_s(ep, now))
         inf.backlog_tokens = min(current, max(0.0, ahead_of_now))
         inf.backlog_at = now
+
+    def prefill_free_since(self, ep: Endpoint, tokens_per_s: float) -> float:
+        """When the prefill work the EPP sent to `ep` was (or will be) done."""
+        q = ep.queue
+        return q.backlog_at + q.backlog_tokens / tokens_per_s
 
     def pick_rate(self, ep: Endpoint, now: float) -> float:
         """Requests per second recently sent to `ep` (exponentially decaying average)."""

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 
+from epp import clock
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import (
     ALL_OUTPUTS,
@@ -165,10 +166,11 @@ class Scheduler(ProfileRunner):
     def _record_prediction(self, request: InferenceRequest, result: SchedulingResult) -> None:
         model = self.services.latency
         pick = result.prefill or result.target
-        queued = model.queued_prefill_tokens(pick)
-        result.queued_prefill_tokens = queued
-        result.predicted_ttft_ms = model.predict_ttft_ms(pick, result.uncached_tokens, queued)
-        result.predicted_tpot_ms = model.predict_tpot_ms(result.target)
+        now = clock.now()
+        queue = model.queue(pick, now, request.expected_decode_tokens)
+        result.queued_prefill_tokens = int(queue.backlog_tokens)
+        result.predicted_ttft_ms = model.predict_ttft_ms(pick, result.uncached_tokens, queue, now)
+        result.predicted_tpot_ms = model.predict_tpot_ms(result.target, now=now)
         if request.slo_ttft_ms is None and request.slo_tpot_ms is None:
             return
         met = True

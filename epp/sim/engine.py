@@ -345,6 +345,8 @@ class EngineCore:
             if req.first_token_at == 0.0:
                 req.first_token_at = now
                 stats.observe_ttft(now - req.arrival)
+                if req.scheduled_at > 0.0:
+                    stats.observe_prefill(now - req.scheduled_at)
                 stats.prompt_tokens += req.prompt_len
             else:
                 stats.observe_itl(now - req.last_token_at)

@@ -54,6 +54,7 @@ class EngineStats:
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
     queue: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
+    prefill: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
 
     def observe_ttft(self, v: float) -> None:
         self.ttft.observe(v)
@@ -66,6 +67,9 @@ class EngineStats:
 
     def observe_queue(self, v: float) -> None:
         self.queue.observe(v)
+
+    def observe_prefill(self, v: float) -> None:
+        self.prefill.observe(v)
 
 
 def render_vllm(
@@ -113,6 +117,8 @@ def render_vllm(
         *stats.e2e.render("vllm:e2e_request_latency_seconds", lb),
         "# TYPE vllm:request_queue_time_seconds histogram",
         *stats.queue.render("vllm:request_queue_time_seconds", lb),
+        "# TYPE vllm:request_prefill_time_seconds histogram",
+        *stats.prefill.render("vllm:request_prefill_time_seconds", lb),
     ]
     return "\n".join(lines) + "\n"
 

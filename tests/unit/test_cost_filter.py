@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from epp import clock
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.config import ConfigError, build_scheduler
 from epp.scheduling.plugins.cost_filter import CostAwareFilter
@@ -15,7 +16,7 @@ from epp.scheduling.services import Services
 
 def pod(n: int, cost: str | None, queued_tokens: int = 0) -> Endpoint:
     e = Endpoint(f"127.0.0.{n}", 8000, labels={"cost": cost} if cost is not None else {})
-    e.inflight.pending_prefill_tokens = queued_tokens
+    e.queue.backlog_tokens, e.queue.backlog_at = queued_tokens, clock.now()
     return e
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from epp import clock
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.config import DEFAULT_CONFIG, ConfigError, build_scheduler
 from epp.scheduling.request import InferenceRequest
@@ -56,7 +57,8 @@ def test_short_prompt_is_local_below_threshold() -> None:
 
 def test_busy_prefill_pods_keep_a_long_prompt_local() -> None:
     decode, prefill = ep(1, "decode"), ep(2, "prefill")
-    prefill.inflight.pending_prefill_tokens = 50_000  # a long prefill queue there
+    prefill.queue.backlog_tokens = 50_000  # a long prefill queue there
+    prefill.queue.backlog_at = clock.now()
     res = scheduler().schedule(req(LONG), [decode, prefill])
     assert res.prefill is None and res.pd is not None
     assert (res.pd.decision, res.pd.reason) == ("local", "local-faster")

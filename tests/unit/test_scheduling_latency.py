@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from epp import clock
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.latency_model import LatencyModel
 
@@ -16,23 +17,50 @@ def test_ttft_grows_with_uncached_tokens_and_queued_work() -> None:
     idle_short = m.predict_ttft_ms(e, 100)
     idle_long = m.predict_ttft_ms(e, 4000)
     assert 0 < idle_short < idle_long
-    e.inflight.pending_prefill_tokens = 4000
-    assert m.predict_ttft_ms(e, 100) > idle_short
+    m.charge_backlog(e, 4000, clock.now())  # prefill work sent there, not done yet
     queued = m.predict_ttft_ms(e, 100)
-    e.inflight.prefill_tokens = 4000  # prefill hops queued here count too
+    assert queued > idle_short + 500  # ~1 s of prefill ahead at the prior's speed
+    m.charge_backlog(e, 4000, clock.now())
     assert m.predict_ttft_ms(e, 100) > queued
+
+
+def test_prefill_backlog_drains_with_time() -> None:
+    m = LatencyModel()
+    e = ep()
+    m.charge_backlog(e, 4000, 100.0)
+    rate = m.prefill_tokens_per_s(e, 100.0)
+    assert m.backlog_tokens(e, 100.5, rate) == 4000 - 0.5 * rate
+    assert m.backlog_tokens(e, 200.0, rate) == 0.0
+    # a first token for a request charged after 1000 of those tokens: the rest is done
+    m.charge_backlog(e, 1000, 100.5)
+    position = e.queue.charged_total
+    m.settle_backlog(e, position, 100.6)
+    assert m.backlog_tokens(e, 100.6, rate) == 0.0
 
 
 def test_engine_waiting_we_did_not_send_counts_as_queue() -> None:
     m = LatencyModel()
     e = ep()
-    base = m.predict_ttft_ms(e, 100)
-    e.metrics.waiting = 3
-    with_foreign = m.predict_ttft_ms(e, 100)
+    now = clock.now()
+    base = m.predict_ttft_ms(e, 100, now=now)
+    e.metrics.waiting, e.metrics.updated_at = 3, now  # a fresh scrape
+    with_foreign = m.predict_ttft_ms(e, 100, now=now)
     assert with_foreign > base
-    e.inflight.pending_requests = 3  # those 3 are ours and already counted as pending work
-    assert m.predict_ttft_ms(e, 100) == base
-    assert m.queued_prefill_tokens(e) == 0
+    assert m.queued_prefill_tokens(e, now) == 3 * m.priors.unknown_queue_tokens
+    e.metrics.updated_at = now - 5.0  # an old scrape says nothing about now
+    assert m.predict_ttft_ms(e, 100, now=now) == base
+
+
+def test_a_full_batch_waits_for_a_slot() -> None:
+    m = LatencyModel()
+    e = ep()
+    now = clock.now()
+    e.latency.max_running = 8  # the most it was ever seen running: its batch limit
+    e.metrics.running, e.metrics.waiting, e.metrics.updated_at = 8, 4, now
+    q = m.queue(e, now, decode_tokens=128)
+    assert q.slot_wait_s > 0 and q.backlog_tokens == 0
+    # ~4 requests ahead, each slot frees after ~128 tokens: 4 x 128 x 12 ms / 8
+    assert abs(q.slot_wait_s - 4 * 128 * 0.012 / 8) < 0.05
 
 
 def test_tpot_grows_with_batch() -> None:

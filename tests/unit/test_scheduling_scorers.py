@@ -312,15 +312,23 @@ def test_delay_cost_sends_new_prefixes_where_nothing_is_evicted(fake_clock: list
 
 
 def test_delay_cost_avoids_a_clearly_slower_pod(fake_clock: list[float]) -> None:
-    scorer, _, (fast, slow), _ = _delay_cost_setup(fake_clock)
-    fast.metrics.tpot_recent_ms = 12.0
-    slow.metrics.tpot_recent_ms = 30.0
+    scorer, _, (fast, slow), clock = _delay_cost_setup(fake_clock)
+    # two scrapes each: 100 tokens decoded in a window with no prefill running there
+    for ep in (fast, slow):
+        m = ep.metrics
+        m.tpot_sum, m.tpot_count, m.updated_at = 0.0, 0.0, clock[0]
+        scorer.services.latency.refresh(ep, clock[0])
+    clock[0] += 1.0
+    for ep, tpot_s in ((fast, 0.012), (slow, 0.030)):
+        m = ep.metrics
+        m.tpot_sum, m.tpot_count, m.updated_at = 100 * tpot_s, 100.0, clock[0]
     scores = scorer.score(CycleState(), _req(b"hello " * 100), [fast, slow])
     assert scores[0] == 1.0 and scores[1] < 0.5
+    assert slow.latency.decode_tpot_ms == pytest.approx(30.0)
 
 
 def test_delay_cost_rejects_negative_weights() -> None:
     from epp.scheduling.plugins.delay_cost_scorer import DelayCostScorer
 
-    with pytest.raises(ValueError, match="queueWeight"):
-        DelayCostScorer("dc", {"queueWeight": -1})
+    with pytest.raises(ValueError, match="workWeight"):
+        DelayCostScorer("dc", {"workWeight": -1})

@@ -110,7 +110,7 @@ class SaturationDetector:
             queued = self.latency.queued_prefill_tokens(ep)
             if self.max_queued_tokens and queued >= self.max_queued_tokens:
                 return False
-            if self.max_ttft_ms and self.latency.predict_ttft_ms(ep, 0, queued) >= self.max_ttft_ms:
+            if self.max_ttft_ms and self.latency.predict_ttft_ms(ep, 0) >= self.max_ttft_ms:
                 return False
         return True
 

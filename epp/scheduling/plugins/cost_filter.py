@@ -70,18 +70,13 @@ class CostAwareFilter(Filter):
             match = prefix_match(cycle, self.services, request)
             blocks = match.matched_blocks
             block_tokens = self.services.prefix_index.block_tokens
-            known = [e.metrics.tpot_recent_ms for e in endpoints if e.metrics.tpot_recent_ms > 0]
-            ref_tpot = min(known) if known else 0.0
         for ep in endpoints:
             if slo_ttft is not None:
                 cached = blocks.get(ep.key, 0) * block_tokens if blocks else 0
                 uncached = max(0, request.prompt_tokens - cached)
+                # The model's speeds already say how much slower a pod runs (its decode
+                # speed over quiet windows: hardware, not load, sets both).
                 ttft = model.predict_ttft_ms(ep, uncached)
-                tpot = ep.metrics.tpot_recent_ms
-                if not ep.latency.prefill_ms_per_token and ref_tpot and tpot > ref_tpot:
-                    # Not learned yet: a pod the engines report decoding slower is assumed
-                    # to prefill slower in proportion (hardware, not load, sets both).
-                    ttft *= tpot / ref_tpot
                 if ttft * safety > slo_ttft:
                     continue
             if slo_tpot is not None and model.predict_tpot_ms(ep) * safety > slo_tpot:

@@ -2,20 +2,24 @@
 
 For each candidate the cost, in seconds, is what placing the request there would cost:
 
-* its own predicted TTFT: the prefill queue ahead of it (a fluid model of the prefill work
-  the EPP sent there, drained at the endpoint's prefill rate, corrected by the engine's
-  reported waiting queue) plus its uncached prompt tokens there (prefix match);
-* the delay it imposes on others: requests that will arrive there while its prefill is
-  still ahead of them (`queueWeight`, from the endpoint's recent pick rate), and the decode
-  batch running there, stalled while it prefills (`stallWeight`);
+* its own predicted TTFT: the wait there plus its uncached prompt tokens there (prefix
+  match) at the endpoint's prefill rate. The wait is the longer of the prefill queue ahead
+  (a fluid model of the uncached tokens the EPP sent there, drained at the prefill rate)
+  and, when the engine reports requests waiting that are not prefill work, the wait for a
+  free sequence slot (waiting requests x decode time / running);
+* the work it adds to the pool (`workWeight` x its prefill time there): whoever comes next
+  waits behind that work somewhere, so a cache hit is worth more than its own TTFT;
+* the decode batch running there, stalled while it prefills (`stallWeight` x running x
+  its prefill time);
 * the cache it would evict: prompt blocks beyond what the endpoint's KV cache holds push
-  out blocks other requests may need again (`evictionWeight`).
+  out blocks other requests may need again (`evictionWeight` x their prefill time).
 
 The score is best cost / cost. Prefix affinity falls out of the cost: a request whose
-prefix is cached on a pod stays there until waiting behind that pod's queue costs more
-than a cold prefill elsewhere plus what the cold prefill does to everybody else.
-A pod clearly slower than the fastest (scraped TPOT, beyond a dead zone for noise) prefills
-proportionally slower and is charged the extra decode time of the request.
+prefix is cached on a pod stays there until waiting there costs more than a cold prefill
+elsewhere plus the work that cold prefill adds. A pod clearly slower than the fastest
+(its decode speed from the engine's token-latency histogram over windows with no prefill
+running, beyond a dead zone for noise) prefills proportionally slower and is charged the
+extra decode time of the request.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from epp.scheduling.plugins.common import prefix_match
 from epp.scheduling.request import CycleState, InferenceRequest
 
 SLOW_DEAD_ZONE = 1.25  # scraped TPOT this much above the fastest pod counts as slow
-METRICS_FRESH_S = 0.25  # scraped queue sizes older than this are ignored
 
 
 class DelayCostScorer(Scorer):
@@ -37,10 +40,10 @@ class DelayCostScorer(Scorer):
 
     def configure(self) -> None:
         p = self.params
-        self.queue_weight = float(p.get("queueWeight", 1.0))
+        self.work_weight = float(p.get("workWeight", 1.0))
         self.stall_weight = float(p.get("stallWeight", 0.5))
         self.eviction_weight = float(p.get("evictionWeight", 0.5))
-        for name in ("queueWeight", "stallWeight", "evictionWeight"):
+        for name in ("workWeight", "stallWeight", "evictionWeight"):
             if float(p.get(name, 0.0)) < 0:
                 raise ValueError(f"{self.type_name}: {name} must not be negative")
 
@@ -63,40 +66,31 @@ class DelayCostScorer(Scorer):
         block_tokens = index.block_tokens
         prompt = request.prompt_tokens
         prompt_blocks = len(match.hashes)
-        pr = model.priors
-        known = [ep.metrics.tpot_recent_ms for ep in endpoints if ep.metrics.tpot_recent_ms > 0]
+        base_prior_ms = model.priors.ttft_base_ms
+        tpots = [model.decode_tpot_ms(ep, now) for ep in endpoints]
+        known = [t for t in tpots if t > 0]
         ref_tpot = min(known) if known else 0.0
         decode_tokens = request.expected_decode_tokens
-        qw, sw, ew = self.queue_weight, self.stall_weight, self.eviction_weight
+        ww, sw, ew = self.work_weight, self.stall_weight, self.eviction_weight
         out = []
-        for ep in endpoints:
-            lat, inf, m = ep.latency, ep.inflight, ep.metrics
-            slow = 1.0
+        for ep, tpot in zip(endpoints, tpots, strict=True):
             extra_decode_s = 0.0
-            tpot = m.tpot_recent_ms
             if ref_tpot and tpot > ref_tpot * SLOW_DEAD_ZONE:
-                slow = tpot / ref_tpot
                 extra_decode_s = decode_tokens * (tpot - ref_tpot) / 1000.0
-            rate = model.prefill_tokens_per_s(ep, slow)
-            backlog = model.backlog_tokens(ep, now, rate)
-            if m.waiting > 0 and now - m.updated_at <= METRICS_FRESH_S:
-                # Work the engine reports queued beyond what the EPP's model still counts.
-                typical = lat.uncached_tokens or pr.unknown_queue_tokens
-                backlog = max(backlog, m.waiting * typical)
+            q = model.queue(ep, now, decode_tokens)
+            rate, running = q.tokens_per_s, q.running
+            wait_s = q.wait_s
             matched = blocks.get(ep.key, 0) if blocks else 0
             uncached = prompt - matched * block_tokens
             if uncached < 0:
                 uncached = 0
-            wait_s = backlog / rate
             own_s = uncached / rate
-            base_s = (lat.ttft_base_ms or pr.ttft_base_ms) / 1000.0
+            base_s = (
+                ep.latency.ttft_base_ms or base_prior_ms * model.speed_factor(ep, now)
+            ) / 1000.0
             cost = base_s + wait_s + own_s + extra_decode_s
             if own_s > 0.0:
-                # Others queue behind this prefill while it is ahead of them...
-                cost += qw * model.pick_rate(ep, now) * (wait_s + own_s) * own_s
-                # ...and the decode batch running there stalls while it prefills.
-                running = max(float(inf.requests), m.running)
-                cost += sw * running * own_s
+                cost += ww * own_s + sw * running * own_s
                 if ew > 0.0:
                     new_blocks = prompt_blocks - matched
                     over = index.blocks_held(ep.key) + new_blocks - index.capacity_for(ep)
