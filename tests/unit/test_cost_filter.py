@@ -16,7 +16,8 @@ from epp.scheduling.services import Services
 
 def pod(n: int, cost: str | None, queued_tokens: int = 0) -> Endpoint:
     e = Endpoint(f"127.0.0.{n}", 8000, labels={"cost": cost} if cost is not None else {})
-    e.queue.backlog_tokens, e.queue.backlog_at = queued_tokens, clock.now()
+    if queued_tokens:
+        e.queue.backlog_tokens, e.queue.backlog_at = queued_tokens, clock.now()
     return e
 
 
@@ -91,10 +92,17 @@ schedulingProfiles:
 
 def test_a_pod_reported_slower_is_predicted_slower_until_its_rate_is_learned() -> None:
     fast, slow = pod(1, "1"), pod(2, "0.4")
-    fast.metrics.tpot_recent_ms, slow.metrics.tpot_recent_ms = 10.0, 25.0
-    # prior: 30 + 0.25 x 1600 = 430 ms anywhere; the slow pod x2.5 = 1075 ms
-    r = InferenceRequest("r", "m", prompt=b"x" * 6400, prompt_tokens=1600, slo_ttft_ms=800)
     f = make()
+    # the engines' token-latency histograms, two scrapes of a window with no prefill:
+    # 10 ms and 25 ms per token (the priors say 12)
+    now = clock.now()
+    for e in (fast, slow):
+        e.metrics.tpot_sum, e.metrics.tpot_count, e.metrics.updated_at = 0.0, 0.0, now - 1
+        f.services.latency.refresh(e, now - 1)
+        e.metrics.tpot_count, e.metrics.updated_at = 100.0, now
+    fast.metrics.tpot_sum, slow.metrics.tpot_sum = 1.0, 2.5
+    # prior: 30 + 0.25 x 1600 = 430 ms on a prior-speed pod; ~360 ms fast, ~900 ms slow
+    r = InferenceRequest("r", "m", prompt=b"x" * 6400, prompt_tokens=1600, slo_ttft_ms=800)
     assert f.filter(CycleState(), r, [fast, slow]) == [fast]
-    slow.latency.prefill_ms_per_token = 0.3  # learned: 30 + 480 = 510 ms, it is fine after all
+    slow.latency.prefill_ms_per_token = 0.3  # learned: ~60 + 480 ms, it is fine after all
     assert f.filter(CycleState(), r, [fast, slow]) == [slow]
