@@ -159,6 +159,7 @@ class LatencyModel:
         """How much slower than the priors this endpoint runs (its decode speed over the
         prior's; the fleet's when it has none). A GPU slows prefill and decode alike, and
         so does the simulator's time scale."""
+        self.refresh(ep, now)
         lat = ep.latency
         if lat.decode_tpot_ms > 0 and now - lat.decode_tpot_at <= DECODE_SPEED_TTL_S:
             f = lat.decode_tpot_ms / self.priors.tpot_ms
