@@ -72,11 +72,7 @@ plugins:
 - type: business-filter
 - type: decode-filter
 - type: prefill-filter
-- type: latency-scorer
-- type: prefix-cache-scorer
-- type: inflight-scorer
-- type: kv-cache-utilization-scorer
-- type: session-affinity-scorer
+- type: delay-cost-scorer
 - type: max-score-picker
   parameters:
     maxNumOfEndpoints: 3  # target + 2 fallbacks the gateway retries on (docs/reliability.md)
@@ -87,28 +83,14 @@ schedulingProfiles:
   - pluginRef: health-filter
   - pluginRef: business-filter
   - pluginRef: decode-filter
-  - pluginRef: latency-scorer
-    weight: 3
-  - pluginRef: prefix-cache-scorer
-    weight: 2
-  - pluginRef: inflight-scorer
-    weight: 1
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 1
-  - pluginRef: session-affinity-scorer
-    weight: 1
+  - pluginRef: delay-cost-scorer
   - pluginRef: max-score-picker
 - name: prefill
   plugins:
   - pluginRef: health-filter
   - pluginRef: business-filter
   - pluginRef: prefill-filter
-  - pluginRef: latency-scorer
-    weight: 3
-  - pluginRef: prefix-cache-scorer
-    weight: 2
-  - pluginRef: inflight-scorer
-    weight: 1
+  - pluginRef: delay-cost-scorer
   - pluginRef: max-score-picker
 """
 

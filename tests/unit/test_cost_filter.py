@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,3 +107,17 @@ def test_a_pod_reported_slower_is_predicted_slower_until_its_rate_is_learned() -
     assert f.filter(CycleState(), r, [fast, slow]) == [fast]
     slow.latency.prefill_ms_per_token = 0.3  # learned: ~60 + 480 ms, it is fine after all
     assert f.filter(CycleState(), r, [fast, slow]) == [slow]
+
+
+def test_cost_bench_variant_is_the_default_config_plus_the_filter() -> None:
+    import yaml
+
+    from epp.scheduling.config import DEFAULT_CONFIG
+
+    root = Path(__file__).resolve().parents[2]
+    variant = yaml.safe_load((root / "bench/scenarios/epp_configs/cost.yaml").read_text())
+    default = yaml.safe_load(DEFAULT_CONFIG)
+    variant["plugins"] = [p for p in variant["plugins"] if p["type"] != "cost-aware-filter"]
+    for prof in variant["schedulingProfiles"]:
+        prof["plugins"] = [r for r in prof["plugins"] if r["pluginRef"] != "cost-aware-filter"]
+    assert variant == default

@@ -144,7 +144,7 @@ def test_timer_and_debug_scores() -> None:
     res = s.schedule(req(SHORT), pool)
     kinds = {k for k, _ in seen}
     assert kinds == {"filter", "scorer", "picker"}
-    assert ("scorer", "prefix-cache-scorer") in seen
+    assert ("scorer", "delay-cost-scorer") in seen
     prof = res.profiles["decode"]
     assert set(prof.scores) == {e.key for e in pool}
     assert prof.per_plugin is not None

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from epp import clock
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.framework import Scorer
-from epp.scheduling.plugins.common import prefix_match
+from epp.scheduling.plugins.common import cached_tokens, prefix_match
 from epp.scheduling.request import CycleState, InferenceRequest
 
 SLOW_DEAD_ZONE = 1.25  # scraped TPOT this much above the fastest pod counts as slow
@@ -61,6 +61,10 @@ class DelayCostScorer(Scorer):
         model = services.latency
         index = services.prefix_index
         now = clock.now()
+        # Cached tokens per pod: exact from the engines' KV events where a precise prefix
+        # scorer keeps that index, else the approximate guess (which also tells what a
+        # prompt would add to a pod's cache).
+        cached = cached_tokens(cycle, services, request)
         match = prefix_match(cycle, services, request)
         blocks = match.matched_blocks
         block_tokens = index.block_tokens
@@ -81,7 +85,7 @@ class DelayCostScorer(Scorer):
             rate, running = q.tokens_per_s, q.running
             wait_s = q.wait_s
             matched = blocks.get(ep.key, 0) if blocks else 0
-            uncached = prompt - matched * block_tokens
+            uncached = prompt - cached.get(ep.key, 0) if cached else prompt
             if uncached < 0:
                 uncached = 0
             own_s = uncached / rate
