@@ -525,7 +525,11 @@ class App:
 
             self.components.append(
                 MetricsScraper(
-                    self.datastore, interval=a.scrape_interval, stale_after=a.metrics_stale_after
+                    self.datastore,
+                    interval=a.scrape_interval,
+                    stale_after=a.metrics_stale_after,
+                    # a fresh count of what the engine runs ends deferred charges it dropped
+                    on_scraped=self.director.reconcile if self.director else None,
                 )
             )
 

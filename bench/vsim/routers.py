@@ -346,11 +346,9 @@ class EppRouter(Router):
             # Envoy closes the ext_proc stream after the last phase it sends: the EPP's
             # finally-block runs now, while the response is still streaming, and (as
             # epp/extproc/server.py does) defers the release to the predicted end.
-            delay = self.director.release_delay_s(d, 200 <= status < 300)
+            delay = self.director.stream_closed(d, 200 <= status < 300)
             if delay > 0.0:
                 self.sim.call_at(now + delay / self.sim.time_scale, self._release, d)
-            else:
-                self.director.release(d)
 
     def _release(self, d: Any) -> None:
         self.director.release(d)

@@ -86,6 +86,9 @@ class PrefillQueue:
     # Recent pick rate (requests/s, decaying) and when the last pick happened.
     pick_rate: float = 0.0
     last_pick_at: float = 0.0
+    # The scrape time up to which the EPP's deferred charges here were checked against the
+    # engine's own request counts.
+    reconciled_at: float = 0.0
 
 
 @dataclass(slots=True)

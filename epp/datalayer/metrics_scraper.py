@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Callable
 
 import aiohttp
 
@@ -82,8 +83,10 @@ class MetricsScraper:
         stale_after: float = DEFAULT_STALE_AFTER,
         max_concurrency: int = 64,
         max_backoff: float = 2.0,
+        on_scraped: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._ds = datastore
+        self.on_scraped = on_scraped  # called after each good scrape of an endpoint
         self.interval = interval
         self.timeout = timeout
         self.stale_after = stale_after
@@ -202,6 +205,8 @@ class MetricsScraper:
             log.info("scrape %s: recovered after %d failures", url, ep.metrics.scrape_errors)
         ep.health.unreachable_until = 0.0
         apply_metrics(ep.metrics, parsed, clock.now())
+        if self.on_scraped is not None:
+            self.on_scraped(ep)
         return True
 
     def _failed(self, ep: Endpoint, url: str, why: str, *, logged: bool = False) -> None:

@@ -490,14 +490,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if d is None or d.released or st.release_scheduled:
             return
         started = 200 <= st.response_status < 300 and not st.response_ended
-        delay = self.director.release_delay_s(d, started)
+        delay = self.director.stream_closed(d, started)
         if delay > 0.0:
             # The stream closed with the response still running (the gateway sends the
             # EPP nothing after its headers): the pod keeps working on it for a while.
             st.release_scheduled = True
             asyncio.get_running_loop().call_later(delay, self.director.release, d)
-        else:
-            self.director.release(d)
         self.metrics.request_duration.labels(d.request.model, d.request.routed_model).observe(
             clock.now() - d.started
         )

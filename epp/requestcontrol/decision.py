@@ -29,6 +29,7 @@ class Decision:
     # Position of the request's prefill in its endpoint's queue (PrefillQueue.charged_total
     # right after it was charged), for the in-flight accounting's first-token correction.
     queue_position: float = 0.0
+    deferred_at: float = 0.0  # when the release was deferred past the stream's end (0 = not)
     # From the gateway's response headers (0 / "" when it does not say): how many upstream
     # attempts it made and which `ip:port` answered (`x-gateway-destination-endpoint-served`).
     attempts: int = 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +81,8 @@ class Director:
         self.flow_observer = flow_observer
         self.prefix_index = scheduler.services.prefix_index
         self.open_requests = 0  # scheduled, not yet released (a leak shows here)
+        # Charges kept after the gateway closed their stream, per endpoint key, oldest first.
+        self._deferred: dict[str, deque[Decision]] = {}
         if hooks is None:
             from epp.requestcontrol.config import default_hooks
 
@@ -194,6 +197,9 @@ class Director:
         """Model resolution, candidates and load shedding: everything before scheduling."""
         rewritten = self._resolve_model(req)
         candidates = self._candidates(req)
+        if self._deferred:
+            for ep in candidates:
+                self.reconcile(ep)
         check_context_length(req, candidates)
         if (
             self.flow is None
@@ -297,11 +303,17 @@ class Director:
         but before the response ended (it sends the EPP nothing later: the usual headers-only
         response processing), the request is still decoding: keep its load charged until
         it probably ends (predicted TTFT + expected decode time from the pick) rather than
-        count the pod as idle while it works. 0 = release now."""
-        if d.released or not response_started:
-            return 0.0
-        now = clock.now()
+        count the pod as idle while it works; only for streamed answers from endpoints whose
+        engine reports its request counts, which can end the charge sooner (see
+        `reconcile`). 0 = release now. The caller releases after
+        the delay; `stream_closed` registers the charge so that the engine's own counts
+        can end it sooner (see `reconcile`)."""
+        if d.released or not response_started or not d.request.stream:
+            return 0.0  # a non-streamed answer's headers come with its end
         res = d.result
+        if res.target.metrics.updated_at == 0.0:
+            return 0.0  # no engine counts to correct a guess with: do not guess
+        now = clock.now()
         ttft_s = (res.predicted_ttft_ms or 0.0) / 1000.0
         model = self.scheduler.services.latency
         decode_s = model.decode_time_s(
@@ -309,6 +321,45 @@ class Director:
         )
         end = max(d.first_byte_at or (d.started + ttft_s), now) + decode_s
         return end - now
+
+    def stream_closed(self, d: Decision, response_started: bool) -> float:
+        """The gateway's stream for `d` ended: release now, or return the delay after which
+        the caller must call `release` (the charge stays until then, or until `reconcile`
+        sees from the engine's counts that the request is gone: a client that went away,
+        an answer shorter than expected)."""
+        delay = self.release_delay_s(d, response_started)
+        if delay <= 0.0:
+            self.release(d)
+            return 0.0
+        d.deferred_at = clock.now()
+        self._deferred.setdefault(d.target.key, deque()).append(d)
+        return delay
+
+    def reconcile(self, ep: Endpoint) -> None:
+        """Release deferred charges on `ep` the engine cannot still be running: if a scrape
+        taken after they were deferred counts fewer requests (running + waiting) than
+        that, the oldest ones ended. Cheap: once per new scrape of the endpoint."""
+        q = self._deferred.get(ep.key)
+        if not q:
+            return
+        m = ep.metrics
+        if m.updated_at <= ep.queue.reconciled_at:
+            return
+        ep.queue.reconciled_at = m.updated_at
+        while q and q[0].released:
+            q.popleft()
+        seen = 0
+        for d in q:
+            if d.deferred_at > m.updated_at:
+                break
+            if not d.released:
+                seen += 1
+        excess = seen - int(m.running + m.waiting)
+        while excess > 0 and q:
+            d = q.popleft()
+            if not d.released and d.deferred_at <= m.updated_at:
+                self.release(d)
+                excess -= 1
 
     def release(self, d: Decision | None) -> None:
         if d is None or d.released:

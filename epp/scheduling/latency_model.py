@@ -23,6 +23,7 @@ MIN_TPOT_SAMPLES = 4  # tokens a scrape window needs to say something about deco
 MIN_SPEED_FACTOR, MAX_SPEED_FACTOR = 0.2, 20.0
 DECODE_SPEED_TTL_S = 10.0  # a decode-speed reading older than this is forgotten
 METRICS_FRESH_S = 0.25  # scraped queue sizes older than this are not used
+FLEET_SPEED_ALPHA = 0.2
 
 
 @dataclass(slots=True)
@@ -140,8 +141,10 @@ class LatencyModel:
                 else:
                     lat.decode_tpot_ms = cur + 0.05 * (sample - cur)
                 lat.decode_tpot_at = now
+                # The fleet's factor (for pods that never decode, e.g. prefill pods) follows
+                # every reading quickly: pods of one pool are mostly alike.
                 factor = lat.decode_tpot_ms / self.priors.tpot_ms
-                self.fleet_speed += self.fleet_alpha * (factor - self.fleet_speed)
+                self.fleet_speed += FLEET_SPEED_ALPHA * (factor - self.fleet_speed)
         if dcount != 0 or lat.tpot_seen_count < 0:
             lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
 

@@ -106,7 +106,9 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDStack]:
     prefill = [(ip, port) for ip in PREFILL_IPS]
     decode = [(ip, port) for ip in DECODE_IPS]
     # Prefill pods at full model speed, so a long prefill lasts long enough to be cancelled.
-    decode_proc = _spawn_sims(workdir, "decode", decode, time_scale=0.2)
+    # Same speed as the prefill pods: with faster decode pods, prefilling locally would
+    # really be faster and the EPP would (rightly) keep long prompts local.
+    decode_proc = _spawn_sims(workdir, "decode", decode, time_scale=1.0)
     stack = PDStack(None, [], prefill, decode, workdir, None, decode_proc)  # type: ignore[arg-type]
     stack.spawn_prefill()
     try:

@@ -70,9 +70,11 @@ def director_for(config: str | None) -> tuple[Director, list[Endpoint]]:
     return Director(ds, rc.scheduler, hooks=rc.hooks, rng=random.Random(1)), pool
 
 
-def request(i: int = 0) -> InferenceRequest:
+def request(i: int = 0, stream: bool = True) -> InferenceRequest:
     prompt = ("shared system prompt " * 60 + str(i)).encode()
-    return InferenceRequest(f"r{i}", "m", prompt=prompt, prompt_tokens=len(prompt) // 4)
+    return InferenceRequest(
+        f"r{i}", "m", prompt=prompt, prompt_tokens=len(prompt) // 4, stream=stream
+    )
 
 
 def hook_types(d: Director) -> list[str]:
@@ -172,4 +174,49 @@ def test_each_hook_method_is_called_at_most_once(recorder_registered: None, path
     assert rec.calls["prefill_done"] == 1
     assert rec.calls["first_token"] <= 1
     assert rec.calls["complete"] <= 1
+    assert all(e.inflight == InFlight() for e in pool)
+
+
+def test_a_stream_closed_after_headers_keeps_its_charge_until_the_engine_drops_it() -> None:
+    from epp import clock
+
+    d, pool = director_for(None)
+    for e in pool:
+        e.metrics.updated_at = clock.now()  # the engines report their counts
+    dec = d.admit(request())
+    target = dec.target
+    # the gateway closed the stream right after the response headers: still decoding
+    delay = d.stream_closed(dec, response_started=True)
+    assert delay > 0 and not dec.released and target.inflight.requests == 1
+    # a scrape from before the deferral says nothing about it
+    target.metrics.running, target.metrics.waiting = 0, 0
+    target.metrics.updated_at = dec.deferred_at - 0.001
+    d.reconcile(target)
+    assert not dec.released
+    # a later scrape that still counts it running keeps it
+    target.metrics.running, target.metrics.updated_at = 1, clock.now() + 0.01
+    d.reconcile(target)
+    assert not dec.released
+    # the engine no longer has it (the client went away, or it ended early): released
+    target.metrics.running, target.metrics.updated_at = 0, clock.now() + 0.02
+    d.reconcile(target)
+    assert dec.released and all(e.inflight == InFlight() for e in pool)
+    d.release(dec)  # the timer firing later changes nothing
+    assert all(e.inflight == InFlight() for e in pool)
+
+
+def test_an_error_or_an_ended_response_releases_at_once() -> None:
+    d, pool = director_for(None)
+    dec = d.admit(request())
+    assert d.stream_closed(dec, response_started=False) == 0.0
+    assert dec.released
+    # a non-streamed answer's response headers come with its end
+    dec = d.admit(request(stream=False))
+    assert d.stream_closed(dec, response_started=True) == 0.0
+    assert dec.released
+    # an endpoint that reports no counts: nothing could correct a guess
+    for e in pool:
+        e.metrics.updated_at = 0.0
+    dec = d.admit(request())
+    assert d.stream_closed(dec, response_started=True) == 0.0
     assert all(e.inflight == InFlight() for e in pool)

@@ -117,3 +117,16 @@ def test_pd_always_bench_variant_is_the_default_config_but_the_policy() -> None:
         if p["type"] == "pd-profile-handler":
             assert p.pop("parameters") == {"policy": "always"}
     assert variant == default
+
+
+def test_both_role_pods_take_no_prefill_hop_unless_asked() -> None:
+    a, b = ep(1, "both"), ep(2, "both")
+    res = scheduler().schedule(req(LONG), [a, b])
+    assert res.prefill is None and res.pd is not None
+    assert res.pd.reason == "no-prefill-endpoint"
+    doc: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG)
+    for p in doc["plugins"]:
+        if p["type"] == "pd-profile-handler":
+            p["parameters"] = {"bothRolePodsPrefill": True}
+    res = build_scheduler(yaml.safe_dump(doc), services=Services()).schedule(req(LONG), [a, b])
+    assert res.pd is not None and res.pd.reason in ("remote-faster", "local-faster")

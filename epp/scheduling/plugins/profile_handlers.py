@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from epp.datalayer.endpoint import ROLE_DECODE, Endpoint
+from epp import clock
+from epp.datalayer.endpoint import ROLE_DECODE, ROLE_PREFILL, Endpoint
 from epp.scheduling.framework import (
     PDDecision,
     ProfileHandler,
@@ -44,7 +45,8 @@ class PDProfileHandler(ProfileHandler):
     decode batch). A multi-turn conversation whose history is cached on the decode pod has
     few uncached tokens and stays local; a long fresh prompt goes to an idle prefill pod.
     Parameters: decodeProfile (decode), prefillProfile (prefill), threshold (256 tokens),
-    kvTransferMsPerKToken (1.0), hopOverheadMs (3.0), decodeStallWeight (0.5), and
+    kvTransferMsPerKToken (1.0), hopOverheadMs (3.0), decodeStallWeight (0.5),
+    bothRolePodsPrefill (false: only `prefill` pods take prefill hops), and
     `policy`: `cost` (the rule above, default), `threshold` (disaggregate whenever the
     uncached prompt reaches `threshold`: the other routers' rule) or `always` (every request
     with a prefill endpoint available: a PD-mode router's behaviour). Every result carries a
@@ -63,6 +65,9 @@ class PDProfileHandler(ProfileHandler):
         self.hop_ms = float(p.get("hopOverheadMs", 3.0))
         self.stall_weight = float(p.get("decodeStallWeight", 0.5))
         self.policy = str(p.get("policy", "cost"))
+        # Pods labelled `both` take prefill hops only when asked: a pool of `both` pods
+        # normally has no sidecars to act on them.
+        self.both_prefill = bool(p.get("bothRolePodsPrefill", False))
         if self.policy not in self.POLICIES:
             raise ValueError(
                 f"pd-profile-handler: policy must be one of {self.POLICIES}, got {self.policy!r}"
@@ -88,7 +93,12 @@ class PDProfileHandler(ProfileHandler):
         if self.policy != "always" and local_uncached < self.threshold:
             result.pd = PDDecision(False, "below-threshold", local_uncached)
             return result
-        prefill_candidates = [ep for ep in candidates if ep.can_prefill() and ep is not target]
+        prefill_candidates = [
+            ep
+            for ep in candidates
+            if ep is not target
+            and (ep.role == ROLE_PREFILL or (self.both_prefill and ep.can_prefill()))
+        ]
         prefill = (
             runner.run(self.prefill_profile, cycle, request, prefill_candidates)
             if prefill_candidates
@@ -107,12 +117,12 @@ class PDProfileHandler(ProfileHandler):
                 + self.hop_ms
             )
             local_ms = model.predict_ttft_ms(target, local_uncached)
-            rate = target.latency.prefill_ms_per_token or model.priors.prefill_ms_per_token
+            ms_per_token = 1000.0 / model.prefill_tokens_per_s(target, clock.now())
             # Prefilling locally stalls the decode batch running there for as long as it
             # takes; on a dedicated decode pod count it even when idle, since the decodes
             # that arrive meanwhile are what the pod is for.
             busy = model.batch_size(target) > 0 or target.role == ROLE_DECODE
-            local_ms += self.stall_weight * rate * local_uncached if busy else 0.0
+            local_ms += self.stall_weight * ms_per_token * local_uncached if busy else 0.0
             go = remote_ms < local_ms
             reason = "remote-faster" if go else "local-faster"
             result.pd = PDDecision(
