@@ -95,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sync-flush-interval",
         type=float,
         default=0.005,
-        help="seconds from the first change to the batch that carries it (default: 0.005)",
+        help="at most one batch of changes per peer this often; a change after a quiet "
+        "spell goes at once (default: 0.005)",
     )
     g.add_argument(
         "--sync-snapshot-interval",

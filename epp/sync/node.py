@@ -219,6 +219,7 @@ class SyncNode:
         # every batch (flow control keeps them; nothing to hook on its path).
         self.queue_source: Callable[[], Mapping[QueueKey, int] | None] | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0  # loop time of the last delta batch
         self._ticker: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -290,10 +291,12 @@ class SyncNode:
 
     # ---- outgoing ----------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
+        # Rate-limited, not delayed: after a quiet spell a change goes out on the next loop
+        # turn; under load, batches go at most every flush_interval.
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(
-                self.flush_interval, self.flush
-            )
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_flush + self.flush_interval - loop.time())
+            self._flush_handle = loop.call_later(delay, self.flush)
 
     def flush(self) -> None:
         """Send what changed since the last batch (nothing if nothing did)."""
@@ -303,6 +306,7 @@ class SyncNode:
             self._flush_handle = None
         if not self.ledger.dirty:
             return
+        self._last_flush = asyncio.get_running_loop().time()
         loads, prefix, queues = self.ledger.take_delta()
         self.seq += 1
         self._broadcast(self._batch(loads, prefix, queues, snapshot=False), "delta")
