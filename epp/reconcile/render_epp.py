@@ -32,7 +32,9 @@ COMPONENT = ("app.kubernetes.io/component", "endpoint-picker")
 ANNOTATION_CONFIG_HASH = "epp.dev/config-hash"
 HEALTH_PORT = 9003
 METRICS_PORT = 9090
+SYNC_PORT = 9004  # state sync between the EPP's replicas (docs/replicas.md)
 DRAIN_SECONDS = 30
+DRAIN_DELAY_SECONDS = 3
 CONTAINER = "epp"
 # What `epp serve --pool-name` reads (epp/datalayer/kube_source.py), nothing more.
 READ_RULES: list[dict[str, Any]] = [
@@ -41,6 +43,9 @@ READ_RULES: list[dict[str, Any]] = [
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["inference.networking.x-k8s.io"],
      "resources": ["inferencemodels", "inferenceobjectives"], "verbs": ["get", "list", "watch"]},
+    # replicas find each other in the EndpointSlices of the EPP's Service (--sync-service)
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+     "verbs": ["get", "list", "watch"]},
 ]
 DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
     "requests": {"cpu": "250m", "memory": "256Mi"},
@@ -95,6 +100,9 @@ def serve_args(pool: ModelPool) -> list[str]:
         f"--metrics-port={METRICS_PORT}",
         f"--business-header={e.business_header}",
         f"--drain-timeout={DRAIN_SECONDS}",
+        f"--drain-delay={DRAIN_DELAY_SECONDS}",
+        f"--sync-service={pool.epp_service()}",
+        f"--sync-port={SYNC_PORT}",
     ]
     text = config_text(pool)
     if text:
@@ -131,6 +139,12 @@ def deployment(pool: ModelPool, meta_for: MetaFor, opts: EppOptions) -> dict[str
             {"name": "grpc", "containerPort": e.port, "protocol": "TCP"},
             {"name": "grpc-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "sync", "containerPort": SYNC_PORT, "protocol": "TCP"},
+        ],
+        "env": [  # replica identity for state sync
+            {"name": n, "valueFrom": {"fieldRef": {"fieldPath": f}}}
+            for n, f in (("POD_NAME", "metadata.name"), ("POD_IP", "status.podIP"),
+                         ("POD_NAMESPACE", "metadata.namespace"))
         ],
         "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 2,
                            "failureThreshold": 3},
@@ -158,7 +172,7 @@ def deployment(pool: ModelPool, meta_for: MetaFor, opts: EppOptions) -> dict[str
                              "annotations": {ANNOTATION_CONFIG_HASH: digest}},
                 "spec": {
                     "serviceAccountName": name(pool),
-                    "terminationGracePeriodSeconds": DRAIN_SECONDS + 5,
+                    "terminationGracePeriodSeconds": DRAIN_SECONDS + DRAIN_DELAY_SECONDS + 5,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 65532,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
@@ -184,6 +198,8 @@ def service(pool: ModelPool, meta_for: MetaFor) -> dict[str, Any]:
                  "protocol": "TCP"},
                 {"name": "http-metrics", "port": METRICS_PORT, "targetPort": "metrics",
                  "protocol": "TCP"},
+                {"name": "sync", "port": SYNC_PORT, "targetPort": "sync", "protocol": "TCP",
+                 "appProtocol": "http2"},
             ],
         },
     }

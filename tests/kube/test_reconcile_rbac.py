@@ -49,6 +49,7 @@ RESOURCES = (  # (group, resource, subresource) probed with every verb
     ("", "serviceaccounts", "token"), ("apps", "replicasets", ""),
     ("inference.networking.k8s.io", "inferencepools", "status"),
     ("inference.networking.x-k8s.io", "inferenceobjectives", ""),
+    ("discovery.k8s.io", "endpointslices", ""),
     ("coordination.k8s.io", "leases", ""),
     ("rbac.authorization.k8s.io", "clusterroles", ""),
     ("rbac.authorization.k8s.io", "clusterrolebindings", ""),
@@ -64,6 +65,7 @@ EXPECTED = {
     ("create", "", "events", ""),
     *((v, "inference.networking.x-k8s.io", "inferenceobjectives", "")
       for v in ("get", "list", "watch")),
+    *((v, "discovery.k8s.io", "endpointslices", "") for v in ("get", "list", "watch")),
 }
 
 

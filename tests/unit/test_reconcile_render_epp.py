@@ -74,7 +74,10 @@ def test_wiring_ports_selectors_and_service_account() -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports[grpc["targetPort"]] == 9102
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {
-        "grpc-ext-proc": 9102, "grpc-health": 9003, "http-metrics": 9090}
+        "grpc-ext-proc": 9102, "grpc-health": 9003, "http-metrics": 9090, "sync": 9004}
+    # Active-active replicas find each other through this Service (docs/replicas.md).
+    assert f"--sync-service={svc['metadata']['name']}" in container["args"]
+    assert ports["sync"] == 9004
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9090}
     assert container["image"] == epp.IMAGE
     # Its ServiceAccount is bound to a read-only Role in the pool's namespace.
