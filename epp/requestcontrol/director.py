@@ -35,7 +35,7 @@ from epp.requestcontrol.flowcontrol.hook import FlowDispatchHook
 from epp.requestcontrol.flowcontrol.queue import Ticket
 from epp.requestcontrol.lifecycle import HookSet, LifecycleHook
 from epp.requestcontrol.parse import check_context_length
-from epp.scheduling.framework import SchedulingError
+from epp.scheduling.framework import SchedulingError, SchedulingResult
 from epp.scheduling.request import InferenceRequest
 from epp.scheduling.scheduler import Scheduler
 
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Admitted", "Decision", "Director", "DirectorSettings", "HeaderNames", "Ticket"]
 
+# Work estimates, in prefill-token equivalents: a request's fixed cost (API, scheduling:
+# ~20 ms of a ~4k tokens/s prefill) and one output token (a decode step is shared by the
+# batch).
+WORK_PER_REQUEST = 80.0
+WORK_PER_OUTPUT_TOKEN = 0.5
 # A request whose end the EPP cannot see is charged for at most this many output tokens.
 MAX_DEFERRED_DECODE_TOKENS = 2048
 
@@ -201,11 +206,7 @@ class Director:
             for ep in candidates:
                 self.reconcile(ep)
         check_context_length(req, candidates)
-        if (
-            self.flow is None
-            and req.priority < 0
-            and self.settings.saturation.pool_saturated(candidates)
-        ):
+        if req.priority < 0 and self.settings.saturation.pool_saturated(candidates):
             raise shed("the pool is saturated and the request is sheddable")
         return Admitted(req, candidates, rewritten)
 
@@ -238,10 +239,29 @@ class Director:
     def endpoints(self) -> Sequence[Endpoint]:
         return self.datastore.endpoints()
 
+    def work_estimate(self, admitted: Admitted) -> float:
+        """Prefill-token equivalents: the prompt tokens no candidate has cached (as the
+        approximate prefix index sees it), a per-request overhead and the decode."""
+        req = admitted.request
+        index = self.scheduler.services.prefix_index
+        matched = index.match(index.hash_prompt(req.routed_model, req.prompt))
+        best = max(matched.values(), default=0) * index.block_tokens
+        uncached = max(0, req.prompt_tokens - best)
+        return WORK_PER_REQUEST + uncached + WORK_PER_OUTPUT_TOKEN * req.expected_decode_tokens
+
     def schedule_on(self, admitted: Admitted, endpoints: list[Endpoint]) -> Decision:
         """Schedule on `endpoints` and run the pre-request hooks; raises SchedulingError."""
+        return self.commit(admitted, self.plan(admitted, endpoints))
+
+    def plan(self, admitted: Admitted, endpoints: list[Endpoint]) -> SchedulingResult:
+        """The pick for `admitted` on `endpoints`, nothing charged yet (flow control looks
+        at it before deciding the request goes now); raises SchedulingError."""
+        return self.scheduler.schedule(admitted.request, endpoints, commit=False)
+
+    def commit(self, admitted: Admitted, result: SchedulingResult) -> Decision:
+        """The request goes to `result`: the pre-request hooks charge it."""
         req = admitted.request
-        result = self.scheduler.schedule(req, endpoints)
+        self.scheduler.picked(req, result)
         decision = Decision(req, result, admitted.rewritten_model, clock.now())
         self.open_requests += 1
         hook_set = self._hooks

@@ -121,6 +121,7 @@ class SchedulingResult:
     predicted_cached_tokens: int | None = None
     prediction_mode: str = ""
     pd: PDDecision | None = None  # set by a P/D profile handler
+    cycle: CycleState | None = None  # until the post-pick plugins were told (Scheduler)
 
     @property
     def target(self) -> Endpoint:

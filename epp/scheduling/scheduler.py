@@ -121,7 +121,11 @@ class Scheduler(ProfileRunner):
         )
 
     # ---- entry point -------------------------------------------------------------------------
-    def schedule(self, request: InferenceRequest, candidates: list[Endpoint]) -> SchedulingResult:
+    def schedule(
+        self, request: InferenceRequest, candidates: list[Endpoint], *, commit: bool = True
+    ) -> SchedulingResult:
+        """Pick endpoints for `request`. With `commit=False` the post-pick plugins are not
+        told (a plan the caller may drop); `picked` tells them once it is kept."""
         if not candidates:
             raise SchedulingError("no candidate endpoints")
         cycle = CycleState()
@@ -159,9 +163,18 @@ class Scheduler(ProfileRunner):
             result.prefix_hashes = prefix_match(cycle, self.services, request).hashes
         if PREDICTIONS in outputs:
             self._record_prediction(request, result)
+        result.cycle = cycle
+        if commit:
+            self.picked(request, result)
+        return result
+
+    def picked(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        cycle = result.cycle
+        if cycle is None:
+            return
+        result.cycle = None
         for plugin in self._post_pick:
             plugin.on_picked(cycle, request, result)
-        return result
 
     def _record_prediction(self, request: InferenceRequest, result: SchedulingResult) -> None:
         model = self.services.latency

@@ -25,7 +25,11 @@ def flow_config(band_max: int = 100) -> str:
     cfg["featureGates"] = ["flowControl"]
     cfg["flowControl"] = {
         "defaultRequestTTL": "20s",
-        "defaultPriorityBand": {"maxRequests": band_max},
+        # round robin: the default work fairness never holds a lone tenant
+        "defaultPriorityBand": {
+            "maxRequests": band_max,
+            "fairnessPolicyRef": "round-robin-fairness-policy",
+        },
         # one request in flight per pod: the second one waits in the EPP
         "saturationDetector": {"maxConcurrency": 1, "queueDepthThreshold": 0},
     }

@@ -49,7 +49,10 @@ def flow_config() -> str:
     cfg = yaml.safe_load(DEFAULT_CONFIG)
     cfg["featureGates"] = ["flowControl"]
     cfg["flowControl"] = {
-        "defaultPriorityBand": {"maxRequests": 1},
+        "defaultPriorityBand": {
+            "maxRequests": 1,
+            "fairnessPolicyRef": "round-robin-fairness-policy",
+        },
         "saturationDetector": {"maxConcurrency": 1, "queueDepthThreshold": 0},
     }
     return yaml.safe_dump(cfg)

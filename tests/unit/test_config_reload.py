@@ -25,9 +25,13 @@ FLOW_ON = yaml.safe_dump(
     {
         **yaml.safe_load(DEFAULT_CONFIG),
         "featureGates": ["flowControl"],
-        "flowControl": {"saturationDetector": {"maxConcurrency": 1}},
+        "flowControl": {
+            "saturationDetector": {"maxConcurrency": 1},
+            "defaultPriorityBand": {"fairnessPolicyRef": "round-robin-fairness-policy"},
+        },
     }
 )
+FLOW_OFF = yaml.safe_dump({**yaml.safe_load(DEFAULT_CONFIG), "featureGates": ["flowControl=false"]})
 
 
 def app_with(path: Path, text: str) -> App:
@@ -61,7 +65,7 @@ def req(rid: str) -> InferenceRequest:
 
 
 def test_good_config_swaps_and_in_flight_requests_keep_their_hooks(tmp_path: Path) -> None:
-    app = app_with(tmp_path / "epp.yaml", DEFAULT_CONFIG)
+    app = app_with(tmp_path / "epp.yaml", FLOW_OFF)
     d = app.director
     assert d is not None and d.flow is None
     before = d.submit(req("a"))

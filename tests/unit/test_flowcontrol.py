@@ -63,7 +63,15 @@ def config_text(flow: dict[str, Any] | None = None, plugins: Sequence[Any] = (),
             p["parameters"] = {"unassignedPolicy": "overflow"}
     cfg["plugins"] += list(plugins)
     cfg["featureGates"] = ["flowControl"]
-    cfg["flowControl"] = {"saturationDetector": DETECTOR, **(flow or {})}
+    # Queue mechanics are tested with round robin: the default work fairness never holds a
+    # tenant that is alone or within its share (tested on its own below).
+    flow = {"defaultPriorityBand": {}, **(flow or {})}
+    bands = [flow["defaultPriorityBand"], *flow.get("priorityBands", [])]
+    if flow.get("defaultNegativePriorityBand") is not None:
+        bands.append(flow["defaultNegativePriorityBand"])
+    for band in bands:
+        band.setdefault("fairnessPolicyRef", "round-robin-fairness-policy")
+    cfg["flowControl"] = {"saturationDetector": DETECTOR, **flow}
     cfg.update(top)
     return yaml.safe_dump(cfg)
 
@@ -600,7 +608,9 @@ def test_turning_flow_control_off_dispatches_what_waited() -> None:
     held = fill(d, eps)
     done: list[Ticket] = []
     t = tracked(d.submit(req("q")), done)
-    rc = build_request_control(None)
+    rc = build_request_control(
+        DEFAULT_CONFIG.replace("kind:", "featureGates: [flowControl=false]\nkind:")
+    )
     d.reconfigure(rc.scheduler, rc.hooks, rc.flow_control)
     assert d.flow is None and done == [t] and t.decision is not None
     d.release(t.decision)
@@ -614,15 +624,18 @@ def flow_settings(text: str) -> Any:
     return build_request_control(text).flow_control
 
 
-def test_off_unless_the_feature_gate_is_named() -> None:
+def test_on_unless_the_feature_gate_turns_it_off() -> None:
     cfg = yaml.safe_load(config_text())
     cfg["featureGates"] = []
-    assert flow_settings(yaml.safe_dump(cfg)) is None
+    assert flow_settings(yaml.safe_dump(cfg)) is not None
     cfg["featureGates"] = ["flowControl=false"]
     assert flow_settings(yaml.safe_dump(cfg)) is None
     cfg["featureGates"] = ["flowControl=true"]
     assert flow_settings(yaml.safe_dump(cfg)) is not None
-    assert flow_settings(DEFAULT_CONFIG) is None
+    default = flow_settings(DEFAULT_CONFIG)
+    # the built-in default: work fairness and the predicted-wait detector
+    assert type(default.band(0).fairness).__name__ == "WorkFairness"
+    assert default.detector.max_ttft_ms == 300.0 and default.detector.queue_depth == 0
 
 
 def test_config_values_and_ecosystem_shapes() -> None:
@@ -721,3 +734,63 @@ def test_a_pass_over_many_blocked_flows_does_not_reschedule_each_one() -> None:
         assert isinstance(dec, Decision)
         d.release(dec)
     assert fc(d).queued == 299
+
+
+# ---- work fairness -----------------------------------------------------------------------
+WORK = {"defaultPriorityBand": {"fairnessPolicyRef": "work-fairness-policy"}}
+
+
+def long_req(rid: str, tenant: str, tokens: int = 3000) -> InferenceRequest:
+    prompt = ("tok " * tokens).encode()  # ~4 bytes a token, as the EPP estimates
+    r = InferenceRequest(request_id=rid, model="m", prompt=prompt, prompt_tokens=tokens)
+    r.headers = {"x-gateway-inference-fairness-id": tenant}
+    return r
+
+
+def test_work_fairness_never_holds_a_tenant_alone_in_the_band() -> None:
+    d, _eps, _, _ = make(1, flow=WORK)
+    # maxConcurrency 1 and one pod: the pool is saturated after the first, yet a lone
+    # tenant is not held (holding it would only add delay)
+    got = [d.submit(long_req(f"b{i}", "b")) for i in range(3)]
+    assert all(isinstance(g, Decision) for g in got)
+    assert fc(d).queued == 0
+    for g in got:
+        assert isinstance(g, Decision)
+        d.release(g)
+
+
+def test_work_fairness_holds_the_flooding_tenant_not_the_light_one() -> None:
+    d, eps, clock, _ = make(1, flow=WORK)
+    first = d.submit(long_req("a0", "a", tokens=20))  # the light tenant is active
+    assert isinstance(first, Decision)
+    d.release(first)
+    heavy = [d.submit(long_req(f"b{i}", "b")) for i in range(4)]
+    # b's first request finds a pod with room; after it, b is over its share of the work
+    # and waits while the pod is full
+    assert isinstance(heavy[0], Decision)
+    assert all(isinstance(h, Ticket) for h in heavy[1:])
+    clock.t += 0.5
+    light = d.submit(long_req("a1", "a", tokens=20))
+    assert isinstance(light, Decision)  # within its share: straight to the pod
+    assert fc(d).queued == 3
+    # releases dispatch b's queue in order; nothing leaks
+    done: list[Ticket] = []
+    for h in heavy[1:]:
+        assert isinstance(h, Ticket)
+        h.on_done = done.append
+    d.release(light)
+    assert isinstance(heavy[0], Decision)
+    order = drain_order(d, [heavy[0]], done)
+    assert order == ["b1", "b2", "b3"]
+    assert_idle(d, eps)
+
+
+def test_work_estimate_counts_the_uncached_prompt() -> None:
+    d, _eps, _, _ = make(2, flow=WORK)
+    fresh = d.admission(long_req("x", "a", tokens=2000))
+    cost_fresh = d.work_estimate(fresh)
+    assert cost_fresh > 2000
+    dec = d.schedule(fresh)  # the prompt is now in the prefix index
+    again = d.admission(long_req("x", "a", tokens=2000))
+    assert d.work_estimate(again) < cost_fresh / 4
+    d.release(dec)

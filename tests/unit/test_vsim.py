@@ -171,8 +171,18 @@ def test_flow_control_queues_in_the_epp_and_leaks_nothing() -> None:
     assert len(decisions) == s["completed"]
     for ep in {id(d.target): d.target for d in decisions}.values():
         assert ep.inflight.requests == 0 and ep.inflight.pending_requests == 0
-    plain = run("multi_tenant", "epp", rate=8.0, requests=150)
-    assert plain["router"]["queued_in_epp"] == 0
+    # The default (work fairness): only the flooding tenant waits in the EPP
+    plain = run("multi_tenant", "epp", rate=8.0, requests=150, keep_requests=True)
+    assert plain["router"]["queued_in_epp"] > 0
+    def waited(tenant: str) -> list[bool]:
+        return [r.decision.queue_wait_s > 0 for r in plain["_requests"]
+                if r.tenant == tenant and r.decision is not None]
+
+    steady, flood = waited("tenant-a"), waited("tenant-b")
+    assert steady and flood
+    # the flooding tenant mostly waits; the steady one mostly goes straight to a pod
+    assert sum(flood) / len(flood) > 0.5
+    assert sum(steady) / len(steady) < 0.35
 
 
 def test_precise_prefix_variant_gets_the_engines_kv_events() -> None:

@@ -3,14 +3,14 @@
 The shape follows the ecosystem's EndpointPickerConfig (llm-d router / GIE) so its configs
 read the same here:
 
-    featureGates: [flowControl]          # on/off (off unless the gate is named)
+    featureGates: [flowControl]          # on/off (on unless `flowControl=false`)
     flowControl:
       maxRequests: 2000                  # all bands together (0 / absent = no limit)
       maxBytes: 1Gi
       defaultRequestTTL: 20s             # longest wait in the queue, then 429
       defaultPriorityBand:               # template for priorities not listed below
         maxRequests: 1000
-        fairnessPolicyRef: round-robin-fairness-policy
+        fairnessPolicyRef: work-fairness-policy     # the default
         orderingPolicyRef: fcfs-ordering-policy
       defaultNegativePriorityBand: {maxRequests: 50}     # template for priority < 0
       priorityBands:
@@ -39,13 +39,25 @@ from epp.scheduling.services import Services
 log = logging.getLogger(__name__)
 
 FEATURE_GATE = "flowControl"
-# Whether flow control runs when the config does not name the feature gate either way.
-ENABLED_BY_DEFAULT = False
+# Whether flow control runs when the config does not name the feature gate either way. On:
+# with work fairness (the default policy) a tenant alone or within its share is never held,
+# so flow control costs a lone tenant nothing and holds only tenants over their share
+# (bench/RESULTS.md: multi_tenant, and no loss on the single-tenant scenarios).
+ENABLED_BY_DEFAULT = True
 
 DEFAULT_BAND_MAX_REQUESTS = 5000
 DEFAULT_BAND_MAX_BYTES = 1 << 30
 DEFAULT_REQUEST_TTL_S = 20.0  # below the 30 s ext_proc message_timeout of our gateways
-DEFAULT_FAIRNESS = "round-robin-fairness-policy"
+DEFAULT_FAIRNESS = "work-fairness-policy"
+# The detector when the config names none: a pod is full for tenants over their share once
+# a new request would wait more than this for its prefill to start (the latency model's
+# queue estimate, the signal the EPP models best). An explicit detector section keeps the
+# ecosystem's defaults (queue depth 5, KV use 0.8) for what it does not set.
+DEFAULT_DETECTOR: dict[str, Any] = {
+    "maxPredictedTTFT": "300ms",
+    "queueDepthThreshold": 0,
+    "kvCacheUtilThreshold": 0,
+}
 DEFAULT_ORDERING = "fcfs-ordering-policy"
 
 # Plugin types the flow-control section may reference from `plugins:`; the scheduler's loader
@@ -251,6 +263,8 @@ def _detector(
             if not isinstance(legacy, dict):
                 raise ConfigError("saturationDetector must be a mapping")
             type_name, params = "utilization-detector", legacy
+        else:
+            params = DEFAULT_DETECTOR
     elif not isinstance(section, dict):
         raise ConfigError("flowControl.saturationDetector must be a mapping")
     elif "pluginRef" in section:

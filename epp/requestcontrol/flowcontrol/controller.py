@@ -40,7 +40,7 @@ from epp.requestcontrol.flowcontrol.queue import (
     TicketState,
     place_of,
 )
-from epp.scheduling.framework import SchedulingError
+from epp.scheduling.framework import SchedulingError, SchedulingResult
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,19 @@ class Binder(Protocol):
     def schedule_on(self, admitted: Admitted, endpoints: list[Endpoint]) -> Decision:
         """Schedule on `endpoints`; raises SchedulingError if none of them fits."""
 
+    def plan(self, admitted: Admitted, endpoints: list[Endpoint]) -> SchedulingResult:
+        """The pick on `endpoints` without charging it; raises SchedulingError."""
+
+    def commit(self, admitted: Admitted, result: SchedulingResult) -> Decision:
+        """Send the request where `result` says (charges it)."""
+
     def release(self, decision: Decision) -> None: ...
 
     def endpoints(self) -> Sequence[Endpoint]:
         """Every endpoint of the pool (to see cheaply that none has room)."""
+
+    def work_estimate(self, admitted: Admitted) -> float:
+        """The work a request brings, in prefill-token equivalents (for work fairness)."""
 
 
 class FlowObserver(Protocol):
@@ -102,14 +111,35 @@ class FlowController:
         req = admitted.request
         prio = req.priority
         now = self.clock()
+        band = self._band(prio)
+        flow_id = self._flow_id(admitted)
+        fairness = band.settings.fairness
+        cost = self.binder.work_estimate(admitted) if fairness.uses_work else 1.0
+        if (
+            fairness.bypass_within_share
+            and prio >= 0  # sheddable requests always wait for room
+            and band.within_share(flow_id, now)
+            and not self._waiting_above(prio)
+        ):
+            # A tenant within its share does not wait behind the saturation others cause
+            # (nor, alone, behind its own: holding it would only delay it): it goes to the
+            # pod that serves it best now. Tenants over their share wait for room.
+            try:
+                now_decision = self.binder.schedule_on(admitted, admitted.candidates)
+            except SchedulingError as e:
+                raise unavailable(str(e)) from e
+            band.record_work(flow_id, cost, now)
+            if self.observer is not None:
+                self.observer.dispatched(prio, req.business or "", 0.0, False)
+            return now_decision
         behind_others = self._waiting_at_or_above(prio)
         if not behind_others:
             decision = self._try_now(admitted, admitted.candidates, now)
             if decision is not None:
+                band.record_work(flow_id, cost, now)
                 if self.observer is not None:
                     self.observer.dispatched(prio, req.business or "", 0.0, False)
                 return decision
-        band = self._band(prio)
         size = len(req.prompt)
         s = self.settings
         reason = ""
@@ -127,7 +157,8 @@ class FlowController:
                 f"the pool is saturated and the {what} is full", self._retry_after(band)
             )
         self._seq += 1
-        t = Ticket(admitted, prio, self._flow_id(admitted), self._seq, now, band.settings.ttl_s, self)
+        t = Ticket(admitted, prio, flow_id, self._seq, now, band.settings.ttl_s, self)
+        t.cost = cost
         band.add(t)
         self.queued += 1
         self.queued_bytes += t.size
@@ -223,6 +254,9 @@ class FlowController:
             self._order = sorted(self.bands.values(), key=lambda b: -b.priority)
         return band
 
+    def _waiting_above(self, priority: int) -> bool:
+        return any(band.count for band in self._order if band.priority > priority)
+
     def _waiting_at_or_above(self, priority: int) -> bool:
         if not self.queued:
             return False
@@ -236,17 +270,22 @@ class FlowController:
     def _try_now(
         self, admitted: Admitted, candidates: list[Endpoint], now: float
     ) -> Decision | None:
-        """Schedule on the candidates with room; None when the request must wait (all full,
-        or the ones with room are not for it: its filters removed them)."""
-        room = self.detector.available(candidates, now)
-        if not room:
+        """Schedule now if the request's best placement has room; None when it must wait
+        (late binding: it is placed again when capacity frees). The pick is made over all
+        its candidates, not only those with room, so that a full pod holding its prefix is
+        waited for rather than traded for a cold one."""
+        if not self.detector.available(candidates, now):
             return None
         try:
-            return self.binder.schedule_on(admitted, room)
+            result = self.binder.plan(admitted, candidates)
         except SchedulingError as e:
-            if len(room) < len(candidates):
-                return None
             raise unavailable(str(e)) from e
+        has_room = self.detector.has_room
+        if not has_room(result.target, now) or (
+            result.prefill is not None and not has_room(result.prefill, now)
+        ):
+            return None
+        return self.binder.commit(admitted, result)
 
     def _dispatch_round(self, now: float) -> int:
         """One pass over the bands, highest first; inside a band, flows in fairness order. A
@@ -292,6 +331,7 @@ class FlowController:
                         break
                     continue
                 band.pop(flow)
+                band.record_work(flow.flow_id, t.cost, now)
                 self._left_queue(t)
                 self._finish_dispatched(band, t, decision, now)
                 n += 1

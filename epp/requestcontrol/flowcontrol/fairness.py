@@ -10,7 +10,14 @@ earns no credit.
 * `weighted-fairness-policy`: parameters `weights: {flow: weight}`, `defaultWeight` (1):
   dispatches in proportion to the weights while the flows are backlogged;
 * `global-strict-fairness-policy`: no fairness — the band behaves as one queue ordered by
-  its ordering policy (the ecosystem's default).
+  its ordering policy (the ecosystem's default);
+* `work-fairness-policy`: like the weighted one, but a dispatch advances its flow by the
+  work it brings (uncached prompt tokens, as the prefix index sees them, plus a per-request
+  and a per-output-token part) instead of by 1: a tenant of cheap, cached requests is not
+  held back to the request rate of a tenant of long fresh prompts that fill the pool. A
+  request of a flow within its share of the work dispatched lately (nothing of it queued)
+  goes straight to the best pod: only tenants over their share wait for room, so a lone
+  tenant is never held (holding it would only add delay) and a flooding one is.
 """
 
 from __future__ import annotations
@@ -36,7 +43,16 @@ class FairnessPolicy:
         if params:
             raise ValueError(f"{self.type_name} takes no parameters")
 
+    uses_work = False  # whether `cost` needs the request's work estimate
+    # Whether a request of a flow within its share may skip the wait for a pod with room
+    # (its turn would come first anyway).
+    bypass_within_share = False
+
     def weight(self, flow_id: str) -> float:
+        return 1.0
+
+    def cost(self, ticket: Any) -> float:
+        """How far a dispatch advances its flow's virtual time (before the weight)."""
         return 1.0
 
     def key(self, flow: FlowView) -> tuple[float, int]:
@@ -68,6 +84,15 @@ class WeightedFairness(FairnessPolicy):
         return self.weights.get(flow_id, self.default_weight)
 
 
+class WorkFairness(WeightedFairness):
+    type_name = "work-fairness-policy"
+    uses_work = True
+    bypass_within_share = True
+
+    def cost(self, ticket: Any) -> float:
+        return float(ticket.cost)
+
+
 class GlobalStrictFairness(FairnessPolicy):
     type_name = "global-strict-fairness-policy"
 
@@ -76,5 +101,6 @@ class GlobalStrictFairness(FairnessPolicy):
 
 
 FAIRNESS_POLICIES: dict[str, type[FairnessPolicy]] = {
-    cls.type_name: cls for cls in (RoundRobinFairness, WeightedFairness, GlobalStrictFairness)
+    cls.type_name: cls
+    for cls in (RoundRobinFairness, WeightedFairness, WorkFairness, GlobalStrictFairness)
 }

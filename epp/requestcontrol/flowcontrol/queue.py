@@ -36,6 +36,7 @@ class Ticket:
         "admitted",
         "business",
         "controller",
+        "cost",
         "decision",
         "enqueued_at",
         "error",
@@ -74,6 +75,8 @@ class Ticket:
         self.on_done: Callable[[Ticket], None] | None = None
         self.controller = controller
         self.wait_s = 0.0
+        # What dispatching it costs its flow's fair share (see fairness.py): 1 = a request.
+        self.cost = 1.0
 
     @property
     def slo_ttft_ms(self) -> float | None:
@@ -90,6 +93,13 @@ class Ticket:
         return (
             f"Ticket({self.admitted.request.request_id!r}, p={self.priority}, {self.state.value})"
         )
+
+
+WORK_RATE_TAU_S = 5.0  # time constant of the per-flow dispatched-work rate
+
+
+def _decayed(rate: float, dt: float) -> float:
+    return rate * math.exp(-dt / WORK_RATE_TAU_S) if dt > 0 else rate
 
 
 class Flow:
@@ -148,12 +158,51 @@ class Band:
         self.count = 0
         self.bytes = 0
         self.vtime = 0.0  # finish time of the flow that dispatched last
+        # Recent dispatched work per flow (decaying rate, as of a time), for `within_share`.
+        self.work_rates: dict[str, tuple[float, float]] = {}
         self._activations = 0
         self.ewma_wait_s = 0.0  # of dispatched requests: the retry-after hint
 
     def full_for(self, size: int) -> bool:
         s = self.settings
         return self.count >= s.max_requests or self.bytes + size > s.max_bytes
+
+    def record_work(self, flow_id: str, work: float, now: float) -> None:
+        """A request of `flow_id` bringing `work` was dispatched (from the queue or not)."""
+        rate, at = self.work_rates.get(flow_id, (0.0, now))
+        self.work_rates[flow_id] = (_decayed(rate, now - at) + work / WORK_RATE_TAU_S, now)
+        if len(self.work_rates) > 4096:  # forget the flows that went quiet
+            self.work_rates = {
+                k: (r, a) for k, (r, a) in self.work_rates.items() if now - a < 4 * WORK_RATE_TAU_S
+            }
+
+    def within_share(self, flow_id: str, now: float) -> bool:
+        """Nothing of the flow is queued and it is not taking more than its weighted share
+        of the work the band dispatched lately (a flow alone in the band never is): it
+        need not wait for a pod with room; only flows over their share do."""
+        if flow_id in self.flows:
+            return False
+        fairness = self.settings.fairness
+        total = 0.0
+        weights = 0.0
+        mine = 0.0
+        others = False
+        for fid, (rate, at) in self.work_rates.items():
+            r = _decayed(rate, now - at)
+            if r <= 1e-9:
+                continue
+            w = fairness.weight(fid)
+            total += r
+            weights += w
+            if fid == flow_id:
+                mine = r / w
+            else:
+                others = True
+        if not others:
+            return True
+        if mine == 0.0:
+            weights += fairness.weight(flow_id)
+        return mine < total / weights
 
     def add(self, t: Ticket) -> None:
         flow = self.flows.get(t.flow_id)
@@ -188,7 +237,8 @@ class Band:
         heapq.heappop(flow.heap)
         self._counted(t, -1)
         self.vtime = flow.finish
-        flow.finish += 1.0 / self.settings.fairness.weight(flow.flow_id)
+        fairness = self.settings.fairness
+        flow.finish += fairness.cost(t) / fairness.weight(flow.flow_id)
         flow.live -= 1
         if flow.live == 0:
             del self.flows[flow.flow_id]

@@ -76,16 +76,24 @@ class DelayCostScorer(Scorer):
         ref_tpot = min(known) if known else 0.0
         decode_tokens = request.expected_decode_tokens
         ww, sw, ew = self.work_weight, self.stall_weight, self.eviction_weight
+        queues = [model.queue(ep, now, decode_tokens) for ep in endpoints]
+        held = [cached.get(ep.key, 0) if cached else 0 for ep in endpoints]
+        # When every pod holding the prompt's prefix has all its sequence slots taken, a cold
+        # prefill elsewhere makes a second home for a prefix in demand: an investment for the
+        # requests that follow, so its work is not charged as waste.
+        best_held = max(held) if held else 0
+        replicate = best_held * 2 >= prompt > 0 and all(
+            q.slot_wait_s > 0 for q, h in zip(queues, held, strict=True) if h >= best_held
+        )
         out = []
-        for ep, tpot in zip(endpoints, tpots, strict=True):
+        for ep, tpot, q, hits in zip(endpoints, tpots, queues, held, strict=True):
             extra_decode_s = 0.0
             if ref_tpot and tpot > ref_tpot * SLOW_DEAD_ZONE:
                 extra_decode_s = decode_tokens * (tpot - ref_tpot) / 1000.0
-            q = model.queue(ep, now, decode_tokens)
             rate, running = q.tokens_per_s, q.running
             wait_s = q.wait_s
             matched = blocks.get(ep.key, 0) if blocks else 0
-            uncached = prompt - cached.get(ep.key, 0) if cached else prompt
+            uncached = prompt - hits
             if uncached < 0:
                 uncached = 0
             own_s = uncached / rate
@@ -94,7 +102,8 @@ class DelayCostScorer(Scorer):
             ) / 1000.0
             cost = base_s + wait_s + own_s + extra_decode_s
             if own_s > 0.0:
-                cost += ww * own_s + sw * running * own_s
+                work = 0.0 if replicate and hits < best_held else ww
+                cost += work * own_s + sw * running * own_s
                 if ew > 0.0:
                     new_blocks = prompt_blocks - matched
                     over = index.blocks_held(ep.key) + new_blocks - index.capacity_for(ep)
