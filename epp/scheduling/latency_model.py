@@ -70,15 +70,16 @@ class LatencyModel:
         running = max(float(inf.requests), m.running)
         slot_wait_s = 0.0
         age = now - m.updated_at
-        waiting = m.waiting + self.pick_rate(ep, now) * age if age <= METRICS_FRESH_S else 0.0
         cap = lat.max_running
         if cap > 1 and (m.running >= cap or inf.requests > cap):
+            # every sequence slot is taken: the queue waits for requests to finish
+            waiting = m.waiting + self.pick_rate(ep, now) * age if age <= METRICS_FRESH_S else 0.0
             waiting = max(waiting, inf.requests - cap)
             slot_wait_s = waiting * self.decode_time_s(ep, decode_tokens, now) / cap
-        elif waiting > 0:  # queued prefill work the EPP's model no longer counts
-            backlog = max(
-                backlog, m.waiting * (lat.uncached_tokens or self.priors.unknown_queue_tokens)
-            )
+        elif m.waiting > 0 and age <= METRICS_FRESH_S:
+            # queued prefill work the EPP's model no longer counts
+            per = lat.uncached_tokens or self.priors.unknown_queue_tokens
+            backlog = max(backlog, m.waiting * per)
         return QueueEstimate(rate, backlog, slot_wait_s, running)
 
     def queued_prefill_tokens(self, ep: Endpoint, now: float | None = None) -> int:
