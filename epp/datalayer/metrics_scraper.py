@@ -12,7 +12,6 @@ A failed scrape keeps the previous values; consumers judge freshness with `is_st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -23,6 +22,7 @@ import aiohttp
 from epp import clock
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, EngineMetrics
+from epp.datalayer.endpoint_tasks import EndpointTasks
 from epp.datalayer.prom_parse import HISTOGRAM_FIELDS, ParsedMetrics, parse_metrics
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ class ScrapeError(Exception):
     pass
 
 
-class MetricsScraper:
+class MetricsScraper(EndpointTasks):
+    task_name = "scrape"
+
     def __init__(
         self,
         datastore: Datastore,
@@ -85,17 +87,13 @@ class MetricsScraper:
         max_backoff: float = 2.0,
         on_scraped: Callable[[Endpoint], None] | None = None,
     ) -> None:
-        self._ds = datastore
+        super().__init__(datastore)
         self.on_scraped = on_scraped  # called after each good scrape of an endpoint
         self.interval = interval
         self.timeout = timeout
         self.stale_after = stale_after
         self.max_backoff = max(max_backoff, interval)
         self._sem = asyncio.Semaphore(max_concurrency)
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._running = False
-        self._listening = False
         self.scrapes_total = 0
         self.errors_total = 0
 
@@ -103,31 +101,13 @@ class MetricsScraper:
     async def start(self) -> None:
         if self._running:
             return
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            headers=_HEADERS,
+        self._start_tasks(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers=_HEADERS,
+            )
         )
-        self._running = True
-        if not self._listening:  # the datastore has no unsubscribe; subscribe once
-            self._ds.on_endpoint_added(self._on_added)
-            self._ds.on_endpoint_removed(self._on_removed)
-            self._listening = True
-        for ep in self._ds.endpoints():
-            self._spawn(ep)
-
-    async def stop(self) -> None:
-        self._running = False
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def is_stale(self, ep: Endpoint, now: float | None = None) -> bool:
         return is_stale(ep, now, self.stale_after)
@@ -136,22 +116,6 @@ class MetricsScraper:
     def scraping(self) -> frozenset[str]:
         """Keys of the endpoints that currently have a scrape task."""
         return frozenset(self._tasks)
-
-    # ---- datastore listeners ---------------------------------------------------------------
-    def _on_added(self, ep: Endpoint) -> None:
-        if self._running:
-            self._spawn(ep)
-
-    def _on_removed(self, ep: Endpoint) -> None:
-        task = self._tasks.pop(ep.key, None)
-        if task is not None:
-            task.cancel()
-
-    def _spawn(self, ep: Endpoint) -> None:
-        old = self._tasks.pop(ep.key, None)
-        if old is not None:
-            old.cancel()
-        self._tasks[ep.key] = asyncio.create_task(self._run(ep), name=f"scrape {ep.key}")
 
     # ---- scraping ---------------------------------------------------------------------------
     async def _run(self, ep: Endpoint) -> None:

@@ -9,7 +9,6 @@ control uses it to answer over-long prompts with a 400 before any pod sees them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Any
@@ -19,6 +18,7 @@ import orjson
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, format_hostport
+from epp.datalayer.endpoint_tasks import EndpointTasks
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ def max_model_len_of(doc: Any) -> int:
     return best
 
 
-class ModelInfoProbe:
+class ModelInfoProbe(EndpointTasks):
+    task_name = "models"
+
     def __init__(
         self,
         datastore: Datastore,
@@ -43,55 +45,18 @@ class ModelInfoProbe:
         timeout: float = 2.0,
         max_backoff: float = 30.0,
     ) -> None:
-        self._ds = datastore
+        super().__init__(datastore)
         self.refresh = refresh
         self.timeout = timeout
         self.max_backoff = max_backoff
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._listening = False
-        self._running = False
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            headers={"Accept": "application/json"},
+        self._start_tasks(
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Accept": "application/json"},
+            )
         )
-        self._running = True
-        if not self._listening:
-            self._ds.on_endpoint_added(self._on_added)
-            self._ds.on_endpoint_removed(self._on_removed)
-            self._listening = True
-        for ep in self._ds.endpoints():
-            self._spawn(ep)
-
-    async def stop(self) -> None:
-        self._running = False
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _on_added(self, ep: Endpoint) -> None:
-        if self._running:
-            self._spawn(ep)
-
-    def _on_removed(self, ep: Endpoint) -> None:
-        task = self._tasks.pop(ep.key, None)
-        if task is not None:
-            task.cancel()
-
-    def _spawn(self, ep: Endpoint) -> None:
-        old = self._tasks.pop(ep.key, None)
-        if old is not None:
-            old.cancel()
-        self._tasks[ep.key] = asyncio.create_task(self._run(ep), name=f"models {ep.key}")
 
     async def _run(self, ep: Endpoint) -> None:
         backoff = 0.5
