@@ -16,16 +16,21 @@ IPs skip too).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from epp.reconcile.apply import ApplySettings
+from epp.reconcile.controller import Controller
+from epp.reconcile.kube import Kube
 from hack.kube import cluster as kc
+from tests.kube.helpers import ensure_httproute_crd
 
 T = TypeVar("T")
 
@@ -84,3 +89,32 @@ def kube_ns(kube_cluster: kc.Cluster) -> Iterator[str]:
     kube_cluster.create_namespace(name)
     yield name
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# ---- end-to-end tests (ModelPool, reconcile, P/D): pod processes, an API client, the reconciler
+@pytest.fixture(scope="module")
+def cluster(kube_cluster: kc.Cluster) -> kc.Cluster:
+    """The project's own cluster, whose fake kubelet runs pod processes on loopback IPs,
+    with the HTTPRoute CRD installed."""
+    if not kube_cluster.managed:
+        pytest.skip("needs the fake kubelet's pod processes (not KUBECONFIG_E2E)")
+    ensure_httproute_crd(kube_cluster)
+    return kube_cluster
+
+
+@pytest.fixture
+async def kube(cluster: kc.Cluster) -> AsyncIterator[Kube]:
+    k = await Kube.connect(str(cluster.kubeconfig))
+    yield k
+    await k.close()
+
+
+@pytest.fixture
+async def controller(kube: Kube, kube_ns: str) -> AsyncIterator[Controller]:
+    """`epp reconcile` for the test namespace, in-process."""
+    ctl = Controller(kube, kube_ns, ApplySettings(), resync=5.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(ctl.run(stop))
+    yield ctl
+    stop.set()
+    await task

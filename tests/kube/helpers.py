@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from epp.datalayer.datastore import Datastore
@@ -26,6 +26,19 @@ async def until(cond: Callable[[], T | None], timeout: float = 10.0, interval: f
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def until_async(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str,
+                      interval: float = 0.1) -> T:
+    """`until` for an async condition (an API read, an HTTP probe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await cond()
         if value:
             return value
         if time.monotonic() > deadline:

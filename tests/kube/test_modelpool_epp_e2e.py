@@ -11,13 +11,10 @@ controller here, so the client sets `x-business` as the business's HTTPRoute wou
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,36 +29,9 @@ from epp.scheduling.config import DEFAULT_CONFIG
 from hack.kube.cluster import REPO, Cluster
 from hack.kube.helm import helm_path
 from hack.kube.pod_processes import RUN_LABEL
-from tests.kube.helpers import ensure_httproute_crd
+from tests.kube.helpers import until_async
 
-T = TypeVar("T")
 SAMPLE = REPO / "manifests" / "samples" / "modelpool-sim.yaml"
-
-
-async def until(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def cluster(kube_cluster: Cluster) -> Cluster:
-    if not kube_cluster.managed:
-        pytest.skip("needs the fake kubelet's pod processes (not KUBECONFIG_E2E)")
-    ensure_httproute_crd(kube_cluster)
-    return kube_cluster
-
-
-@pytest.fixture
-async def kube(cluster: Cluster) -> AsyncIterator[Kube]:
-    k = await Kube.connect(str(cluster.kubeconfig))
-    yield k
-    await k.close()
 
 
 def install_reconciler(cluster: Cluster, ns: str) -> str:
@@ -94,7 +64,7 @@ async def test_modelpool_brings_its_epp_and_serves_through_envoy(
             dep = await kube.get(path_for("apps/v1", "deployments", kube_ns, "epp-reconciler"))
             return (dep.get("status") or {}).get("readyReplicas") == 1
 
-        await until(reconciler_ready, 60, "the reconciler pod ready (its /readyz)")
+        await until_async(reconciler_ready, 60, "the reconciler pod ready (its /readyz)")
 
         doc = yaml.safe_load(SAMPLE.read_text())
         doc["metadata"]["namespace"] = kube_ns
@@ -115,7 +85,7 @@ async def test_modelpool_brings_its_epp_and_serves_through_envoy(
             return raw if ok and (raw["status"].get("epp") or {}).get("readyReplicas") == 1 \
                 else None
 
-        raw = await until(pool_ready, 120, "ModelPool Ready with its EPP ready")
+        raw = await until_async(pool_ready, 120, "ModelPool Ready with its EPP ready")
         assert raw["status"]["roles"]["decode"]["readyReplicas"] == 4
 
         # What the EPP Service resolves to: the API server refuses loopback addresses in

@@ -13,60 +13,31 @@ and the EPP. Pods are Ready by their rendered readiness probes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import yaml
 
 from bench.scenarios.workload import text_of
 from epp.datalayer.eds_file import write_eds
 from epp.devstack.envoy import EnvoyOptions, render_envoy_config, start_envoy
 from epp.devstack.procs import free_port, wait_http
-from epp.reconcile.apply import ApplySettings
 from epp.reconcile.assignment import list_pool_pods
 from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube, path_for
 from epp.reconcile.reconciler import pool_path
 from hack.kube.cluster import REPO, Cluster
 from hack.kube.pod_processes import RUN_LABEL
-from tests.kube.helpers import ensure_httproute_crd
-from tests.kube.test_reconcile_e2e import Procs, until
+from tests.kube.helpers import until_async
+from tests.kube.test_reconcile_e2e import Procs
 
 POOL = "sim-pd"
 MODEL = "sim-llama"
-
-
-@pytest.fixture(scope="module")
-def cluster(kube_cluster: Cluster) -> Cluster:
-    if not kube_cluster.managed:
-        pytest.skip("needs the fake kubelet's pod processes (not KUBECONFIG_E2E)")
-    ensure_httproute_crd(kube_cluster)
-    return kube_cluster
-
-
-@pytest.fixture
-async def kube(cluster: Cluster) -> AsyncIterator[Kube]:
-    k = await Kube.connect(str(cluster.kubeconfig))
-    yield k
-    await k.close()
-
-
-@pytest.fixture
-async def controller(kube: Kube, kube_ns: str) -> AsyncIterator[Controller]:
-    ctl = Controller(kube, kube_ns, ApplySettings(), resync=5.0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(ctl.run(stop))
-    yield ctl
-    stop.set()
-    await task
 
 
 def pool_doc(ns: str, port: int) -> dict[str, Any]:
@@ -130,8 +101,8 @@ async def test_pd_modelpool_prefills_remotely_through_envoy_and_epp(
 
     # Ready by the rendered probes: engines on /health, sidecars on /readyz (engine up and
     # the allow-list synced from the API with the sidecar's own ServiceAccount token).
-    pods = await until(ready_pods, 90, "2 prefill + 2 decode pods running and Ready")
-    epp = await until(epp_ip, 60, "the pool's EPP running and Ready")
+    pods = await until_async(ready_pods, 90, "2 prefill + 2 decode pods running and Ready")
+    epp = await until_async(epp_ip, 60, "the pool's EPP running and Ready")
     dep = await kube.get(path_for("apps/v1", "deployments", kube_ns, f"{POOL}-decode"))
     engine_port = int(next(c for c in dep["spec"]["template"]["spec"]["containers"]
                            if c["name"] == "engine")["ports"][0]["containerPort"])
@@ -155,7 +126,7 @@ async def test_pd_modelpool_prefills_remotely_through_envoy_and_epp(
             # A long fresh prompt: prefilled on a prefill pod, decoded on a decode pod (the
             # decode engine answers, behind its sidecar on the pod's serving port).
             before = {a: await state(s, a) for a in prefill | decode_engines}
-            _, headers, raw = await until(
+            _, headers, raw = await until_async(
                 lambda: _ok(chat(s, url, text_of(random.Random("kube"), 3000))), 30,
                 "a request through Envoy and the pool's EPP")
             after = {a: await state(s, a) for a in prefill | decode_engines}

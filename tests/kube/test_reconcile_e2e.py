@@ -15,26 +15,23 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from epp.devstack.envoy import EnvoyOptions, render_envoy_config, start_envoy
 from epp.devstack.procs import free_port, stop_process, wait_http
-from epp.reconcile.apply import ApplySettings
 from epp.reconcile.assignment import list_pool_pods, pod_info
 from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube
 from epp.reconcile.reconciler import pool_path
 from hack.kube.cluster import REPO, Cluster
-from tests.kube.helpers import ensure_httproute_crd
+from tests.kube.helpers import until_async
 
-T = TypeVar("T")
 POOL = "e2e"
 MODEL = "sim-llama"
 BUSINESSES = ("production", "testing")
@@ -44,7 +41,6 @@ DISTRIBUTE_AT = 2.5  # seconds into the load
 # How long after `epp pool distribute` returns the EPP may still route by the old labels
 # (watch event latency; measured well under 0.5 s here).
 SETTLE = 1.5
-
 
 
 def pool_doc(ns: str, port: int) -> dict[str, Any]:
@@ -93,43 +89,6 @@ class Procs:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
                          for p in sorted(self.workdir.glob("*.log")))
-
-
-async def until(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def cluster(kube_cluster: Cluster) -> Cluster:
-    if not kube_cluster.managed:
-        pytest.skip("needs the fake kubelet's loopback pod IPs (not KUBECONFIG_E2E)")
-    ensure_httproute_crd(kube_cluster)
-    return kube_cluster
-
-
-@pytest.fixture
-async def kube(cluster: Cluster) -> AsyncIterator[Kube]:
-    k = await Kube.connect(str(cluster.kubeconfig))
-    yield k
-    await k.close()
-
-
-@pytest.fixture
-async def controller(kube: Kube, kube_ns: str) -> AsyncIterator[Controller]:
-    """`epp reconcile` for the test namespace, in-process."""
-    ctl = Controller(kube, kube_ns, ApplySettings(), resync=5.0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(ctl.run(stop))
-    yield ctl
-    stop.set()
-    await task
 
 
 async def labels_by_ip(kube: Kube, ns: str) -> dict[str, str]:
@@ -208,7 +167,7 @@ async def test_distribute_moves_traffic_between_businesses_without_failures(
         counts = sorted(by_ip.values())
         return by_ip if counts == ["production"] * 2 + ["testing"] * 2 else None
 
-    before = await until(initial, 30, "4 ready pods, 2 production / 2 testing")
+    before = await until_async(initial, 30, "4 ready pods, 2 production / 2 testing")
     procs = Procs(tmp_path)
     distribute: dict[str, float] = {}
     dist_task: list[asyncio.Task[tuple[int, bytes]]] = []
@@ -219,7 +178,7 @@ async def test_distribute_moves_traffic_between_businesses_without_failures(
                 res = await asyncio.gather(*(send(session, url, b) for b in BUSINESSES))
                 return all(r.status == 200 for r in res)
 
-            await until(warm, 15, "both businesses served through Envoy")
+            await until_async(warm, 15, "both businesses served through Envoy")
 
         async def run_distribute() -> tuple[int, bytes]:
             distribute["start"] = time.monotonic()
