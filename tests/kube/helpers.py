@@ -33,8 +33,8 @@ async def until(cond: Callable[[], T | None], timeout: float = 10.0, interval: f
         await asyncio.sleep(interval)
 
 
-async def until_async(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str,
-                      interval: float = 0.1) -> T:
+async def until_async(cond: Callable[[], Awaitable[T | None]], timeout: float = 20.0,
+                      what: str = "condition", interval: float = 0.1) -> T:
     """`until` for an async condition (an API read, an HTTP probe)."""
     deadline = time.monotonic() + timeout
     while True:

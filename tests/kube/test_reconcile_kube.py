@@ -4,9 +4,8 @@ the fake kubelet of tests/kube/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import yaml
@@ -17,9 +16,7 @@ from epp.reconcile.cli_pool import distribution_patch, parse_distribution
 from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube, path_for
 from epp.reconcile.reconciler import pool_path, reconcile
-from tests.kube.helpers import ensure_httproute_crd
-
-T = TypeVar("T")
+from tests.kube.helpers import ensure_httproute_crd, until_async
 
 SETTINGS = ApplySettings()
 
@@ -57,18 +54,6 @@ async def kube(cluster: Any) -> AsyncIterator[Kube]:
     k = await Kube.connect(str(cluster.kubeconfig))
     yield k
     await k.close()
-
-
-async def until(cond: Callable[[], Awaitable[T | None]], timeout: float = 20.0,
-                what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def children(kube: Kube, ns: str, pool: str = "mp") -> dict[str, dict[str, Any]]:
@@ -133,7 +118,7 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
     async def all_pods() -> list[dict[str, Any]] | None:
         pods = await list_pool_pods(kube, kube_ns, "mp")
         return pods if len(pods) == 4 else None
-    await until(all_pods, what="4 pods")
+    await until_async(all_pods, what="4 pods")
     r2 = await reconcile(kube, kube_ns, "mp", SETTINGS)
     assert r2.ok and r1.moves + r2.moves == 4  # each pod relabelled once, never twice
     infos = [pod_info(p) for p in await list_pool_pods(kube, kube_ns, "mp")]
@@ -162,7 +147,7 @@ async def test_create_owned_objects_then_second_pass_changes_nothing(
         last.append(now)
         await asyncio.sleep(0.3)
         return now if stable else None
-    before = await until(settled, what="owned objects settled")
+    before = await until_async(settled, what="owned objects settled")
     pool_before = await kube.get(pool_path(kube_ns, "mp"))
     r3 = await reconcile(kube, kube_ns, "mp", SETTINGS)
     assert r3.ok and r3.moves == 0 and not r3.pruned
@@ -256,7 +241,7 @@ async def test_prune_and_garbage_collection(kube: Kube, kube_ns: str) -> None:
 
     async def gone() -> bool:
         return not await children(kube, kube_ns)
-    await until(gone, timeout=40, what="children garbage-collected")
+    await until_async(gone, timeout=40, what="children garbage-collected")
 
 
 async def test_controller_status_readiness_distribute_and_churn(
@@ -272,7 +257,7 @@ async def test_controller_status_readiness_distribute_and_churn(
             conds = (raw.get("status") or {}).get("conditions")
             return bool(conds) and condition(raw, "Ready")["status"] == "True" and \
                 raw["status"]["businesses"] == {"production": 3, "testing": 1}
-        await until(ready_cond, what="pool Ready with its distribution")
+        await until_async(ready_cond, what="pool Ready with its distribution")
 
         # readiness flips -> status follows
         pods = await list_pool_pods(kube, kube_ns, "mp")
@@ -285,7 +270,7 @@ async def test_controller_status_readiness_distribute_and_churn(
             raw = await kube.get(pool_path(kube_ns, "mp"))
             c = condition(raw, "Ready")
             return raw if c["status"] == "False" and "decode 2/3" in c["message"] else None
-        raw = await until(not_ready, what="Ready=False")
+        raw = await until_async(not_ready, what="Ready=False")
         assert raw["status"]["roles"]["decode"]["readyReplicas"] == 2
 
         # distribute (what `epp pool distribute` does) while pods churn
@@ -304,7 +289,7 @@ async def test_controller_status_readiness_distribute_and_churn(
             # replicas drift corrected back to 3; 1 production, 1 testing, 1 unassigned
             ok = dec == ["production", "testing", "unassigned"] and pre == ["production"]
             return infos if ok and len(infos) == 4 else None
-        await until(converged, timeout=30, what="distribution under churn")
+        await until_async(converged, timeout=30, what="distribution under churn")
         assert ctl.passes > 0 and all(r.ok for r in ctl.last.values())
     finally:
         stop.set()

@@ -10,9 +10,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
 
 import aiohttp
 import pytest
@@ -22,22 +21,8 @@ from epp.reconcile.kube import Kube, path_for
 from epp.reconcile.leader import LEASE_API, LeaderElector, LeaseSettings
 from epp.reconcile.reconciler import pool_path
 from hack.kube.cluster import REPO, Cluster
-from tests.kube.helpers import ensure_httproute_crd
+from tests.kube.helpers import ensure_httproute_crd, until_async
 from tests.kube.test_reconcile_kube import pool_doc
-
-T = TypeVar("T")
-
-
-async def until(cond: Callable[[], Awaitable[T | None]], timeout: float,
-                what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -110,14 +95,14 @@ async def test_two_reconciler_processes_one_active_then_hand_over(
                 return {"leader": found["200 leader"], "standby": found["200 standby"]}
             return None
 
-        r = await until(roles, 20, "one leader and one standby, both ready")
+        r = await until_async(roles, 20, "one leader and one standby, both ready")
         await kube.create(pool_path(kube_ns), pool_doc(kube_ns, "one"))
 
         async def reconciled(name: str) -> bool:
             raw = await kube.get(pool_path(kube_ns, name))
             return bool((raw.get("status") or {}).get("observedGeneration"))
 
-        await until(lambda: reconciled("one"), 20, "the leader reconciles a pool")
+        await until_async(lambda: reconciled("one"), 20, "the leader reconciles a pool")
         t_stop = time.monotonic()
         stop_process(procs[r["leader"]])  # SIGTERM: the leader releases its Lease
         assert procs[r["leader"]].returncode == 0
@@ -125,10 +110,10 @@ async def test_two_reconciler_processes_one_active_then_hand_over(
         async def took_over() -> bool:
             return await _readyz(ports[r["standby"]]) == "200 leader"
 
-        await until(took_over, 10, "the standby takes over")
+        await until_async(took_over, 10, "the standby takes over")
         assert time.monotonic() - t_stop < 5  # released, not waited out
         await kube.create(pool_path(kube_ns), pool_doc(kube_ns, "two"))
-        await until(lambda: reconciled("two"), 20, "the new leader reconciles")
+        await until_async(lambda: reconciled("two"), 20, "the new leader reconciles")
     except BaseException:
         for f in sorted(tmp_path.glob("*.log")):
             sys.stderr.write(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}\n")

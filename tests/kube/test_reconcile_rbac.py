@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -23,9 +22,8 @@ from epp.reconcile.controller import Controller
 from epp.reconcile.kube import Kube, path_for
 from epp.reconcile.reconciler import pool_path
 from hack.kube.cluster import REPO, Cluster, kubectl_path
-from tests.kube.helpers import ensure_httproute_crd
+from tests.kube.helpers import ensure_httproute_crd, until_async
 
-T = TypeVar("T")
 MANIFESTS = REPO / "manifests" / "reconciler"
 SA_NS = "epp-system"
 SA = f"system:serviceaccount:{SA_NS}:epp-reconciler"
@@ -232,18 +230,6 @@ def _sa_kubeconfig(cluster: Cluster, path: Path) -> Path:
     return path
 
 
-async def _until(cond: Callable[[], Awaitable[T | None]], timeout: float = 20.0,
-                 what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 async def test_controller_converges_with_only_the_service_account_token(
         rbac_cluster: Cluster, kube_ns: str, tmp_path: Path) -> None:
     admin = await Kube.connect(str(rbac_cluster.kubeconfig))
@@ -260,7 +246,7 @@ async def test_controller_converges_with_only_the_service_account_token(
             conds = (raw.get("status") or {}).get("conditions") or []
             return next((c.get("reason") for c in conds if c["type"] == "Degraded"), None)
 
-        assert await _until(lambda: _eq(reason(), "InvalidTemplate"), what="InvalidTemplate")
+        assert await until_async(lambda: _eq(reason(), "InvalidTemplate"), what="InvalidTemplate")
         events = await admin.list_objects(path_for("v1", "events", kube_ns))
         assert any(e.get("reason") == "InvalidTemplate" for e in events["items"])
 
@@ -276,8 +262,8 @@ async def test_controller_converges_with_only_the_service_account_token(
                 counts[p.business] = counts.get(p.business, 0) + 1
             return counts if counts == {"production": 2, "testing": 1} else None
 
-        await _until(distributed, 30, "2 production + 1 testing pods")
-        assert await _until(lambda: _eq(reason(), "AsExpected"), what="Degraded=AsExpected")
+        await until_async(distributed, 30, "2 production + 1 testing pods")
+        assert await until_async(lambda: _eq(reason(), "AsExpected"), what="Degraded=AsExpected")
         dep = await admin.get(path_for("apps/v1", "deployments", kube_ns, "mp-decode"))
         assert dep["spec"]["template"]["metadata"]["annotations"]["example.com/pool"] == "mp"
         for api, plural, name in (("inference.networking.k8s.io/v1", "inferencepools", "mp"),
@@ -297,7 +283,7 @@ async def test_controller_converges_with_only_the_service_account_token(
             infos = [pod_info(p) for p in await list_pool_pods(admin, kube_ns, "mp")]
             return gone is None and not any(p.business == "testing" for p in infos)
 
-        await _until(pruned, 20, "route pruned and testing pod released")
+        await until_async(pruned, 20, "route pruned and testing pod released")
         # The controller watches cluster-wide; other tests' pools (some invalid on purpose)
         # may be there too: judge only this test's namespace.
         mine = {k: r for k, r in ctl.last.items() if k[0] == kube_ns}
