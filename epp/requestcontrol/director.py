@@ -244,7 +244,7 @@ class Director:
         approximate prefix index sees it), a per-request overhead and the decode."""
         req = admitted.request
         index = self.scheduler.services.prefix_index
-        matched = index.match(index.hash_prompt(req.routed_model, req.prompt))
+        matched = index.match(index.hash_request(req))
         best = max(matched.values(), default=0) * index.block_tokens
         uncached = max(0, req.prompt_tokens - best)
         return WORK_PER_REQUEST + uncached + WORK_PER_OUTPUT_TOKEN * req.expected_decode_tokens

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import xxhash
 
 from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.request import CHARS_PER_TOKEN
+from epp.scheduling.request import CHARS_PER_TOKEN, InferenceRequest
 
 _hash = xxhash.xxh3_64_intdigest
 
@@ -56,6 +56,13 @@ class PrefixIndex:
             h = _hash(view[i * bc : (i + 1) * bc], h)
             out[i] = h
         return out
+
+    def hash_request(self, request: InferenceRequest) -> list[int]:
+        """`hash_prompt` of the request's routed model and prompt, computed once per request."""
+        hashes = request.block_hashes
+        if hashes is None:
+            hashes = request.block_hashes = self.hash_prompt(request.routed_model, request.prompt)
+        return hashes
 
     # ---- lookup ---------------------------------------------------------------------------
     def match(self, hashes: list[int]) -> dict[str, int]:

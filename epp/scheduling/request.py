@@ -29,6 +29,9 @@ class InferenceRequest:
     headers: dict[str, str] = field(default_factory=dict)
     # The parsed JSON body (not copied), for plugins that tokenize the prompt like the engine.
     body: dict[str, Any] | None = None
+    # The prompt's approximate block hashes, once computed (`PrefixIndex.hash_request`): flow
+    # control's work estimate and every scheduling cycle of the request share them.
+    block_hashes: list[int] | None = None
 
     @property
     def routed_model(self) -> str:

@@ -22,7 +22,7 @@ def prefix_match(cycle: CycleState, services: Services, request: InferenceReques
     cached: PrefixMatch | None = cycle.get(PREFIX_KEY)
     if cached is None:
         index = services.prefix_index
-        hashes = index.hash_prompt(request.routed_model, request.prompt)
+        hashes = index.hash_request(request)
         cached = PrefixMatch(hashes, index.match(hashes))
         cycle.set(PREFIX_KEY, cached)
     return cached
