@@ -115,6 +115,7 @@ class FlowController:
         flow_id = self._flow_id(admitted)
         fairness = band.settings.fairness
         cost = self.binder.work_estimate(admitted) if fairness.uses_work else 1.0
+        decision: Decision | None = None
         if (
             fairness.bypass_within_share
             and prio >= 0  # sheddable requests always wait for room
@@ -125,21 +126,17 @@ class FlowController:
             # (nor, alone, behind its own: holding it would only delay it): it goes to the
             # pod that serves it best now. Tenants over their share wait for room.
             try:
-                now_decision = self.binder.schedule_on(admitted, admitted.candidates)
+                decision = self.binder.schedule_on(admitted, admitted.candidates)
             except SchedulingError as e:
                 raise unavailable(str(e)) from e
+        behind_others = decision is None and self._waiting_at_or_above(prio)
+        if decision is None and not behind_others:
+            decision = self._try_now(admitted, admitted.candidates, now)
+        if decision is not None:
             band.record_work(flow_id, cost, now)
             if self.observer is not None:
                 self.observer.dispatched(prio, req.business or "", 0.0, False)
-            return now_decision
-        behind_others = self._waiting_at_or_above(prio)
-        if not behind_others:
-            decision = self._try_now(admitted, admitted.candidates, now)
-            if decision is not None:
-                band.record_work(flow_id, cost, now)
-                if self.observer is not None:
-                    self.observer.dispatched(prio, req.business or "", 0.0, False)
-                return decision
+            return decision
         size = len(req.prompt)
         s = self.settings
         reason = ""
