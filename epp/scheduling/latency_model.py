@@ -59,13 +59,24 @@ class LatencyModel:
         self.fleet_speed = 1.0  # the fleet's speed factor (see `speed_factor`)
 
     # ---- prediction (hot path) ------------------------------------------------------------
-    def queue(self, ep: Endpoint, now: float, decode_tokens: int = 256) -> QueueEstimate:
+    def queue(
+        self,
+        ep: Endpoint,
+        now: float,
+        decode_tokens: int = 256,
+        speeds: tuple[float, float] | None = None,
+    ) -> QueueEstimate:
         """What a request sent to `ep` now would wait behind: the prefill work ahead (the
         fluid model of what the EPP sent, raised to the engine's reported waiting queue
         when that is fresh and larger) or, when every sequence slot is taken, requests
-        finishing (`decode_tokens`: how long a typical request holds its slot)."""
+        finishing (`decode_tokens`: how long a typical request holds its slot). `speeds`:
+        `self.speeds(ep, now)` when the caller already has it."""
         lat, inf, m = ep.latency, ep.inflight, ep.metrics
-        rate = self.prefill_tokens_per_s(ep, now)
+        tpot_ms, factor = speeds or self.speeds(ep, now)
+        if lat.prefill_ms_per_token:  # learned from true first tokens
+            rate = 1000.0 / lat.prefill_ms_per_token
+        else:
+            rate = 1000.0 / (self.priors.prefill_ms_per_token * factor)
         backlog = self.backlog_tokens(ep, now, rate)
         running = max(float(inf.requests), m.running)
         slot_wait_s = 0.0
@@ -75,7 +86,8 @@ class LatencyModel:
             # every sequence slot is taken: the queue waits for requests to finish
             waiting = m.waiting + self.pick_rate(ep, now) * age if age <= METRICS_FRESH_S else 0.0
             waiting = max(waiting, inf.requests - cap)
-            slot_wait_s = waiting * self.decode_time_s(ep, decode_tokens, now) / cap
+            decode_s = decode_tokens * (tpot_ms or self.priors.tpot_ms * factor) / 1000.0
+            slot_wait_s = waiting * decode_s / cap
         elif m.waiting > 0 and age <= METRICS_FRESH_S:
             # queued prefill work the EPP's model no longer counts
             per = lat.uncached_tokens or self.priors.unknown_queue_tokens
@@ -158,6 +170,18 @@ class LatencyModel:
         if now - lat.decode_tpot_at > DECODE_SPEED_TTL_S:
             return 0.0
         return lat.decode_tpot_ms
+
+    def speeds(self, ep: Endpoint, now: float) -> tuple[float, float]:
+        """`(decode_tpot_ms(ep, now), speed_factor(ep, now))` with the scrape taken in once:
+        the per-endpoint work of a pick over many endpoints."""
+        self.refresh(ep, now)
+        lat = ep.latency
+        tpot = lat.decode_tpot_ms
+        if tpot > 0 and now - lat.decode_tpot_at <= DECODE_SPEED_TTL_S:
+            f = tpot / self.priors.tpot_ms
+        else:
+            tpot, f = 0.0, self.fleet_speed
+        return tpot, min(max(f, MIN_SPEED_FACTOR), MAX_SPEED_FACTOR)
 
     def speed_factor(self, ep: Endpoint, now: float) -> float:
         """How much slower than the priors this endpoint runs (its decode speed over the

@@ -71,43 +71,44 @@ class DelayCostScorer(Scorer):
         prompt = request.prompt_tokens
         prompt_blocks = len(match.hashes)
         base_prior_ms = model.priors.ttft_base_ms
-        tpots = [model.decode_tpot_ms(ep, now) for ep in endpoints]
-        known = [t for t in tpots if t > 0]
-        ref_tpot = min(known) if known else 0.0
         decode_tokens = request.expected_decode_tokens
         ww, sw, ew = self.work_weight, self.stall_weight, self.eviction_weight
-        queues = [model.queue(ep, now, decode_tokens) for ep in endpoints]
-        held = [cached.get(ep.key, 0) if cached else 0 for ep in endpoints]
+        # One pass for what needs every endpoint's figures (the fastest decode speed, the
+        # best-held prefix), one for the costs: 1000 endpoints per pick is the design load.
+        states = []
+        ref_tpot = 0.0
+        for ep in endpoints:
+            speeds = model.speeds(ep, now)
+            tpot = speeds[0]
+            if tpot > 0.0 and (ref_tpot == 0.0 or tpot < ref_tpot):
+                ref_tpot = tpot
+            states.append((speeds, model.queue(ep, now, decode_tokens, speeds)))
+        held = [cached.get(ep.key, 0) for ep in endpoints] if cached else [0] * len(endpoints)
         # When every pod holding the prompt's prefix has all its sequence slots taken, a cold
         # prefill elsewhere makes a second home for a prefix in demand: an investment for the
         # requests that follow, so its work is not charged as waste.
         best_held = max(held) if held else 0
         replicate = best_held * 2 >= prompt > 0 and all(
-            q.slot_wait_s > 0 for q, h in zip(queues, held, strict=True) if h >= best_held
+            st[1].slot_wait_s > 0 for st, h in zip(states, held, strict=True) if h >= best_held
         )
+        slow_tpot = ref_tpot * SLOW_DEAD_ZONE
         out = []
-        for ep, tpot, q, hits in zip(endpoints, tpots, queues, held, strict=True):
-            extra_decode_s = 0.0
-            if ref_tpot and tpot > ref_tpot * SLOW_DEAD_ZONE:
-                extra_decode_s = decode_tokens * (tpot - ref_tpot) / 1000.0
-            rate, running = q.tokens_per_s, q.running
-            wait_s = q.wait_s
-            matched = blocks.get(ep.key, 0) if blocks else 0
-            uncached = prompt - hits
-            if uncached < 0:
-                uncached = 0
+        for ep, ((tpot, factor), q), hits in zip(endpoints, states, held, strict=True):
+            rate = q.tokens_per_s
+            uncached = prompt - hits if prompt > hits else 0
             own_s = uncached / rate
-            base_s = (
-                ep.latency.ttft_base_ms or base_prior_ms * model.speed_factor(ep, now)
-            ) / 1000.0
-            cost = base_s + wait_s + own_s + extra_decode_s
+            cost = (ep.latency.ttft_base_ms or base_prior_ms * factor) / 1000.0 + q.wait_s + own_s
+            if ref_tpot and tpot > slow_tpot:
+                cost += decode_tokens * (tpot - ref_tpot) / 1000.0
             if own_s > 0.0:
                 work = 0.0 if replicate and hits < best_held else ww
-                cost += work * own_s + sw * running * own_s
+                cost += work * own_s + sw * q.running * own_s
                 if ew > 0.0:
-                    new_blocks = prompt_blocks - matched
+                    new_blocks = prompt_blocks - (blocks.get(ep.key, 0) if blocks else 0)
                     over = index.blocks_held(ep.key) + new_blocks - index.capacity_for(ep)
                     if over > 0:
-                        cost += ew * min(over, new_blocks) * block_tokens / rate
+                        cost += (
+                            ew * (over if over < new_blocks else new_blocks) * block_tokens / rate
+                        )
             out.append(cost)
         return out
