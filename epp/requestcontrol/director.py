@@ -249,6 +249,13 @@ class Director:
         uncached = max(0, req.prompt_tokens - best)
         return WORK_PER_REQUEST + uncached + WORK_PER_OUTPUT_TOKEN * req.expected_decode_tokens
 
+    def prefill_capacity(self, endpoints: Sequence[Endpoint]) -> float:
+        """Prefill tokens per second the ready ones of `endpoints` can take together (the
+        latency model's per-endpoint prefill speed)."""
+        model = self.scheduler.services.latency
+        now = clock.now()
+        return sum(model.prefill_tokens_per_s(ep, now) for ep in endpoints if ep.ready)
+
     def schedule_on(self, admitted: Admitted, endpoints: list[Endpoint]) -> Decision:
         """Schedule on `endpoints` and run the pre-request hooks; raises SchedulingError."""
         return self.commit(admitted, self.plan(admitted, endpoints))

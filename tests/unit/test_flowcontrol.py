@@ -794,3 +794,68 @@ def test_work_estimate_counts_the_uncached_prompt() -> None:
     again = d.admission(long_req("x", "a", tokens=2000))
     assert d.work_estimate(again) < cost_fresh / 4
     d.release(dec)
+
+
+ROOMY = {"maxConcurrency": 100, "queueDepthThreshold": 0, "kvCacheUtilThreshold": 0}
+
+
+def fresh_req(rid: str, tenant: str, tokens: int) -> InferenceRequest:
+    prompt = (f"{rid} " + "tok " * tokens).encode()  # unique from the first block on
+    r = InferenceRequest(request_id=rid, model="m", prompt=prompt, prompt_tokens=tokens)
+    r.headers = {"x-gateway-inference-fairness-id": tenant}
+    return r
+
+
+def flood(share: float | None, light: bool) -> tuple[list[Decision | Ticket], Director, Clock]:
+    """Tenant b sends requests of ~20k fresh tokens (about its whole weighted share of the
+    two pods' prefill speed, 2 x 4000 tokens/s with the priors, per request over the 5 s
+    work window) while the pods always have room; tenant a is active when `light`."""
+    params = {} if share is None else {"shareOfCapacity": share}
+    flow = {
+        "saturationDetector": ROOMY,
+        "defaultPriorityBand": {"fairnessPolicyRef": "wf"},
+    }
+    plugins = [{"name": "wf", "type": "work-fairness-policy", "parameters": params}]
+    d, _eps, clock, _ = make(2, flow=flow, plugins=plugins)
+    if light:
+        a = d.submit(fresh_req("a0", "a", 50))
+        assert isinstance(a, Decision)
+    out = []
+    for i in range(3):
+        out.append(d.submit(fresh_req(f"b{i}", "b", 20_000)))
+        clock.t += 0.01
+    return out, d, clock
+
+
+def test_a_flood_waits_at_its_share_of_prefill_capacity_though_pods_have_room() -> None:
+    got, d, clock = flood(None, light=True)
+    # the first request takes b to half the pool's prefill capacity: the rest wait in the
+    # EPP although every pod has room, so the light tenant's next prompt finds no flood
+    # ahead of it on the pods
+    assert isinstance(got[0], Decision)
+    assert all(isinstance(g, Ticket) for g in got[1:])
+    light = d.submit(fresh_req("a1", "a", 50))
+    assert isinstance(light, Decision)
+    # b's recent work decays: the queue moves again without any capacity event
+    assert isinstance(got[1], Ticket)
+    clock.t += 10.0
+    assert fc(d).pump() >= 1
+    assert got[1].state is TicketState.DISPATCHED
+
+
+def test_the_capacity_share_never_holds_a_tenant_alone_nor_when_turned_off() -> None:
+    alone, _, _ = flood(None, light=False)
+    assert all(isinstance(g, Decision) for g in alone)
+    off, _, _ = flood(0.0, light=True)
+    assert all(isinstance(g, Decision) for g in off)
+    wider, _, _ = flood(3.0, light=True)  # 3x its share: room for all three
+    assert all(isinstance(g, Decision) for g in wider)
+
+
+def test_share_of_capacity_must_be_a_non_negative_number() -> None:
+    for bad, message in (("x", "must be a number"), (-1, "must not be negative")):
+        plugins = [{"name": "wf", "type": "work-fairness-policy",
+                    "parameters": {"shareOfCapacity": bad}}]  # fmt: skip
+        flow = {"defaultPriorityBand": {"fairnessPolicyRef": "wf"}}
+        with pytest.raises(ConfigError, match=message):
+            build_request_control(config_text(flow, plugins))

@@ -68,6 +68,9 @@ class Binder(Protocol):
     def work_estimate(self, admitted: Admitted) -> float:
         """The work a request brings, in prefill-token equivalents (for work fairness)."""
 
+    def prefill_capacity(self, endpoints: Sequence[Endpoint]) -> float:
+        """Prefill tokens per second the ready ones of `endpoints` can take together."""
+
 
 class FlowObserver(Protocol):
     """Where the controller reports outcomes (metrics)."""
@@ -130,7 +133,11 @@ class FlowController:
             except SchedulingError as e:
                 raise unavailable(str(e)) from e
         behind_others = decision is None and self._waiting_at_or_above(prio)
-        if decision is None and not behind_others:
+        if (
+            decision is None
+            and not behind_others
+            and not self._over_capacity_share(band, flow_id, admitted.candidates, now)
+        ):
             decision = self._try_now(admitted, admitted.candidates, now)
         if decision is not None:
             band.record_work(flow_id, cost, now)
@@ -264,6 +271,16 @@ class FlowController:
                 return True
         return False
 
+    def _over_capacity_share(
+        self, band: Band, flow_id: str, candidates: Sequence[Endpoint], now: float
+    ) -> bool:
+        """The flow must wait although pods may have room: see `Band.over_capacity_share`."""
+        if band.settings.fairness.capacity_share <= 0.0 or (
+            len(band.work_rates) < 2 and not band.flows
+        ):
+            return False
+        return band.over_capacity_share(flow_id, now, self.binder.prefill_capacity(candidates))
+
     def _try_now(
         self, admitted: Admitted, candidates: list[Endpoint], now: float
     ) -> Decision | None:
@@ -310,6 +327,9 @@ class FlowController:
                     continue
                 try:
                     candidates = self.binder.candidates(t.admitted)
+                    if self._over_capacity_share(band, flow.flow_id, candidates, now):
+                        skipped.append(entry)  # this flow waits; others may go
+                        continue
                     decision = self._try_now(t.admitted, candidates, now)
                 except RequestError as e:
                     self._finish_rejected(band, t, e, "unschedulable", now)

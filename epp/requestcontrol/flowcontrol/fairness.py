@@ -17,7 +17,11 @@ earns no credit.
   held back to the request rate of a tenant of long fresh prompts that fill the pool. A
   request of a flow within its share of the work dispatched lately (nothing of it queued)
   goes straight to the best pod: only tenants over their share wait for room, so a lone
-  tenant is never held (holding it would only add delay) and a flooding one is.
+  tenant is never held (holding it would only add delay) and a flooding one is. A flow
+  over its share also waits, while other flows are active, once its recent work reaches
+  its weighted share of the pool's prefill capacity (`shareOfCapacity` x that share; 1 by
+  default, 0 = off): the pods' prefill is not preemptible, so a flood allowed to fill every
+  pod that has room makes the light tenant wait behind it on every pod.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class FairnessPolicy:
             raise ValueError(f"{self.type_name} takes no parameters")
 
     uses_work = False  # whether `cost` needs the request's work estimate
+    # > 0: a flow over its share waits, while others are active, once its recent work
+    # reaches this x its weighted share of the pool's prefill capacity (work fairness only:
+    # its costs are in prefill tokens)
+    capacity_share = 0.0
     # Whether a request of a flow within its share may skip the wait for a pod with room
     # (its turn would come first anyway).
     bypass_within_share = False
@@ -88,6 +96,17 @@ class WorkFairness(WeightedFairness):
     type_name = "work-fairness-policy"
     uses_work = True
     bypass_within_share = True
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        p = dict(params or {})
+        share = p.pop("shareOfCapacity", 1.3)
+        super().__init__(p)
+        try:
+            self.capacity_share = float(share)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.type_name}: shareOfCapacity must be a number") from None
+        if not self.capacity_share >= 0:
+            raise ValueError(f"{self.type_name}: shareOfCapacity must not be negative")
 
     def cost(self, ticket: Any) -> float:
         return float(ticket.cost)

@@ -204,6 +204,32 @@ class Band:
             weights += fairness.weight(flow_id)
         return mine < total / weights
 
+    def over_capacity_share(self, flow_id: str, now: float, capacity: float) -> bool:
+        """The flow's recent work (prefill tokens per second) has reached its weighted share
+        of `capacity` (the pool's prefill tokens per second) times the fairness policy's
+        `capacity_share`, while other flows are active (queued, or dispatched lately)."""
+        fairness = self.settings.fairness
+        factor = fairness.capacity_share
+        if factor <= 0.0 or capacity <= 0.0:
+            return False
+        mine = 0.0
+        weights = fairness.weight(flow_id)
+        others = False
+        for fid, (rate, at) in self.work_rates.items():
+            r = _decayed(rate, now - at)
+            if fid == flow_id:
+                mine = r
+            elif r > 1e-9 or fid in self.flows:
+                weights += fairness.weight(fid)
+                others = True
+        for fid in self.flows:
+            if fid != flow_id and fid not in self.work_rates:
+                weights += fairness.weight(fid)
+                others = True
+        if not others:
+            return False
+        return mine >= factor * capacity * fairness.weight(flow_id) / weights
+
     def add(self, t: Ticket) -> None:
         flow = self.flows.get(t.flow_id)
         if flow is None:
