@@ -807,9 +807,10 @@ def fresh_req(rid: str, tenant: str, tokens: int) -> InferenceRequest:
 
 
 def flood(share: float | None, light: bool) -> tuple[list[Decision | Ticket], Director, Clock]:
-    """Tenant b sends requests of ~20k fresh tokens (about its whole weighted share of the
-    two pods' prefill speed, 2 x 4000 tokens/s with the priors, per request over the 5 s
-    work window) while the pods always have room; tenant a is active when `light`."""
+    """Tenant b sends 4 requests of ~20k fresh tokens while the pods always have room;
+    tenant a is active when `light`. With the priors two pods prefill 2 x 4000 tokens/s:
+    b's weighted share is 4000/s, and its credit 10 s of that (two of its requests, plus
+    one more that goes on the last of it)."""
     params = {} if share is None else {"shareOfCapacity": share}
     flow = {
         "saturationDetector": ROOMY,
@@ -821,35 +822,45 @@ def flood(share: float | None, light: bool) -> tuple[list[Decision | Ticket], Di
         a = d.submit(fresh_req("a0", "a", 50))
         assert isinstance(a, Decision)
     out = []
-    for i in range(3):
+    for i in range(4):
         out.append(d.submit(fresh_req(f"b{i}", "b", 20_000)))
         clock.t += 0.01
     return out, d, clock
 
 
 def test_a_flood_waits_at_its_share_of_prefill_capacity_though_pods_have_room() -> None:
-    got, d, clock = flood(None, light=True)
-    # the first request takes b to half the pool's prefill capacity: the rest wait in the
-    # EPP although every pod has room, so the light tenant's next prompt finds no flood
-    # ahead of it on the pods
-    assert isinstance(got[0], Decision)
-    assert all(isinstance(g, Ticket) for g in got[1:])
+    got, d, clock = flood(1.0, light=True)
+    # the first goes within b's share of the work; two more use up its credit; the last
+    # waits in the EPP although every pod has room, so the light tenant's next prompt finds
+    # no more of the flood ahead of it on the pods
+    assert [isinstance(g, Decision) for g in got] == [True, True, True, False]
     light = d.submit(fresh_req("a1", "a", 50))
     assert isinstance(light, Decision)
-    # b's recent work decays: the queue moves again without any capacity event
-    assert isinstance(got[1], Ticket)
-    clock.t += 10.0
-    assert fc(d).pump() >= 1
-    assert got[1].state is TicketState.DISPATCHED
+    # the credit refills at b's share: the queue moves again without any capacity event,
+    # one request per 5 s of share
+    assert fc(d).pump() == 0
+    clock.t += 5.0
+    assert fc(d).pump() == 1
+    assert isinstance(got[3], Ticket) and got[3].state is TicketState.DISPATCHED
 
 
-def test_the_capacity_share_never_holds_a_tenant_alone_nor_when_turned_off() -> None:
-    alone, _, _ = flood(None, light=False)
+def test_the_capacity_share_never_holds_a_tenant_alone_and_is_off_by_default() -> None:
+    alone, _, _ = flood(1.0, light=False)
     assert all(isinstance(g, Decision) for g in alone)
-    off, _, _ = flood(0.0, light=True)
-    assert all(isinstance(g, Decision) for g in off)
-    wider, _, _ = flood(3.0, light=True)  # 3x its share: room for all three
+    for off in (0.0, None):
+        got, _, _ = flood(off, light=True)
+        assert all(isinstance(g, Decision) for g in got)
+    wider, _, _ = flood(3.0, light=True)  # 3x its share: credit for all four
     assert all(isinstance(g, Decision) for g in wider)
+
+
+def test_a_tenant_that_left_stops_holding_the_flood_back() -> None:
+    got, d, clock = flood(1.0, light=True)
+    assert isinstance(got[3], Ticket) and got[3].queued
+    clock.t += 10.1  # tenant a sent nothing for 10 s: b is alone and goes where there is room
+    assert fc(d).pump() == 1
+    more = [d.submit(fresh_req(f"c{i}", "b", 20_000)) for i in range(3)]
+    assert all(isinstance(g, Decision) for g in more)
 
 
 def test_share_of_capacity_must_be_a_non_negative_number() -> None:

@@ -96,6 +96,8 @@ class Ticket:
 
 
 WORK_RATE_TAU_S = 5.0  # time constant of the per-flow dispatched-work rate
+CAPACITY_BURST_S = 10.0  # how far ahead of its capacity share a flow may run
+ACTIVE_AFTER_DISPATCH_S = 2 * WORK_RATE_TAU_S
 
 
 def _decayed(rate: float, dt: float) -> float:
@@ -160,6 +162,8 @@ class Band:
         self.vtime = 0.0  # finish time of the flow that dispatched last
         # Recent dispatched work per flow (decaying rate, as of a time), for `within_share`.
         self.work_rates: dict[str, tuple[float, float]] = {}
+        # Per flow, for `over_capacity_share`: (credit in work units, as of, fill rate).
+        self.credit: dict[str, tuple[float, float, float]] = {}
         self._activations = 0
         self.ewma_wait_s = 0.0  # of dispatched requests: the retry-after hint
 
@@ -171,10 +175,17 @@ class Band:
         """A request of `flow_id` bringing `work` was dispatched (from the queue or not)."""
         rate, at = self.work_rates.get(flow_id, (0.0, now))
         self.work_rates[flow_id] = (_decayed(rate, now - at) + work / WORK_RATE_TAU_S, now)
+        got = self.credit.get(flow_id)
+        if got is not None:
+            credit, at, fill = got
+            depth = fill * CAPACITY_BURST_S
+            credit = min(depth, credit + fill * (now - at)) - work
+            self.credit[flow_id] = (max(credit, -depth), now, fill)
         if len(self.work_rates) > 4096:  # forget the flows that went quiet
             self.work_rates = {
                 k: (r, a) for k, (r, a) in self.work_rates.items() if now - a < 4 * WORK_RATE_TAU_S
             }
+            self.credit = {k: v for k, v in self.credit.items() if k in self.work_rates}
 
     def within_share(self, flow_id: str, now: float) -> bool:
         """Nothing of the flow is queued and it is not taking more than its weighted share
@@ -205,21 +216,21 @@ class Band:
         return mine < total / weights
 
     def over_capacity_share(self, flow_id: str, now: float, capacity: float) -> bool:
-        """The flow's recent work (prefill tokens per second) has reached its weighted share
-        of `capacity` (the pool's prefill tokens per second) times the fairness policy's
-        `capacity_share`, while other flows are active (queued, or dispatched lately)."""
+        """While other flows are active (queued, or dispatched in the last
+        `ACTIVE_AFTER_DISPATCH_S`: a tenant that left soon stops holding the others back),
+        the flow has used up its credit: a token bucket filled at its weighted share of
+        `capacity` (the pool's prefill tokens per second) times the policy's
+        `capacity_share`, holding `CAPACITY_BURST_S` of it, and drained by the work the
+        flow dispatches. A flow near its share rides out its bursts on the credit; a flood
+        is held to the share."""
         fairness = self.settings.fairness
         factor = fairness.capacity_share
         if factor <= 0.0 or capacity <= 0.0:
             return False
-        mine = 0.0
         weights = fairness.weight(flow_id)
         others = False
-        for fid, (rate, at) in self.work_rates.items():
-            r = _decayed(rate, now - at)
-            if fid == flow_id:
-                mine = r
-            elif r > 1e-9 or fid in self.flows:
+        for fid, (_rate, at) in self.work_rates.items():
+            if fid != flow_id and (fid in self.flows or now - at <= ACTIVE_AFTER_DISPATCH_S):
                 weights += fairness.weight(fid)
                 others = True
         for fid in self.flows:
@@ -227,8 +238,13 @@ class Band:
                 weights += fairness.weight(fid)
                 others = True
         if not others:
+            self.credit.pop(flow_id, None)  # alone: it starts with full credit next time
             return False
-        return mine >= factor * capacity * fairness.weight(flow_id) / weights
+        rate = factor * capacity * fairness.weight(flow_id) / weights
+        credit, at, _ = self.credit.get(flow_id, (math.inf, now, rate))
+        credit = min(rate * CAPACITY_BURST_S, credit + rate * (now - at))
+        self.credit[flow_id] = (credit, now, rate)
+        return credit <= 0.0
 
     def add(self, t: Ticket) -> None:
         flow = self.flows.get(t.flow_id)
