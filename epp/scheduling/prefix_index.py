@@ -9,6 +9,8 @@ that, like the engines, the tail of a prefix is evicted before its head.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ class PrefixIndex:
         self.default_capacity_blocks = default_capacity_blocks
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._holders: dict[int, set[str]] = {}
+        self._pending: list[tuple[Endpoint, list[int]]] = []  # see `insert_soon`
 
     # ---- hashing --------------------------------------------------------------------------
     def hash_prompt(self, model: str, prompt: bytes) -> list[int]:
@@ -67,6 +70,8 @@ class PrefixIndex:
     # ---- lookup ---------------------------------------------------------------------------
     def match(self, hashes: list[int]) -> dict[str, int]:
         """Longest run of leading blocks each endpoint holds."""
+        if self._pending:
+            self.flush()
         holders = self._holders
         if not hashes:
             return {}
@@ -92,6 +97,8 @@ class PrefixIndex:
 
         A linear scan: `remove_blocks` can leave holes in a held chain, which a binary
         search would jump over."""
+        if self._pending:
+            self.flush()
         lru = self._lru.get(key)
         if not lru:
             return 0
@@ -109,7 +116,33 @@ class PrefixIndex:
             return max(1, (m.num_blocks * m.block_size) // self.block_tokens)
         return self.default_capacity_blocks
 
+    def insert_soon(self, ep: Endpoint, hashes: list[int]) -> None:
+        """`insert`, applied before the index is next read and, under a running event loop,
+        right after the current callback: the request just picked does not wait for its
+        insert (1,500 blocks for a 100k-token prompt) before its answer goes out."""
+        if not hashes:
+            return
+        pending = self._pending
+        pending.append((ep, hashes))
+        if len(pending) == 1:
+            # no loop (the benchmark, vsim): the next read applies it
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the inserts `insert_soon` left pending, in order."""
+        pending = self._pending
+        if pending:
+            self._pending = []
+            for ep, hashes in pending:
+                self._insert(ep, hashes)
+
     def insert(self, ep: Endpoint, hashes: list[int]) -> None:
+        if self._pending:
+            self.flush()
+        self._insert(ep, hashes)
+
+    def _insert(self, ep: Endpoint, hashes: list[int]) -> None:
         if not hashes:
             return
         key = ep.key
@@ -142,6 +175,8 @@ class PrefixIndex:
                     del holders[old]
 
     def remove_blocks(self, key: str, hashes: list[int]) -> None:
+        if self._pending:
+            self.flush()
         lru = self._lru.get(key)
         if lru is None:
             return
@@ -150,6 +185,8 @@ class PrefixIndex:
                 self._drop_holder(h, key)
 
     def remove_endpoint(self, key: str) -> None:
+        if self._pending:
+            self.flush()
         lru = self._lru.pop(key, None)
         if lru:
             for h in lru:
@@ -163,11 +200,14 @@ class PrefixIndex:
                 del self._holders[h]
 
     def blocks_held(self, key: str) -> int:
+        if self._pending:
+            self.flush()
         lru = self._lru.get(key)
         return len(lru) if lru else 0
 
     def export(self) -> Iterator[tuple[str, list[int]]]:
         """Each endpoint's held blocks, most recently used first: `insert(ep, blocks)` of
         them (oldest chunk first) rebuilds the same LRU order elsewhere (replica sync)."""
+        self.flush()
         for key, lru in list(self._lru.items()):
             yield key, list(reversed(lru))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from epp.datalayer.endpoint import Endpoint
@@ -178,3 +179,31 @@ def test_matched_blocks_for_stops_at_a_hole() -> None:
     idx.remove_blocks(e1.key, [h[1]])
     assert idx.match(h) == {e1.key: 1}
     assert idx.matched_blocks_for(e1.key, h) == 1
+
+
+def test_insert_soon_is_seen_by_every_read_in_order() -> None:
+    idx = PrefixIndex(block_bytes=BLOCK)
+    a, b = ep(1), ep(2, num_blocks=2, block_size=4)  # b holds 2 blocks
+    first = idx.hash_prompt("m", blocks("a", "b"))
+    second = idx.hash_prompt("m", blocks("c", "d"))
+    idx.insert_soon(a, first)
+    assert idx.match(first) == {a.key: 2}  # no event loop: the read applies it
+    idx.insert_soon(b, first)
+    idx.insert_soon(b, second)  # applied in order: the second evicts the first
+    assert idx.blocks_held(b.key) == 2
+    assert idx.matched_blocks_for(b.key, second) == 2
+    assert idx.matched_blocks_for(b.key, first) == 0
+    idx.insert_soon(a, second)
+    # newest first, each prompt's head more recent than its tail (as `insert` leaves it)
+    assert dict(idx.export())[a.key] == [second[0], second[1], first[0], first[1]]
+
+
+async def test_insert_soon_runs_right_after_the_current_callback() -> None:
+    idx = PrefixIndex(block_bytes=BLOCK)
+    a = ep(1)
+    hashes = idx.hash_prompt("m", blocks("a", "b", "c"))
+    idx.insert_soon(a, hashes)
+    assert idx._pending  # the pick's answer goes out first
+    await asyncio.sleep(0)
+    assert not idx._pending
+    assert idx.match(hashes) == {a.key: 3}

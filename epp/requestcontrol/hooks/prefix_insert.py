@@ -1,7 +1,9 @@
 """Approximate prefix index upkeep: the endpoints a prompt was sent to now probably cache it.
 
 Inserted at pick time (not at response end) so the next request of the same group, even in
-the same burst, follows the first one. With P/D both hops hold the prompt's KV afterwards.
+the same burst, follows the first one: `insert_soon` applies it before the index is read
+again, and otherwise right after the answer has gone to the gateway. With P/D both hops hold
+the prompt's KV afterwards.
 """
 
 from __future__ import annotations
@@ -21,5 +23,5 @@ class PrefixCacheInsert(LifecycleHook):
         res = d.result
         index = self.services.prefix_index
         if res.prefill is not None:
-            index.insert(res.prefill, res.prefix_hashes)
-        index.insert(res.target, res.prefix_hashes)
+            index.insert_soon(res.prefill, res.prefix_hashes)
+        index.insert_soon(res.target, res.prefix_hashes)
