@@ -8,8 +8,10 @@ Requests that share a prefix (a system prompt, a conversation's history) should 
 tokenizing it again. Long texts are cut into chunks of about `chunk_chars` characters that
 end between two words (`letter␠letter`): with the pre-tokenizers of byte-level BPE
 tokenizers (GPT-2, Llama 3, Qwen, ...) no token crosses such a point, so the token ids of
-the whole text are the concatenation of the chunks' ids. Each chunk's ids are cached under a
-chained hash of the text up to its end. Chunking is enabled only for tokenizers whose
+the whole text are the concatenation of the chunks' ids. A chunk also ends where a special
+token starts (`<|im_end|>`, ...: the tokenizer splits there first), so a chat's system
+message ends a chunk and stays cached whatever the user message after it. Each chunk's ids
+are cached under a chained hash of the text up to its end. Chunking is enabled only for tokenizers whose
 normalizer and pre-tokenizer are of those kinds and that pass a self-test at load (whole
 versus chunked encodings of probe texts); otherwise every text is encoded whole.
 """
@@ -118,6 +120,13 @@ class ModelTokenizer:
         template = chat_template if chat_template is not None else _config_template(self.config)
         self.chat: ChatTemplate | None = ChatTemplate(template, special) if template else None
         self._prefix_ids, self._suffix_ids, self._specials_known = self._special_wrapping()
+        # Chunks also end where a special token starts (the tokenizer splits the text
+        # there before anything else), so a chat's system message ends a chunk and stays
+        # cached when the user message after it changes.
+        self._specials = self._special_texts()
+        self._special_at = (
+            re.compile("|".join(map(re.escape, self._specials))).search if self._specials else None
+        )
         self.chunking = self._chunking_safe(tokenizer_json)
 
     # ---- encoding --------------------------------------------------------------------------
@@ -156,9 +165,14 @@ class ModelTokenizer:
         missing: list[tuple[int, int, str]] = []
         pos = 0
         h = 0
+        special = self._special_at
         while pos < n:
             m = search(text, pos + step) if pos + step < n else None
             end = m.start() if m is not None else n
+            if special is not None:
+                sm = special(text, pos + 1, end)
+                if sm is not None:
+                    end = sm.start()
             chunk = text[pos:end]
             h = _hash(chunk.encode(), h)
             keys.append(h)
@@ -250,6 +264,20 @@ class ModelTokenizer:
                 return full[:i], full[i + len(plain) :], True
         return [], [], False
 
+    def _special_texts(self) -> list[str]:
+        """The special tokens the tokenizer matches verbatim, longest first."""
+        try:
+            added = self._tok.get_added_tokens_decoder().values()
+        except AttributeError:  # tokenizers < 0.19
+            return []
+        texts = {t.content for t in added if t.special and not t.normalized and t.content}
+        return sorted(texts, key=len, reverse=True)
+
+    def _probe_ok(self, probe: str) -> bool:
+        whole = list(self._tok.encode(probe, add_special_tokens=False).ids)
+        self._cache = _ChunkCache(self._cache.max_tokens)
+        return self._encode_plain(probe) == whole
+
     def _chunking_safe(self, tokenizer_json: Mapping[str, Any] | None) -> bool:
         if tokenizer_json is not None:
             if not _types_ok(tokenizer_json.get("normalizer"), _SAFE_NORMALIZERS, allow_none=True):
@@ -263,12 +291,18 @@ class ModelTokenizer:
         self.chunking = True
         self.chunk_chars = 16
         try:
+            special_at, self._special_at = self._special_at, None
             for probe in _PROBES:
-                whole = list(self._tok.encode(probe, add_special_tokens=False).ids)
-                self._cache = _ChunkCache(self._cache.max_tokens)
-                if self._encode_plain(probe) != whole:
+                if not self._probe_ok(probe):
                     log.warning("%s: chunked tokenization differs; prefix caching off", self.source)
                     return False
+            self._special_at = special_at
+            if special_at is not None:
+                for probe in _PROBES:
+                    if not self._probe_ok(probe.replace(" ", self._specials[0], 3)):
+                        log.warning("%s: chunks cannot end at special tokens", self.source)
+                        self._special_at = None
+                        break
             return True
         finally:
             self.chunk_chars = saved

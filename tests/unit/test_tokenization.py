@@ -47,6 +47,28 @@ def test_a_shared_prefix_is_served_from_the_cache() -> None:
     assert second == list(tok._tok.encode(system + " another question entirely").ids)
 
 
+def test_a_shared_system_message_is_not_tokenized_again() -> None:
+    tok = load_tokenizer(DATA_DIR)
+    rng = random.Random(5)
+    system = " ".join(rng.choice(["kalo", "mine", "ruta", "vozi"]) for _ in range(3000))
+
+    def ask(question: str) -> list[int]:
+        body = {"messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": question}]}  # fmt: skip
+        ids = tok.request_ids("chat", body)
+        assert ids is not None
+        text = tok.render_chat(body["messages"], add_generation_prompt=True)
+        assert ids == list(tok._tok.encode(text, add_special_tokens=False).ids)
+        return ids
+
+    ask("the first question")
+    before = tok.stats.tokens_encoded
+    question = " ".join(rng.choice(["pedu", "sofa", "zi"]) for _ in range(50))
+    ask(question)
+    # the chunk that ends the system message is cached too: only the user turn is new
+    assert tok.stats.tokens_encoded - before < 80
+
+
 def test_chat_requests_render_the_template_like_the_engine() -> None:
     tok = load_tokenizer(DATA_DIR)
     msgs = [{"role": "system", "content": "kalo mine"}, {"role": "user", "content": "hi"}]
