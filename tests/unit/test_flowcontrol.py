@@ -806,11 +806,14 @@ def fresh_req(rid: str, tenant: str, tokens: int) -> InferenceRequest:
     return r
 
 
-def flood(share: float | None, light: bool) -> tuple[list[Decision | Ticket], Director, Clock]:
-    """Tenant b sends 4 requests of ~20k fresh tokens while the pods always have room;
-    tenant a is active when `light`. With the priors two pods prefill 2 x 4000 tokens/s:
-    b's weighted share is 4000/s, and its credit 10 s of that (two of its requests, plus
-    one more that goes on the last of it)."""
+def flood(
+    share: float | None, light: bool, n: int = 6
+) -> tuple[list[Decision | Ticket], Director, Clock]:
+    """Tenant b sends `n` requests of ~20k fresh tokens at once while the pods always have
+    room; tenant a is active when `light`. With the priors two pods prefill 2 x 4000
+    tokens/s: b's weighted share is 4000/s, its credit 10 s of that (two of its requests),
+    and b counts as flooding once what it sent (decaying over 10 s) passes 1.5x its share
+    (its third request)."""
     params = {} if share is None else {"shareOfCapacity": share}
     flow = {
         "saturationDetector": ROOMY,
@@ -822,18 +825,18 @@ def flood(share: float | None, light: bool) -> tuple[list[Decision | Ticket], Di
         a = d.submit(fresh_req("a0", "a", 50))
         assert isinstance(a, Decision)
     out = []
-    for i in range(4):
+    for i in range(n):
         out.append(d.submit(fresh_req(f"b{i}", "b", 20_000)))
         clock.t += 0.01
     return out, d, clock
 
 
 def test_a_flood_waits_at_its_share_of_prefill_capacity_though_pods_have_room() -> None:
-    got, d, clock = flood(1.0, light=True)
-    # the first goes within b's share of the work; two more use up its credit; the last
-    # waits in the EPP although every pod has room, so the light tenant's next prompt finds
-    # no more of the flood ahead of it on the pods
-    assert [isinstance(g, Decision) for g in got] == [True, True, True, False]
+    got, d, clock = flood(None, light=True)
+    # the first goes within b's share of the work, the second before b counts as flooding;
+    # then two more on its credit; the rest wait in the EPP although every pod has room, so
+    # the light tenant's next prompt finds no more of the flood ahead of it on the pods
+    assert [isinstance(g, Decision) for g in got] == [True, True, True, True, False, False]
     light = d.submit(fresh_req("a1", "a", 50))
     assert isinstance(light, Decision)
     # the credit refills at b's share: the queue moves again without any capacity event,
@@ -841,26 +844,37 @@ def test_a_flood_waits_at_its_share_of_prefill_capacity_though_pods_have_room() 
     assert fc(d).pump() == 0
     clock.t += 5.0
     assert fc(d).pump() == 1
-    assert isinstance(got[3], Ticket) and got[3].state is TicketState.DISPATCHED
+    assert isinstance(got[4], Ticket) and got[4].state is TicketState.DISPATCHED
+    assert isinstance(got[5], Ticket) and got[5].queued
 
 
-def test_the_capacity_share_never_holds_a_tenant_alone_and_is_off_by_default() -> None:
-    alone, _, _ = flood(1.0, light=False)
-    assert all(isinstance(g, Decision) for g in alone)
-    for off in (0.0, None):
-        got, _, _ = flood(off, light=True)
-        assert all(isinstance(g, Decision) for g in got)
-    wider, _, _ = flood(3.0, light=True)  # 3x its share: credit for all four
-    assert all(isinstance(g, Decision) for g in wider)
+def test_a_tenant_sending_about_its_share_is_never_held() -> None:
+    flow = {"saturationDetector": ROOMY}
+    d, _eps, clock, _ = make(2, flow={**flow, **WORK})
+    # 1.4x its share for 28 s: beyond what 10 s of credit covers, but not a flood
+    for i in range(40):
+        a = d.submit(fresh_req(f"a{i}", "a", 50))
+        b = d.submit(fresh_req(f"b{i}", "b", 4_000))
+        assert isinstance(a, Decision) and isinstance(b, Decision), i
+        clock.t += 0.7
 
 
 def test_a_tenant_that_left_stops_holding_the_flood_back() -> None:
-    got, d, clock = flood(1.0, light=True)
-    assert isinstance(got[3], Ticket) and got[3].queued
+    got, d, clock = flood(None, light=True)
+    assert isinstance(got[5], Ticket) and got[5].queued
     clock.t += 10.1  # tenant a sent nothing for 10 s: b is alone and goes where there is room
-    assert fc(d).pump() == 1
+    assert fc(d).pump() == 2
     more = [d.submit(fresh_req(f"c{i}", "b", 20_000)) for i in range(3)]
     assert all(isinstance(g, Decision) for g in more)
+
+
+def test_the_capacity_share_never_holds_a_tenant_alone_and_can_be_turned_off() -> None:
+    alone, _, _ = flood(None, light=False)
+    assert all(isinstance(g, Decision) for g in alone)
+    off, _, _ = flood(0.0, light=True)
+    assert all(isinstance(g, Decision) for g in off)
+    wider, _, _ = flood(3.0, light=True)  # 3x its share: never flooding with these six
+    assert all(isinstance(g, Decision) for g in wider)
 
 
 def test_share_of_capacity_must_be_a_non_negative_number() -> None:

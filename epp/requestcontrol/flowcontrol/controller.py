@@ -118,6 +118,8 @@ class FlowController:
         flow_id = self._flow_id(admitted)
         fairness = band.settings.fairness
         cost = self.binder.work_estimate(admitted) if fairness.uses_work else 1.0
+        if fairness.capacity_share > 0.0:
+            band.record_arrival(flow_id, cost, now)
         decision: Decision | None = None
         if (
             fairness.bypass_within_share

@@ -18,12 +18,13 @@ earns no credit.
   request of a flow within its share of the work dispatched lately (nothing of it queued)
   goes straight to the best pod: only tenants over their share wait for room, so a lone
   tenant is never held (holding it would only add delay) and a flooding one is. A flow
-  over its share also waits, while other flows are active, when it has used up its credit
-  of the pool's prefill capacity, even if pods have room: a token bucket filled at
-  `shareOfCapacity` (0 = off, the default; 1 = exactly the share) times its weighted share
-  of that capacity, holding 10 s of it. Pods do not preempt a prefill, so a flood allowed to
-  fill every pod with room makes a light tenant wait behind it on every pod; the credit lets
-  a tenant sending about its share ride out its bursts (bench/RESULTS.md, multi_tenant).
+  over its share that floods (sends over 1.5x its share of the pool's prefill capacity)
+  also waits, while other flows are active, when it has used up its credit, even if pods
+  have room: a token bucket filled at `shareOfCapacity` (default 1; 0 = off) times its
+  weighted share of that capacity, holding 10 s of it. Pods do not preempt a prefill, so a
+  flood allowed to fill every pod with room makes a light tenant wait behind it on every
+  pod; a tenant sending about its share is never held by this (bench/RESULTS.md,
+  multi_tenant).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-# Off by default: it protects a steady tenant from a flood, but it holds a tenant at about its
-# share whenever the EPP's estimate of the pool's prefill speed runs low (bench/RESULTS.md).
-DEFAULT_SHARE_OF_CAPACITY = 0.0
+# Only a flooding tenant is held (see `Band.over_capacity_share`): held at exactly its share,
+# a steady tenant beside it keeps its TTFT (bench/RESULTS.md, multi_tenant).
+DEFAULT_SHARE_OF_CAPACITY = 1.0
 
 
 class FlowView(Protocol):

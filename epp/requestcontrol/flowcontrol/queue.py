@@ -97,6 +97,10 @@ class Ticket:
 
 WORK_RATE_TAU_S = 5.0  # time constant of the per-flow dispatched-work rate
 CAPACITY_BURST_S = 10.0  # how far ahead of its capacity share a flow may run
+# A flow is flooding (and held to its capacity share) while the work it sends exceeds its
+# share by this factor: one sending about its share is never held on an estimate's error.
+FLOOD_FACTOR = 1.5
+ARRIVAL_TAU_S = 10.0  # time constant of the per-flow arriving-work rate
 ACTIVE_AFTER_DISPATCH_S = 2 * WORK_RATE_TAU_S
 
 
@@ -162,8 +166,10 @@ class Band:
         self.vtime = 0.0  # finish time of the flow that dispatched last
         # Recent dispatched work per flow (decaying rate, as of a time), for `within_share`.
         self.work_rates: dict[str, tuple[float, float]] = {}
-        # Per flow, for `over_capacity_share`: (credit in work units, as of, fill rate).
+        # Per flow, for `over_capacity_share`: (credit in work units, as of, fill rate), and
+        # the work arriving (decaying rate, as of).
         self.credit: dict[str, tuple[float, float, float]] = {}
+        self.arrivals: dict[str, tuple[float, float]] = {}
         self._activations = 0
         self.ewma_wait_s = 0.0  # of dispatched requests: the retry-after hint
 
@@ -186,6 +192,16 @@ class Band:
                 k: (r, a) for k, (r, a) in self.work_rates.items() if now - a < 4 * WORK_RATE_TAU_S
             }
             self.credit = {k: v for k, v in self.credit.items() if k in self.work_rates}
+
+    def record_arrival(self, flow_id: str, work: float, now: float) -> None:
+        """A request of `flow_id` bringing `work` arrived (queued or not)."""
+        rate, at = self.arrivals.get(flow_id, (0.0, now))
+        decay = math.exp(-(now - at) / ARRIVAL_TAU_S) if now > at else 1.0
+        self.arrivals[flow_id] = (rate * decay + work / ARRIVAL_TAU_S, now)
+        if len(self.arrivals) > 4096:  # forget the flows that went quiet
+            self.arrivals = {
+                k: (r, a) for k, (r, a) in self.arrivals.items() if now - a < 4 * ARRIVAL_TAU_S
+            }
 
     def within_share(self, flow_id: str, now: float) -> bool:
         """Nothing of the flow is queued and it is not taking more than its weighted share
@@ -221,8 +237,9 @@ class Band:
         the flow has used up its credit: a token bucket filled at its weighted share of
         `capacity` (the pool's prefill tokens per second) times the policy's
         `capacity_share`, holding `CAPACITY_BURST_S` of it, and drained by the work the
-        flow dispatches. A flow near its share rides out its bursts on the credit; a flood
-        is held to the share."""
+        flow dispatches, and the flow is flooding: the work it sends (arriving, decaying
+        over `ARRIVAL_TAU_S`) is over `FLOOD_FACTOR` x that fill rate. A flow near its share
+        is never held; a flood is held to the share."""
         fairness = self.settings.fairness
         factor = fairness.capacity_share
         if factor <= 0.0 or capacity <= 0.0:
@@ -241,6 +258,11 @@ class Band:
             self.credit.pop(flow_id, None)  # alone: it starts with full credit next time
             return False
         rate = factor * capacity * fairness.weight(flow_id) / weights
+        sent, sent_at = self.arrivals.get(flow_id, (0.0, now))
+        if now > sent_at:
+            sent *= math.exp(-(now - sent_at) / ARRIVAL_TAU_S)
+        if sent < FLOOD_FACTOR * rate:
+            return False  # not flooding: its bursts and the estimate's error go through
         credit, at, _ = self.credit.get(flow_id, (math.inf, now, rate))
         credit = min(rate * CAPACITY_BURST_S, credit + rate * (now - at))
         self.credit[flow_id] = (credit, now, rate)
