@@ -45,6 +45,7 @@ from epp.scheduling.framework import SchedulingError, SchedulingResult
 log = logging.getLogger(__name__)
 
 DEFAULT_FLOW = "default"
+CAPACITY_TTL_S = 0.1  # how long a pool's prefill capacity is reused
 
 
 class Binder(Protocol):
@@ -105,6 +106,7 @@ class FlowController:
         self.sizes: dict[tuple[int, str], int] = {}
         self._expiry: list[tuple[float, int, Ticket]] = []
         self._seq = 0
+        self._capacities: dict[tuple[str, frozenset[str] | None], tuple[float, float]] = {}
         self._pumping = False
         self._again = False
         self.successor: FlowController | None = None  # set when a reload replaced this one
@@ -138,7 +140,7 @@ class FlowController:
         if (
             decision is None
             and not behind_others
-            and not self._over_capacity_share(band, flow_id, admitted.candidates, now)
+            and not self._over_capacity_share(band, flow_id, admitted, admitted.candidates, now)
         ):
             decision = self._try_now(admitted, admitted.candidates, now)
         if decision is not None:
@@ -274,14 +276,33 @@ class FlowController:
         return False
 
     def _over_capacity_share(
-        self, band: Band, flow_id: str, candidates: Sequence[Endpoint], now: float
+        self,
+        band: Band,
+        flow_id: str,
+        admitted: Admitted,
+        candidates: Sequence[Endpoint],
+        now: float,
     ) -> bool:
         """The flow must wait although pods may have room: see `Band.over_capacity_share`."""
         if band.settings.fairness.capacity_share <= 0.0 or (
             len(band.work_rates) < 2 and not band.flows
         ):
             return False
-        return band.over_capacity_share(flow_id, now, self.binder.prefill_capacity(candidates))
+        return band.over_capacity_share(flow_id, now, self._capacity(admitted, candidates, now))
+
+    def _capacity(self, admitted: Admitted, candidates: Sequence[Endpoint], now: float) -> float:
+        """The candidates' prefill capacity, recomputed at most every `CAPACITY_TTL_S` per
+        model and subset: it moves with scrapes, and summing it is a pass over the pool."""
+        req = admitted.request
+        key = (req.routed_model, req.subset)
+        got = self._capacities.get(key)
+        if got is not None and now - got[1] < CAPACITY_TTL_S:
+            return got[0]
+        capacity = self.binder.prefill_capacity(candidates)
+        if len(self._capacities) > 1024:
+            self._capacities.clear()
+        self._capacities[key] = (capacity, now)
+        return capacity
 
     def _try_now(
         self, admitted: Admitted, candidates: list[Endpoint], now: float
@@ -329,7 +350,7 @@ class FlowController:
                     continue
                 try:
                     candidates = self.binder.candidates(t.admitted)
-                    if self._over_capacity_share(band, flow.flow_id, candidates, now):
+                    if self._over_capacity_share(band, flow.flow_id, t.admitted, candidates, now):
                         skipped.append(entry)  # this flow waits; others may go
                         continue
                     decision = self._try_now(t.admitted, candidates, now)
