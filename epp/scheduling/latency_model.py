@@ -72,11 +72,9 @@ class LatencyModel:
         finishing (`decode_tokens`: how long a typical request holds its slot). `speeds`:
         `self.speeds(ep, now)` when the caller already has it."""
         lat, inf, m = ep.latency, ep.inflight, ep.metrics
-        tpot_ms, factor = speeds or self.speeds(ep, now)
-        if lat.prefill_ms_per_token:  # learned from true first tokens
-            rate = 1000.0 / lat.prefill_ms_per_token
-        else:
-            rate = 1000.0 / (self.priors.prefill_ms_per_token * factor)
+        if speeds is None:
+            speeds = self.speeds(ep, now)
+        rate = self.prefill_tokens_per_s(ep, now, speeds)
         backlog = self.backlog_tokens(ep, now, rate)
         running = max(float(inf.requests), m.running)
         slot_wait_s = 0.0
@@ -86,8 +84,7 @@ class LatencyModel:
             # every sequence slot is taken: the queue waits for requests to finish
             waiting = m.waiting + self.pick_rate(ep, now) * age if age <= METRICS_FRESH_S else 0.0
             waiting = max(waiting, inf.requests - cap)
-            decode_s = decode_tokens * (tpot_ms or self.priors.tpot_ms * factor) / 1000.0
-            slot_wait_s = waiting * decode_s / cap
+            slot_wait_s = waiting * self.decode_time_s(ep, decode_tokens, now, speeds) / cap
         elif m.waiting > 0 and age <= METRICS_FRESH_S:
             # queued prefill work the EPP's model no longer counts
             per = lat.uncached_tokens or self.priors.unknown_queue_tokens
@@ -161,19 +158,9 @@ class LatencyModel:
         if dcount != 0 or lat.tpot_seen_count < 0:
             lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
 
-    def decode_tpot_ms(self, ep: Endpoint, now: float) -> float:
-        """The endpoint's decode speed (ms per token) from quiet scrape windows; 0 = unknown
-        (also when the last quiet window is older than `DECODE_SPEED_TTL_S`: an endpoint
-        judged slow that then got no traffic is not judged slow forever)."""
-        self.refresh(ep, now)
-        lat = ep.latency
-        if now - lat.decode_tpot_at > DECODE_SPEED_TTL_S:
-            return 0.0
-        return lat.decode_tpot_ms
-
     def speeds(self, ep: Endpoint, now: float) -> tuple[float, float]:
-        """`(decode_tpot_ms(ep, now), speed_factor(ep, now))` with the scrape taken in once:
-        the per-endpoint work of a pick over many endpoints."""
+        """`(decode_tpot_ms, speed_factor)` of `ep`, the scrape taken in once: callers that
+        need both, or pass them on (`queue`), read the endpoint's speed only once a pick."""
         self.refresh(ep, now)
         lat = ep.latency
         tpot = lat.decode_tpot_ms
@@ -183,29 +170,34 @@ class LatencyModel:
             tpot, f = 0.0, self.fleet_speed
         return tpot, min(max(f, MIN_SPEED_FACTOR), MAX_SPEED_FACTOR)
 
+    def decode_tpot_ms(self, ep: Endpoint, now: float) -> float:
+        """The endpoint's decode speed (ms per token) from quiet scrape windows; 0 = unknown
+        (also when the last quiet window is older than `DECODE_SPEED_TTL_S`: an endpoint
+        judged slow that then got no traffic is not judged slow forever)."""
+        return self.speeds(ep, now)[0]
+
     def speed_factor(self, ep: Endpoint, now: float) -> float:
         """How much slower than the priors this endpoint runs (its decode speed over the
         prior's; the fleet's when it has none). A GPU slows prefill and decode alike, and
         so does the simulator's time scale."""
-        self.refresh(ep, now)
-        lat = ep.latency
-        if lat.decode_tpot_ms > 0 and now - lat.decode_tpot_at <= DECODE_SPEED_TTL_S:
-            f = lat.decode_tpot_ms / self.priors.tpot_ms
-        else:
-            f = self.fleet_speed
-        return min(max(f, MIN_SPEED_FACTOR), MAX_SPEED_FACTOR)
+        return self.speeds(ep, now)[1]
 
-    def decode_time_s(self, ep: Endpoint, tokens: int, now: float) -> float:
+    def decode_time_s(
+        self, ep: Endpoint, tokens: int, now: float, speeds: tuple[float, float] | None = None
+    ) -> float:
         """How long `tokens` output tokens probably take to decode on `ep`."""
-        tpot_ms = self.decode_tpot_ms(ep, now) or self.priors.tpot_ms * self.speed_factor(ep, now)
-        return tokens * tpot_ms / 1000.0
+        tpot_ms, factor = speeds or self.speeds(ep, now)
+        return tokens * (tpot_ms or self.priors.tpot_ms * factor) / 1000.0
 
     # ---- prefill queue, fluid model ------------------------------------------------------------
-    def prefill_tokens_per_s(self, ep: Endpoint, now: float) -> float:
+    def prefill_tokens_per_s(
+        self, ep: Endpoint, now: float, speeds: tuple[float, float] | None = None
+    ) -> float:
         lat = ep.latency
         if lat.prefill_ms_per_token:  # learned from true first tokens
             return 1000.0 / lat.prefill_ms_per_token
-        return 1000.0 / (self.priors.prefill_ms_per_token * self.speed_factor(ep, now))
+        factor = (speeds or self.speeds(ep, now))[1]
+        return 1000.0 / (self.priors.prefill_ms_per_token * factor)
 
     def backlog_tokens(self, ep: Endpoint, now: float, tokens_per_s: float) -> float:
         """Uncached prompt tokens sent to `ep` and probably not prefilled yet at `now`."""
