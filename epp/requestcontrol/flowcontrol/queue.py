@@ -104,8 +104,13 @@ ARRIVAL_TAU_S = 10.0  # time constant of the per-flow arriving-work rate
 ACTIVE_AFTER_DISPATCH_S = 2 * WORK_RATE_TAU_S
 
 
-def _decayed(rate: float, dt: float) -> float:
-    return rate * math.exp(-dt / WORK_RATE_TAU_S) if dt > 0 else rate
+def _decayed(rate: float, dt: float, tau: float = WORK_RATE_TAU_S) -> float:
+    return rate * math.exp(-dt / tau) if dt > 0 else rate
+
+
+def _refilled(credit: float, dt: float, fill: float) -> float:
+    """A capacity-share bucket's credit after `dt` seconds of filling at `fill` per second."""
+    return min(fill * CAPACITY_BURST_S, credit + fill * dt)
 
 
 class Flow:
@@ -184,9 +189,8 @@ class Band:
         got = self.credit.get(flow_id)
         if got is not None:
             credit, at, fill = got
-            depth = fill * CAPACITY_BURST_S
-            credit = min(depth, credit + fill * (now - at)) - work
-            self.credit[flow_id] = (max(credit, -depth), now, fill)
+            credit = _refilled(credit, now - at, fill) - work
+            self.credit[flow_id] = (max(credit, -fill * CAPACITY_BURST_S), now, fill)
         if len(self.work_rates) > 4096:  # forget the flows that went quiet
             self.work_rates = {
                 k: (r, a) for k, (r, a) in self.work_rates.items() if now - a < 4 * WORK_RATE_TAU_S
@@ -196,8 +200,10 @@ class Band:
     def record_arrival(self, flow_id: str, work: float, now: float) -> None:
         """A request of `flow_id` bringing `work` arrived (queued or not)."""
         rate, at = self.arrivals.get(flow_id, (0.0, now))
-        decay = math.exp(-(now - at) / ARRIVAL_TAU_S) if now > at else 1.0
-        self.arrivals[flow_id] = (rate * decay + work / ARRIVAL_TAU_S, now)
+        self.arrivals[flow_id] = (
+            _decayed(rate, now - at, ARRIVAL_TAU_S) + work / ARRIVAL_TAU_S,
+            now,
+        )
         if len(self.arrivals) > 4096:  # forget the flows that went quiet
             self.arrivals = {
                 k: (r, a) for k, (r, a) in self.arrivals.items() if now - a < 4 * ARRIVAL_TAU_S
@@ -244,27 +250,21 @@ class Band:
         factor = fairness.capacity_share
         if factor <= 0.0 or capacity <= 0.0:
             return False
-        weights = fairness.weight(flow_id)
-        others = False
-        for fid, (_rate, at) in self.work_rates.items():
-            if fid != flow_id and (fid in self.flows or now - at <= ACTIVE_AFTER_DISPATCH_S):
-                weights += fairness.weight(fid)
-                others = True
-        for fid in self.flows:
-            if fid != flow_id and fid not in self.work_rates:
-                weights += fairness.weight(fid)
-                others = True
+        others = {
+            fid for fid, (_, at) in self.work_rates.items() if now - at <= ACTIVE_AFTER_DISPATCH_S
+        }
+        others.update(self.flows)
+        others.discard(flow_id)
         if not others:
             self.credit.pop(flow_id, None)  # alone: it starts with full credit next time
             return False
-        rate = factor * capacity * fairness.weight(flow_id) / weights
+        mine = fairness.weight(flow_id)
+        rate = factor * capacity * mine / (mine + sum(map(fairness.weight, others)))
         sent, sent_at = self.arrivals.get(flow_id, (0.0, now))
-        if now > sent_at:
-            sent *= math.exp(-(now - sent_at) / ARRIVAL_TAU_S)
-        if sent < FLOOD_FACTOR * rate:
+        if _decayed(sent, now - sent_at, ARRIVAL_TAU_S) < FLOOD_FACTOR * rate:
             return False  # not flooding: its bursts and the estimate's error go through
         credit, at, _ = self.credit.get(flow_id, (math.inf, now, rate))
-        credit = min(rate * CAPACITY_BURST_S, credit + rate * (now - at))
+        credit = _refilled(credit, now - at, rate)
         self.credit[flow_id] = (credit, now, rate)
         return credit <= 0.0
 
