@@ -14,6 +14,15 @@ from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel every task, then wait for each to finish."""
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
 class EndpointTasks:
     task_name = "endpoint"  # the tasks are named "<task_name> <endpoint key>"
 
@@ -38,11 +47,7 @@ class EndpointTasks:
         self._running = False
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -63,6 +68,4 @@ class EndpointTasks:
         old = self._tasks.pop(ep.key, None)
         if old is not None:
             old.cancel()
-        self._tasks[ep.key] = asyncio.create_task(
-            self._run(ep), name=f"{self.task_name} {ep.key}"
-        )
+        self._tasks[ep.key] = asyncio.create_task(self._run(ep), name=f"{self.task_name} {ep.key}")

@@ -42,6 +42,7 @@ from kubernetes_asyncio import client
 from epp.api import inference as api
 from epp.datalayer.datastore import Criticality, Datastore, ModelInfo, Objective, TargetModel
 from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.endpoint_tasks import cancel_and_wait
 from epp.datalayer.kube_client import load_api_client
 from epp.datalayer.kube_pods import Pod, pod_endpoints, pod_key, slim_pod
 from epp.datalayer.kube_watch import ListCall, Obj, Reflector, WatchStats
@@ -138,11 +139,7 @@ class KubeSource:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         if self._own_api and self._api is not None:
             await self._api.close()
             self._api = None
