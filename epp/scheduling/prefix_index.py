@@ -175,8 +175,7 @@ class PrefixIndex:
                     del holders[old]
 
     def remove_blocks(self, key: str, hashes: list[int]) -> None:
-        if self._pending:
-            self.flush()
+        self.flush()
         lru = self._lru.get(key)
         if lru is None:
             return
@@ -185,8 +184,7 @@ class PrefixIndex:
                 self._drop_holder(h, key)
 
     def remove_endpoint(self, key: str) -> None:
-        if self._pending:
-            self.flush()
+        self.flush()
         lru = self._lru.pop(key, None)
         if lru:
             for h in lru:

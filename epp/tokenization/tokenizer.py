@@ -11,9 +11,10 @@ tokenizers (GPT-2, Llama 3, Qwen, ...) no token crosses such a point, so the tok
 the whole text are the concatenation of the chunks' ids. A chunk also ends where a special
 token starts (`<|im_end|>`, ...: the tokenizer splits there first), so a chat's system
 message ends a chunk and stays cached whatever the user message after it. Each chunk's ids
-are cached under a chained hash of the text up to its end. Chunking is enabled only for tokenizers whose
-normalizer and pre-tokenizer are of those kinds and that pass a self-test at load (whole
-versus chunked encodings of probe texts); otherwise every text is encoded whole.
+are cached under a chained hash of the text up to its end. Chunking is enabled only for
+tokenizers whose normalizer and pre-tokenizer are of those kinds and that pass a self-test
+at load (whole versus chunked encodings of probe texts); otherwise every text is encoded
+whole.
 """
 
 from __future__ import annotations
