@@ -55,6 +55,22 @@ def test_short_prompt_is_local_below_threshold() -> None:
     assert (res.pd.decision, res.pd.reason) == ("local", "below-threshold")
 
 
+def test_a_medium_prompt_leaves_a_busy_decode_pod_but_stays_on_a_quiet_one() -> None:
+    # 150 uncached tokens: prefilled locally they stall every stream decoding there, so the
+    # cost grows with the batch; with one stream there, waiting behind the prefill pod's
+    # short queue is not worth it, with forty it is.
+    medium = 600  # bytes: ~150 tokens
+    for running, expected in ((0.0, "local-faster"), (40.0, "remote-faster")):
+        decode, prefill = ep(1, "decode"), ep(2, "prefill")
+        decode.metrics.running = running
+        prefill.queue.backlog_tokens = 200
+        prefill.queue.backlog_at = clock.now()
+        res = scheduler().schedule(req(medium), [decode, prefill])
+        assert res.pd is not None and res.pd.reason == expected, (running, res.pd)
+        assert (res.prefill is prefill) == (expected == "remote-faster")
+        assert res.pd.local_uncached == medium // 4
+
+
 def test_busy_prefill_pods_keep_a_long_prompt_local() -> None:
     decode, prefill = ep(1, "decode"), ep(2, "prefill")
     prefill.queue.backlog_tokens = 50_000  # a long prefill queue there

@@ -39,14 +39,17 @@ class PDProfileHandler(ProfileHandler):
     """Decode endpoint first; then a prefill endpoint only when the hop pays off.
 
     The hop is taken when the request's uncached prompt on the chosen decode endpoint is at
-    least `threshold` tokens AND the predicted time to prefill remotely (prefill endpoint's
-    queue + uncached work there + KV transfer + hop overhead) beats prefilling locally on
-    the decode endpoint (its queue + uncached work + the stall it causes to the running
-    decode batch). A multi-turn conversation whose history is cached on the decode pod has
-    few uncached tokens and stays local; a long fresh prompt goes to an idle prefill pod.
-    Parameters: decodeProfile (decode), prefillProfile (prefill), threshold (256 tokens),
-    kvTransferMsPerKToken (1.0), hopOverheadMs (3.0), decodeStallWeight (0.5),
-    bothRolePodsPrefill (false: only `prefill` pods take prefill hops), and
+    least `threshold` tokens AND the predicted cost of prefilling remotely (prefill
+    endpoint's queue + uncached work there + KV transfer + hop overhead) is below the cost
+    of prefilling locally: the decode endpoint's queue + uncached work, plus the stall a
+    local prefill puts on every stream decoding there (each one waits for it). A
+    multi-turn conversation whose history is cached on a quiet decode pod stays local; a
+    long fresh prompt, or any prefill on a pod with a large decode batch, goes to an idle
+    prefill pod.
+    Parameters: decodeProfile (decode), prefillProfile (prefill), threshold (64 tokens;
+    256 for policy `threshold`), kvTransferMsPerKToken (1.0), hopOverheadMs (3.0),
+    decodeStallWeight (0.25: the share of the local prefill time counted per running
+    stream), bothRolePodsPrefill (false: only `prefill` pods take prefill hops), and
     `policy`: `cost` (the rule above, default), `threshold` (disaggregate whenever the
     uncached prompt reaches `threshold`: the other routers' rule) or `always` (every request
     with a prefill endpoint available: a PD-mode router's behaviour). Every result carries a
@@ -60,11 +63,11 @@ class PDProfileHandler(ProfileHandler):
         p = self.params
         self.decode_profile = str(p.get("decodeProfile", "decode"))
         self.prefill_profile = str(p.get("prefillProfile", "prefill"))
-        self.threshold = int(p.get("threshold", 256))
+        self.policy = str(p.get("policy", "cost"))
+        self.threshold = int(p.get("threshold", 256 if self.policy == "threshold" else 64))
         self.transfer_ms_per_ktok = float(p.get("kvTransferMsPerKToken", 1.0))
         self.hop_ms = float(p.get("hopOverheadMs", 3.0))
-        self.stall_weight = float(p.get("decodeStallWeight", 0.5))
-        self.policy = str(p.get("policy", "cost"))
+        self.stall_weight = float(p.get("decodeStallWeight", 0.25))
         # Pods labelled `both` take prefill hops only when asked: a pool of `both` pods
         # normally has no sidecars to act on them.
         self.both_prefill = bool(p.get("bothRolePodsPrefill", False))
@@ -118,11 +121,14 @@ class PDProfileHandler(ProfileHandler):
             )
             local_ms = model.predict_ttft_ms(target, local_uncached)
             ms_per_token = 1000.0 / model.prefill_tokens_per_s(target, clock.now())
-            # Prefilling locally stalls the decode batch running there for as long as it
-            # takes; on a dedicated decode pod count it even when idle, since the decodes
-            # that arrive meanwhile are what the pod is for.
-            busy = model.batch_size(target) > 0 or target.role == ROLE_DECODE
-            local_ms += self.stall_weight * ms_per_token * local_uncached if busy else 0.0
+            # Prefilling locally stalls every stream decoding there for as long as it takes,
+            # so the cost grows with the batch (counted per stream, the P/D scenarios' TPOT
+            # and E2E follow it: bench/RESULTS.md). On a dedicated decode pod count one
+            # stream even when idle: the decodes that arrive meanwhile are what it is for.
+            streams = model.batch_size(target)
+            if target.role == ROLE_DECODE:
+                streams = max(1.0, streams)
+            local_ms += self.stall_weight * streams * ms_per_token * local_uncached
             go = remote_ms < local_ms
             reason = "remote-faster" if go else "local-faster"
             result.pd = PDDecision(
