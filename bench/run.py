@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import yaml
 
 from bench import report
@@ -99,6 +100,15 @@ class SimPool:
         return out
 
 
+def _write_requests(path: Path, results: list[Any]) -> None:
+    """One JSON line per request (wall seconds, no ITLs) next to the router's log: for reading
+    a phase's tail request by request."""
+    with path.open("w") as f:
+        for r in results:
+            row = {k: v for k, v in dataclasses.asdict(r).items() if k != "itls"}
+            f.write(orjson.dumps(row).decode() + "\n")
+
+
 async def run_scenario(
     sc: Scenario, routers: list[str], out: Path, *, router_port: int = 18180,
     command: str = "",
@@ -139,6 +149,8 @@ async def run_scenario(
                             url, model, schedule, time_scale=sc.time_scale, max_wall_s=bound,
                         )
                         stop.set()
+                        _write_requests(raw / f"{spec.name.replace(':', '_')}@{rate:g}.jsonl",
+                                        results)  # fmt: skip
                         samples = await sampler
                         states = await pool.states()
                         summary = report.summarize(

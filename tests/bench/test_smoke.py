@@ -24,6 +24,8 @@ def test_tiny_round_robin_writes_report(tmp_path: Path) -> None:
     # Round-robin spreads requests over both pods; each answered with x-sim-server.
     assert set(s["served_by_header"]) == {"127.0.5.2:18190", "127.0.5.3:18190"}
     assert sum(phase["per_pod"].values()) >= 12
+    rows = [json.loads(line) for line in (tmp_path / "raw" / "round_robin@20.jsonl").open()]
+    assert len(rows) == 12 and all(r["ok"] and r["ttft"] > 0 for r in rows)
     assert data["oracle"]["20.0"]["output_throughput"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "| round_robin | 20 | 12/12 |" in md
