@@ -225,6 +225,8 @@ def run_precise_case(
         finally:
             tokenizing[0] += time.perf_counter() - t
 
+    tok.request_ids = timed_request_ids  # type: ignore[method-assign]
+
     pick_us: list[float] = []
     tok_us: list[float] = []
     total: list[float] = []
@@ -237,15 +239,13 @@ def run_precise_case(
             data = parse_body(body)
             req = build_request(str(i), "chat", data, {})
             tokenizing[0] = 0.0
-            tok.request_ids = timed_request_ids  # type: ignore[method-assign]
             t1 = time.perf_counter()
             d = director.admit(req)  # first sight of this request's text
             t2 = time.perf_counter()
-            tok.request_ids = request_ids  # type: ignore[method-assign]
+            tok_us.append(tokenizing[0] * 1e6)  # before the emulated engine tokenizes too
             director.prefix_index.flush()  # after the answer, as in `epp serve`
             parse_us.append((t1 - t0) * 1e6)
             total.append((t2 - t1) * 1e6)
-            tok_us.append(tokenizing[0] * 1e6)
             pick_us.append(total[-1] - tok_us[-1])
             engine_stores(d)
             director.first_byte(d)

@@ -108,6 +108,18 @@ def _decayed(rate: float, dt: float, tau: float = WORK_RATE_TAU_S) -> float:
     return rate * math.exp(-dt / tau) if dt > 0 else rate
 
 
+def _add_to_rate(
+    rates: dict[str, tuple[float, float]], key: str, amount: float, now: float, tau: float
+) -> dict[str, tuple[float, float]]:
+    """`rates[key]` (a decaying rate, as of a time) with `amount` added at `now`; the table
+    returned drops the keys quiet for 4 tau once it holds over 4096."""
+    rate, at = rates.get(key, (0.0, now))
+    rates[key] = (_decayed(rate, now - at, tau) + amount / tau, now)
+    if len(rates) > 4096:
+        return {k: (r, a) for k, (r, a) in rates.items() if now - a < 4 * tau}
+    return rates
+
+
 def _refilled(credit: float, dt: float, fill: float) -> float:
     """A capacity-share bucket's credit after `dt` seconds of filling at `fill` per second."""
     return min(fill * CAPACITY_BURST_S, credit + fill * dt)
@@ -184,30 +196,19 @@ class Band:
 
     def record_work(self, flow_id: str, work: float, now: float) -> None:
         """A request of `flow_id` bringing `work` was dispatched (from the queue or not)."""
-        rate, at = self.work_rates.get(flow_id, (0.0, now))
-        self.work_rates[flow_id] = (_decayed(rate, now - at) + work / WORK_RATE_TAU_S, now)
+        rates = _add_to_rate(self.work_rates, flow_id, work, now, WORK_RATE_TAU_S)
+        if rates is not self.work_rates:  # quiet flows forgotten: their credit goes too
+            self.work_rates = rates
+            self.credit = {k: v for k, v in self.credit.items() if k in rates}
         got = self.credit.get(flow_id)
         if got is not None:
             credit, at, fill = got
             credit = _refilled(credit, now - at, fill) - work
             self.credit[flow_id] = (max(credit, -fill * CAPACITY_BURST_S), now, fill)
-        if len(self.work_rates) > 4096:  # forget the flows that went quiet
-            self.work_rates = {
-                k: (r, a) for k, (r, a) in self.work_rates.items() if now - a < 4 * WORK_RATE_TAU_S
-            }
-            self.credit = {k: v for k, v in self.credit.items() if k in self.work_rates}
 
     def record_arrival(self, flow_id: str, work: float, now: float) -> None:
         """A request of `flow_id` bringing `work` arrived (queued or not)."""
-        rate, at = self.arrivals.get(flow_id, (0.0, now))
-        self.arrivals[flow_id] = (
-            _decayed(rate, now - at, ARRIVAL_TAU_S) + work / ARRIVAL_TAU_S,
-            now,
-        )
-        if len(self.arrivals) > 4096:  # forget the flows that went quiet
-            self.arrivals = {
-                k: (r, a) for k, (r, a) in self.arrivals.items() if now - a < 4 * ARRIVAL_TAU_S
-            }
+        self.arrivals = _add_to_rate(self.arrivals, flow_id, work, now, ARRIVAL_TAU_S)
 
     def within_share(self, flow_id: str, now: float) -> bool:
         """Nothing of the flow is queued and it is not taking more than its weighted share
