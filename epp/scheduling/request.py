@@ -32,6 +32,9 @@ class InferenceRequest:
     # The prompt's approximate block hashes, once computed (`PrefixIndex.hash_request`): flow
     # control's work estimate and every scheduling cycle of the request share them.
     block_hashes: list[int] | None = None
+    # Flow control found the request's tenant taking more than its share of the pool lately:
+    # its prompts are not spread over other pods to spare its own queued first tokens.
+    over_share: bool = False
 
     @property
     def routed_model(self) -> str:

@@ -877,6 +877,27 @@ def test_the_capacity_share_never_holds_a_tenant_alone_and_can_be_turned_off() -
     assert all(isinstance(g, Decision) for g in wider)
 
 
+def test_requests_say_whether_their_tenant_is_over_its_share() -> None:
+    """The delay-cost scorer reads `over_share`: a tenant over its share keeps its prompts
+    on the pods it already keeps busy instead of spreading them over the others' pods."""
+    d, _eps, clock, _ = make(2, flow={"saturationDetector": ROOMY, **WORK})
+    a0 = fresh_req("a0", "a", 50)
+    assert isinstance(d.submit(a0), Decision) and not a0.over_share
+    heavy = [fresh_req(f"b{i}", "b", 4_000) for i in range(3)]
+    for b in heavy:
+        assert isinstance(d.submit(b), Decision)
+        clock.t += 0.01
+    assert [b.over_share for b in heavy] == [False, True, True]
+    a1 = fresh_req("a1", "a", 50)
+    d.submit(a1)
+    assert not a1.over_share
+    lone, _, _, _ = make(2, flow={"saturationDetector": ROOMY, **WORK})
+    alone = [fresh_req(f"c{i}", "c", 4_000) for i in range(3)]
+    for c in alone:
+        lone.submit(c)
+    assert not any(c.over_share for c in alone)
+
+
 def test_share_of_capacity_must_be_a_non_negative_number() -> None:
     for bad, message in (("x", "must be a number"), (-1, "must not be negative")):
         plugins = [{"name": "wf", "type": "work-fairness-policy",

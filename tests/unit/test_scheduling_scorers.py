@@ -327,8 +327,32 @@ def test_delay_cost_avoids_a_clearly_slower_pod(fake_clock: list[float]) -> None
     assert slow.latency.decode_tpot_ms == pytest.approx(30.0)
 
 
+def test_delay_cost_keeps_cold_prompts_off_pods_with_first_tokens_pending(
+    fake_clock: list[float],
+) -> None:
+    """Two pods with the same queued prefill work and batch: on one the three requests are
+    still waiting for their first token, on the other they decode. A new prompt on the
+    first would share a prefill step with them and delay their first tokens; a tenant over
+    its share (flow control marks it) is not steered away from them."""
+    scorer, services, (waiting, decoding), clock = _delay_cost_setup(fake_clock)
+    for ep in (waiting, decoding):
+        ep.inflight.requests = 3
+        services.latency.charge_backlog(ep, 600, clock[0])
+    waiting.inflight.pending_requests = 3
+    r = _req(b"fresh prompt " * 600)
+    scores = scorer.score(CycleState(), r, [waiting, decoding])
+    assert scores[1] == 1.0 and scores[0] < 0.95, scores
+    r.over_share = True
+    assert scorer.score(CycleState(), r, [waiting, decoding]) == [1.0, 1.0]
+    r.over_share = False
+    off = type(scorer)("dc0", {"pendingWeight": 0}, services)
+    assert off.score(CycleState(), r, [waiting, decoding]) == [1.0, 1.0]
+
+
 def test_delay_cost_rejects_negative_weights() -> None:
     from epp.scheduling.plugins.delay_cost_scorer import DelayCostScorer
 
     with pytest.raises(ValueError, match="workWeight"):
         DelayCostScorer("dc", {"workWeight": -1})
+    with pytest.raises(ValueError, match="pendingWeight"):
+        DelayCostScorer("dc", {"pendingWeight": -0.5})

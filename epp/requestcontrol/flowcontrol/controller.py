@@ -123,10 +123,14 @@ class FlowController:
         if fairness.capacity_share > 0.0:
             band.record_arrival(flow_id, cost, now)
         decision: Decision | None = None
+        if fairness.bypass_within_share:
+            # Also read by the scorers: a tenant over its share keeps its own queue.
+            req.over_share = band.over_share(flow_id, now)
         if (
             fairness.bypass_within_share
             and prio >= 0  # sheddable requests always wait for room
-            and band.within_share(flow_id, now)
+            and not req.over_share
+            and flow_id not in band.flows  # nothing of it queued
             and not self._waiting_above(prio)
         ):
             # A tenant within its share does not wait behind the saturation others cause

@@ -181,7 +181,7 @@ class Band:
         self.count = 0
         self.bytes = 0
         self.vtime = 0.0  # finish time of the flow that dispatched last
-        # Recent dispatched work per flow (decaying rate, as of a time), for `within_share`.
+        # Recent dispatched work per flow (decaying rate, as of a time), for `over_share`.
         self.work_rates: dict[str, tuple[float, float]] = {}
         # Per flow, for `over_capacity_share`: (credit in work units, as of, fill rate), and
         # the work arriving (decaying rate, as of).
@@ -210,12 +210,10 @@ class Band:
         """A request of `flow_id` bringing `work` arrived (queued or not)."""
         self.arrivals = _add_to_rate(self.arrivals, flow_id, work, now, ARRIVAL_TAU_S)
 
-    def within_share(self, flow_id: str, now: float) -> bool:
-        """Nothing of the flow is queued and it is not taking more than its weighted share
-        of the work the band dispatched lately (a flow alone in the band never is): it
-        need not wait for a pod with room; only flows over their share do."""
-        if flow_id in self.flows:
-            return False
+    def over_share(self, flow_id: str, now: float) -> bool:
+        """The flow is taking more than its weighted share of the work the band dispatched
+        lately (a flow alone in the band never is). A flow within its share with nothing
+        queued need not wait for a pod with room; only flows over their share do."""
         fairness = self.settings.fairness
         total = 0.0
         weights = 0.0
@@ -233,10 +231,10 @@ class Band:
             else:
                 others = True
         if not others:
-            return True
+            return False
         if mine == 0.0:
             weights += fairness.weight(flow_id)
-        return mine < total / weights
+        return mine >= total / weights
 
     def over_capacity_share(self, flow_id: str, now: float, capacity: float) -> bool:
         """While other flows are active (queued, or dispatched in the last

@@ -11,6 +11,11 @@ For each candidate the cost, in seconds, is what placing the request there would
   waits behind that work somewhere, so a cache hit is worth more than its own TTFT;
 * the decode batch running there, stalled while it prefills (`stallWeight` x running x
   its prefill time);
+* the requests there still waiting for their first token (`pendingWeight` x pending x its
+  prefill time): the engine runs prefills in chunks of a step's token budget, so a prompt
+  queued behind another one can delay that one's first token by a whole step. Not
+  charged for a tenant over its share of the pool (flow control marks it): its prompts
+  stack on the pods it already keeps busy instead of spreading over the others' pods;
 * the cache it would evict: prompt blocks beyond what the endpoint's KV cache holds push
   out blocks other requests may need again (`evictionWeight` x their prefill time).
 
@@ -43,7 +48,8 @@ class DelayCostScorer(Scorer):
         self.work_weight = float(p.get("workWeight", 1.0))
         self.stall_weight = float(p.get("stallWeight", 0.5))
         self.eviction_weight = float(p.get("evictionWeight", 0.5))
-        for name in ("workWeight", "stallWeight", "evictionWeight"):
+        self.pending_weight = float(p.get("pendingWeight", 1.0))
+        for name in ("workWeight", "stallWeight", "evictionWeight", "pendingWeight"):
             if float(p.get(name, 0.0)) < 0:
                 raise ValueError(f"{self.type_name}: {name} must not be negative")
 
@@ -73,6 +79,7 @@ class DelayCostScorer(Scorer):
         base_prior_ms = model.priors.ttft_base_ms
         decode_tokens = request.expected_decode_tokens
         ww, sw, ew = self.work_weight, self.stall_weight, self.eviction_weight
+        pw = 0.0 if request.over_share else self.pending_weight
         # One pass for what needs every endpoint's figures (the fastest decode speed, the
         # best-held prefix), one for the costs: 1000 endpoints per pick is the design load.
         states = []
@@ -102,7 +109,7 @@ class DelayCostScorer(Scorer):
                 cost += decode_tokens * (tpot - ref_tpot) / 1000.0
             if own_s > 0.0:
                 work = 0.0 if replicate and hits < best_held else ww
-                cost += work * own_s + sw * q.running * own_s
+                cost += (work + sw * q.running + pw * ep.inflight.pending_requests) * own_s
                 if ew > 0.0:
                     new_blocks = prompt_blocks - (blocks.get(ep.key, 0) if blocks else 0)
                     over = index.blocks_held(ep.key) + new_blocks - index.capacity_for(ep)
