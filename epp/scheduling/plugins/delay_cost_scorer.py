@@ -15,7 +15,9 @@ For each candidate the cost, in seconds, is what placing the request there would
   prefill time): the engine runs prefills in chunks of a step's token budget, so a prompt
   queued behind another one can delay that one's first token by a whole step. Not
   charged for a tenant over its share of the pool (flow control marks it): its prompts
-  stack on the pods it already keeps busy instead of spreading over the others' pods;
+  stack on the pods it already keeps busy instead of spreading over the others' pods.
+  Off by default (0): it helped bursts in virtual time and cost `hetero` its tail
+  (bench/RESULTS.md §0);
 * the cache it would evict: prompt blocks beyond what the endpoint's KV cache holds push
   out blocks other requests may need again (`evictionWeight` x their prefill time).
 
@@ -48,7 +50,7 @@ class DelayCostScorer(Scorer):
         self.work_weight = float(p.get("workWeight", 1.0))
         self.stall_weight = float(p.get("stallWeight", 0.5))
         self.eviction_weight = float(p.get("evictionWeight", 0.5))
-        self.pending_weight = float(p.get("pendingWeight", 1.0))
+        self.pending_weight = float(p.get("pendingWeight", 0.0))
         for name in ("workWeight", "stallWeight", "evictionWeight", "pendingWeight"):
             if float(p.get(name, 0.0)) < 0:
                 raise ValueError(f"{self.type_name}: {name} must not be negative")
