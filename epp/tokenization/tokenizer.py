@@ -40,6 +40,10 @@ _hash = xxhash.xxh3_64_intdigest
 Mark = tuple[int, int]  # (key of the text up to a chunk's end, ids up to there)
 _SPECIAL_SALT = 0x9E3779B97F4A7C15
 _uids = itertools.count(1)
+# Fresh text shorter than this is encoded on the calling thread: below it the Rust thread
+# pool's hand-off and wake-ups cost more than the second core saves, and widen the tail
+# (bench/RESULTS.md §1).
+PARALLEL_MIN_CHARS = 8192
 # A point between two words: no token of a byte-level BPE pre-tokenizer crosses it.
 _BOUNDARY = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 _SAFE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents"}
@@ -128,6 +132,10 @@ class ModelTokenizer:
         self._special_at = (
             re.compile("|".join(map(re.escape, self._specials))).search if self._specials else None
         )
+        # The character every special token starts with, when they share one ("<" for
+        # `<|im_start|>`, `<s>`, ...): a chunk without it needs no regex search.
+        leads = {t[0] for t in self._specials}
+        self._special_lead = leads.pop() if len(leads) == 1 else ""
         self.chunking = self._chunking_safe(tokenizer_json)
 
     # ---- encoding --------------------------------------------------------------------------
@@ -167,10 +175,12 @@ class ModelTokenizer:
         pos = 0
         h = 0
         special = self._special_at
+        lead = self._special_lead
+        find = text.find
         while pos < n:
             m = search(text, pos + step) if pos + step < n else None
             end = m.start() if m is not None else n
-            if special is not None:
+            if special is not None and (not lead or find(lead, pos + 1, end) >= 0):
                 sm = special(text, pos + 1, end)
                 if sm is not None:
                     end = sm.start()
@@ -184,7 +194,11 @@ class ModelTokenizer:
             pos = end
         st = self.stats
         if missing:
-            encoded = self._batch([c for _, _, c in missing], add_special_tokens=False)
+            texts = [c for _, _, c in missing]
+            if sum(map(len, texts)) >= PARALLEL_MIN_CHARS:
+                encoded = self._batch(texts, add_special_tokens=False)
+            else:  # on this thread: handing a small batch to the thread pool costs more
+                encoded = [self._batch([c], add_special_tokens=False)[0] for c in texts]
             for (i, key, _), enc in zip(missing, encoded, strict=True):
                 ids = list(enc.ids)
                 cache.put(key, ids)

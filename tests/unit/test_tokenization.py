@@ -12,7 +12,7 @@ import pytest
 
 from epp.sim.tokenizer import DATA_DIR
 from epp.tokenization import TokenizerError, load_tokenizer
-from epp.tokenization.tokenizer import TokenizerSet
+from epp.tokenization.tokenizer import PARALLEL_MIN_CHARS, TokenizerSet
 
 PIECES = ["kalo", "mine", "the", "of", "Hello", "world", "naïve", "café", "1234", "x=y;",
           "(a,b)", "it's", "\n", "\n\n", "  ", "\t", ".", "?!", "ünï", "日本語", "<|im_end|>"]  # fmt: skip
@@ -30,9 +30,12 @@ def test_chunked_encoding_equals_the_whole_text() -> None:
     tok = load_tokenizer(DATA_DIR, chunk_chars=48)
     assert tok.chunking
     rng = random.Random(7)
-    for _ in range(60):
-        text = random_text(rng, rng.randint(0, 400))
+    # short texts are encoded chunk by chunk on this thread, long ones by the thread pool
+    lengths = [rng.randint(0, 400) for _ in range(60)] + [3000, 4000]
+    for n in lengths:
+        text = random_text(rng, n)
         assert tok.encode(text) == list(tok._tok.encode(text, add_special_tokens=False).ids)
+    assert len(random_text(random.Random(1), 3000)) > PARALLEL_MIN_CHARS
 
 
 def test_a_shared_prefix_is_served_from_the_cache() -> None:
