@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -253,7 +254,17 @@ def test_parse_and_admission_never_raise_anything_but_request_errors(genome: int
 
 # ---- 2. whole ext_proc streams -----------------------------------------------------------
 class _Context:
-    """Stands in for grpc.aio.ServicerContext: `Process` never calls into it."""
+    """Stands in for grpc.aio.ServicerContext: the reader/writer calls `Process` makes."""
+
+    def __init__(self, msgs: list[pb.ProcessingRequest]) -> None:
+        self._msgs = iter(msgs)
+        self.written: list[pb.ProcessingResponse] = []
+
+    async def read(self) -> object:
+        return next(self._msgs, grpc.aio.EOF)  # type: ignore[attr-defined]
+
+    async def write(self, message: pb.ProcessingResponse) -> None:
+        self.written.append(message)
 
 
 def _headers(pairs: dict[str, str], end: bool) -> pb.ProcessingRequest:
@@ -285,11 +296,9 @@ def stream_messages(
 
 
 async def drive(servicer: ExtProcServicer, msgs: list[pb.ProcessingRequest]) -> list[Any]:
-    async def requests() -> AsyncIterator[pb.ProcessingRequest]:
-        for msg in msgs:
-            yield msg
-
-    return [r async for r in servicer.Process(requests(), _Context())]  # type: ignore[arg-type]
+    context = _Context(msgs)
+    await servicer.Process(None, context)  # type: ignore[arg-type]
+    return list(context.written)
 
 
 LOOP = asyncio.new_event_loop()
