@@ -46,6 +46,9 @@ class PrefixIndex:
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._holders: dict[int, set[str]] = {}
         self._pending: list[tuple[Endpoint, list[int]]] = []  # see `insert_soon`
+        # Blocks counted on a decode endpoint whose KV is still being prefilled elsewhere and
+        # transferred (P/D): endpoint key -> block hash -> transfers under way.
+        self._in_transit: dict[str, dict[int, int]] = {}
 
     # ---- hashing --------------------------------------------------------------------------
     def hash_prompt(self, model: str, prompt: bytes) -> list[int]:
@@ -183,8 +186,45 @@ class PrefixIndex:
             if lru.pop(h, 0) is None:
                 self._drop_holder(h, key)
 
+    # ---- KV in transit (P/D) --------------------------------------------------------------
+    def begin_transfer(self, ep: Endpoint, hashes: list[int]) -> list[int]:
+        """A prefill endpoint computes the prompt for `ep`, which gets the KV when it is
+        done: the blocks `ep` does not hold yet are in transit until `end_transfer`. Call
+        before inserting the prompt for `ep`; returns the blocks recorded."""
+        arriving = hashes[self.matched_blocks_for(ep.key, hashes) :]
+        if arriving:
+            counts = self._in_transit.setdefault(ep.key, {})
+            for h in arriving:
+                counts[h] = counts.get(h, 0) + 1
+        return arriving
+
+    def end_transfer(self, key: str, arriving: list[int]) -> None:
+        counts = self._in_transit.get(key)
+        if counts is None:
+            return
+        for h in arriving:
+            n = counts.get(h, 0)
+            if n > 1:
+                counts[h] = n - 1
+            else:
+                counts.pop(h, None)
+        if not counts:
+            del self._in_transit[key]
+
+    def landed_blocks(self, key: str, hashes: list[int], matched: int) -> int:
+        """Of the `matched` leading blocks counted on `key`, how many it really holds now:
+        up to the first one still in transit."""
+        counts = self._in_transit.get(key)
+        if not counts:
+            return matched
+        for i in range(matched):
+            if hashes[i] in counts:
+                return i
+        return matched
+
     def remove_endpoint(self, key: str) -> None:
         self.flush()
+        self._in_transit.pop(key, None)
         lru = self._lru.pop(key, None)
         if lru:
             for h in lru:

@@ -146,3 +146,45 @@ def test_both_role_pods_take_no_prefill_hop_unless_asked() -> None:
             p["parameters"] = {"bothRolePodsPrefill": True}
     res = build_scheduler(yaml.safe_dump(doc), services=Services()).schedule(req(LONG), [a, b])
     assert res.pd is not None and res.pd.reason in ("remote-faster", "local-faster")
+
+
+def test_a_prompt_whose_kv_is_still_in_transit_is_not_counted_on_the_decode_pod() -> None:
+    """The first request of a group prefills remotely; the decode pod holds the prompt's KV
+    only once that prefill is done (its first token). A second request of the group in
+    between must not be prefilled locally as if the prefix were there: the engine would
+    compute all of it again, in front of the decodes waiting for their KV."""
+    import random
+
+    from epp.datalayer.datastore import Datastore
+    from epp.requestcontrol.config import build_request_control
+    from epp.requestcontrol.director import Director
+
+    ds = Datastore()
+    decode, prefill = ep(1, "decode"), ep(2, "prefill")
+    for e in (decode, prefill):
+        ds.upsert_endpoint("t", e)
+    rc = build_request_control(None)
+    d = Director(ds, rc.scheduler, hooks=rc.hooks, rng=random.Random(1))
+    system = "s" * LONG  # ~4000 tokens shared by the group
+
+    def ask(i: int) -> InferenceRequest:
+        prompt = (system + f" question {i}").encode()
+        return InferenceRequest(f"r{i}", "m", prompt=prompt, prompt_tokens=len(prompt) // 4)
+
+    first = d.admit(ask(1))
+    assert first.result.prefill is prefill
+    second = d.admit(ask(2))
+    pd = second.result.pd
+    assert pd is not None and pd.local_uncached > LONG // 4 - 100, pd  # not the ~4 fresh ones
+    d.first_byte(first)  # the KV has landed on the decode pod
+    d.first_byte(second)
+    third = d.admit(ask(3))
+    pd = third.result.pd
+    assert pd is not None and pd.local_uncached < 100 and third.result.prefill is None, pd
+    for dec in (first, second, third):
+        d.release(dec)
+    assert not ds_in_transit(rc)
+
+
+def ds_in_transit(rc: Any) -> dict[str, Any]:
+    return dict(rc.scheduler.services.prefix_index._in_transit)

@@ -10,7 +10,7 @@ from epp.scheduling.framework import (
     ProfileRunner,
     SchedulingResult,
 )
-from epp.scheduling.plugins.common import uncached_tokens
+from epp.scheduling.plugins.common import prefix_match, uncached_tokens
 from epp.scheduling.request import CycleState, InferenceRequest
 
 
@@ -76,6 +76,21 @@ class PDProfileHandler(ProfileHandler):
                 f"pd-profile-handler: policy must be one of {self.POLICIES}, got {self.policy!r}"
             )
 
+    def _local_uncached(
+        self, cycle: CycleState, request: InferenceRequest, target: Endpoint
+    ) -> int:
+        """Uncached prompt tokens on the decode endpoint, not counting blocks whose KV is
+        still on its way there from an earlier request's remote prefill: an engine
+        prefilling now would compute those again."""
+        uncached = uncached_tokens(cycle, self.services, request, target)
+        index = self.services.prefix_index
+        match = prefix_match(cycle, self.services, request)
+        matched = match.matched_blocks.get(target.key, 0)
+        landed = index.landed_blocks(target.key, match.hashes, matched)
+        if landed < matched:
+            uncached = max(uncached, request.prompt_tokens - landed * index.block_tokens)
+        return uncached
+
     def schedule(
         self,
         runner: ProfileRunner,
@@ -88,7 +103,7 @@ class PDProfileHandler(ProfileHandler):
             return None
         target = decode.ranked[0]
         result = SchedulingResult(primary=decode.ranked, profiles={self.decode_profile: decode})
-        local_uncached = uncached_tokens(cycle, self.services, request, target)
+        local_uncached = self._local_uncached(cycle, request, target)
         result.uncached_tokens = local_uncached
         if not runner.has_profile(self.prefill_profile):
             result.pd = PDDecision(False, "no-prefill-profile", local_uncached)
