@@ -46,8 +46,9 @@ class PrefixIndex:
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._holders: dict[int, set[str]] = {}
         self._pending: list[tuple[Endpoint, list[int]]] = []  # see `insert_soon`
-        # Blocks counted on a decode endpoint whose KV is still being prefilled elsewhere and
-        # transferred (P/D): endpoint key -> block hash -> transfers under way.
+        # P/D: per decode endpoint, the first block of each prompt whose KV is still being
+        # prefilled elsewhere and transferred (block hash -> transfers under way). Hashes
+        # are chained, so every later block of such a prompt is on its way too.
         self._in_transit: dict[str, dict[int, int]] = {}
 
     # ---- hashing --------------------------------------------------------------------------
@@ -187,29 +188,30 @@ class PrefixIndex:
                 self._drop_holder(h, key)
 
     # ---- KV in transit (P/D) --------------------------------------------------------------
-    def begin_transfer(self, ep: Endpoint, hashes: list[int]) -> list[int]:
+    def begin_transfer(self, ep: Endpoint, hashes: list[int]) -> int | None:
         """A prefill endpoint computes the prompt for `ep`, which gets the KV when it is
-        done: the blocks `ep` does not hold yet are in transit until `end_transfer`. Call
-        before inserting the prompt for `ep`; returns the blocks recorded."""
-        arriving = hashes[self.matched_blocks_for(ep.key, hashes) :]
-        if arriving:
-            counts = self._in_transit.setdefault(ep.key, {})
-            for h in arriving:
-                counts[h] = counts.get(h, 0) + 1
-        return arriving
+        done: from the first block `ep` does not hold yet on, the prompt is in transit
+        until `end_transfer`. Call before inserting the prompt for `ep`; returns that
+        block (None: `ep` holds the whole prompt)."""
+        n = self.matched_blocks_for(ep.key, hashes)
+        if n >= len(hashes):
+            return None
+        first = hashes[n]
+        counts = self._in_transit.setdefault(ep.key, {})
+        counts[first] = counts.get(first, 0) + 1
+        return first
 
-    def end_transfer(self, key: str, arriving: list[int]) -> None:
+    def end_transfer(self, key: str, first: int) -> None:
         counts = self._in_transit.get(key)
         if counts is None:
             return
-        for h in arriving:
-            n = counts.get(h, 0)
-            if n > 1:
-                counts[h] = n - 1
-            else:
-                counts.pop(h, None)
-        if not counts:
-            del self._in_transit[key]
+        n = counts.get(first, 0)
+        if n > 1:
+            counts[first] = n - 1
+        else:
+            counts.pop(first, None)
+            if not counts:
+                del self._in_transit[key]
 
     def landed_blocks(self, key: str, hashes: list[int], matched: int) -> int:
         """Of the `matched` leading blocks counted on `key`, how many it really holds now:

@@ -27,11 +27,11 @@ class PrefixCacheInsert(LifecycleHook):
         res = d.result
         index = self.services.prefix_index
         if res.prefill is not None:
-            arriving = index.begin_transfer(res.target, res.prefix_hashes)
-            if arriving:
+            first = index.begin_transfer(res.target, res.prefix_hashes)
+            if first is not None:
                 if d.hook_state is None:
                     d.hook_state = {}
-                d.hook_state[self.name] = arriving
+                d.hook_state[self.name] = first
             index.insert_soon(res.prefill, res.prefix_hashes)
         index.insert_soon(res.target, res.prefix_hashes)
 
@@ -44,6 +44,6 @@ class PrefixCacheInsert(LifecycleHook):
         self._landed(d)
 
     def _landed(self, d: Decision) -> None:
-        arriving = d.hook_state.pop(self.name, None) if d.hook_state else None
-        if arriving:
-            self.services.prefix_index.end_transfer(d.result.target.key, arriving)
+        first = d.hook_state.pop(self.name, None) if d.hook_state else None
+        if first is not None:
+            self.services.prefix_index.end_transfer(d.result.target.key, first)

@@ -111,7 +111,10 @@ class DelayCostScorer(Scorer):
                 cost += decode_tokens * (tpot - ref_tpot) / 1000.0
             if own_s > 0.0:
                 work = 0.0 if replicate and hits < best_held else ww
-                cost += (work + sw * q.running + pw * ep.inflight.pending_requests) * own_s
+                per_s = work + sw * q.running
+                if pw:
+                    per_s += pw * ep.inflight.pending_requests
+                cost += per_s * own_s
                 if ew > 0.0:
                     new_blocks = prompt_blocks - (blocks.get(ep.key, 0) if blocks else 0)
                     over = index.blocks_held(ep.key) + new_blocks - index.capacity_for(ep)
