@@ -47,7 +47,7 @@ from epp.requestcontrol.parse import build_request, parse_body
 from epp.scheduling.config import build_scheduler
 from epp.scheduling.services import Services
 from epp.sim.tokenizer import DATA_DIR
-from epp.tokenization.tokenizer import TokenizerSet, load_tokenizer
+from epp.tokenization.tokenizer import PartialIds, TokenizerSet, load_tokenizer
 
 CASES = [(10, 4_000), (100, 4_000), (1000, 4_000), (10, 100_000), (100, 100_000), (1000, 100_000)]
 MODEL = "llama-3-8b"
@@ -184,11 +184,12 @@ def run_precise_case(
         bodies.append(orjson.dumps({"model": MODEL, "messages": msgs, "max_tokens": 128}))
 
     caches: dict[str, OrderedDict[int, None]] = {}
+    engine_tok = load_tokenizer(tokenizer_dir)  # the engines' own: the EPP's cache is its own
 
     def engine_stores(d: Any) -> None:
         """The chosen pod computed the prompt: its KV events say so. Like vLLM's free
         queue, the pod evicts least recently used blocks, a prompt's tail before its head."""
-        ids = tok.request_ids("chat", d.request.body) or []
+        ids = engine_tok.request_ids("chat", d.request.body) or []
         bs = precise.block_size
         n = len(ids) // bs
         hashes = [(seed << 48) ^ h for h in precise.hash_ids(ids)]  # any engine hashes
@@ -214,18 +215,28 @@ def run_precise_case(
         director.first_byte(d)
         director.release(d)
 
-    # The pick tokenizes the request itself (once per cycle): time that part from inside.
+    # The pick tokenizes the request itself (once per cycle, as far as some pod may hold
+    # the prompt): time that part from inside.
     tokenizing = [0.0]
-    request_ids = tok.request_ids
+    request_partial = tok.request_partial
+    more = PartialIds.more
 
-    def timed_request_ids(api: str, body: Any, marks: Any = None) -> list[int] | None:
+    def timed_request_partial(api: str, body: Any) -> PartialIds | None:
         t = time.perf_counter()
         try:
-            return request_ids(api, body, marks)
+            return request_partial(api, body)
         finally:
             tokenizing[0] += time.perf_counter() - t
 
-    tok.request_ids = timed_request_ids  # type: ignore[method-assign]
+    def timed_more(self: PartialIds, chunks: int = 1) -> None:
+        t = time.perf_counter()
+        try:
+            more(self, chunks)
+        finally:
+            tokenizing[0] += time.perf_counter() - t
+
+    tok.request_partial = timed_request_partial  # type: ignore[method-assign]
+    PartialIds.more = timed_more  # type: ignore[method-assign]
 
     pick_us: list[float] = []
     tok_us: list[float] = []
@@ -252,6 +263,7 @@ def run_precise_case(
             director.release(d)
     finally:
         gc.enable()
+        PartialIds.more = more  # type: ignore[method-assign]
     leaked = sum(ep.inflight.requests for ep in ds.endpoints())
     assert leaked == 0, f"in-flight leak: {leaked}"
     return {

@@ -109,15 +109,23 @@ class PreciseIndex:
     def hash_ids(self, ids: Sequence[int]) -> list[int]:
         return self.hash_tokens(array("I", ids).tobytes())
 
-    def hash_prompt(self, ids: Sequence[int], marks: Sequence[tuple[int, int]] = ()) -> list[int]:
+    def hash_prompt(
+        self,
+        ids: Sequence[int],
+        marks: Sequence[tuple[int, int]] = (),
+        *,
+        resume: list[int] | None = None,
+        first_mark: int = 0,
+    ) -> list[int]:
         """Block hashes of a prompt's ids; `marks` (from the tokenizer: a key naming the
         text up to a chunk's end, and the ids up to there) let the blocks that end inside a
-        chunk be reused by every later prompt that shares the text up to it."""
+        chunk be reused by every later prompt that shares the text up to it. `resume`: the
+        hashes already computed up to `marks[first_mark - 1]` (extended in place)."""
         bs = self.block_size
         n = len(ids) // bs
-        out: list[int] = []
+        out: list[int] = resume if resume is not None else []
         cache = self._chunk_hashes
-        for key, end in marks:
+        for key, end in marks[first_mark:] if first_mark else marks:
             got = cache.get(key)
             if got is None:
                 got = self._hash_range(ids, len(out), end // bs, out[-1] if out else 0)

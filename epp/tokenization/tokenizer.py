@@ -73,6 +73,7 @@ class TokenizerStats:
     chunk_misses: int = 0
     tokens_from_cache: int = 0
     tokens_encoded: int = 0
+    chars_encoded: int = 0
 
 
 @dataclass(slots=True)
@@ -95,6 +96,76 @@ class _ChunkCache:
         while self.tokens > self.max_tokens and self.entries:
             _, old = self.entries.popitem(last=False)
             self.tokens -= len(old)
+
+
+class PartialIds:
+    """A prompt's token ids known so far: `ids` is a prefix of the full ids (all of them
+    once `complete`), `marks` as `ModelTokenizer.encode` gives them for that prefix."""
+
+    __slots__ = (
+        "_chars",
+        "_keys",
+        "_parts",
+        "_pos",
+        "_salt",
+        "_suffix",
+        "_texts",
+        "_tok",
+        "complete",
+        "ids",
+        "marks",
+    )  # fmt: skip
+
+    def __init__(
+        self, tok: ModelTokenizer, ids: list[int], marks: list[Mark], *, complete: bool
+    ) -> None:
+        self.ids = ids
+        self.marks = marks
+        self.complete = complete
+        self._tok = tok
+        self._parts: list[list[int] | None] = []
+        self._keys: list[int] = []
+        self._texts: list[str] = []
+        self._pos = 0  # the first chunk not in `ids` yet
+        self._salt = 0
+        self._suffix: list[int] = []
+        self._chars = 0  # characters of the chunks in `ids`
+
+    def more(self, chunks: int = 1) -> None:
+        """Encode the next `chunks` chunks not cached (all: a large number) and extend
+        `ids` over them and the cached chunks after them."""
+        if self.complete:
+            return
+        parts = self._parts
+        missing = [i for i in range(self._pos, len(parts)) if parts[i] is None][:chunks]
+        self._tok._fill(missing, parts, self._keys, self._texts)
+        self._advance()
+
+    def rest_estimate(self) -> int:
+        """Tokens not in `ids` yet, estimated from their characters at the rate of the
+        prompt's known head (or of everything this tokenizer encoded, for a short head)."""
+        if self.complete:
+            return 0
+        chars = sum(len(t) for t in self._texts[self._pos :])
+        rate = len(self.ids) / self._chars if self._chars >= 64 else self._tok.tokens_per_char()
+        return round(chars * rate) + len(self._suffix)
+
+    def _advance(self) -> None:
+        parts, ids, marks, salt = self._parts, self.ids, self.marks, self._salt
+        i = self._pos
+        while i < len(parts):
+            p = parts[i]
+            if p is None:
+                break
+            ids += p
+            marks.append((self._keys[i] ^ salt, len(ids)))
+            self._chars += len(self._texts[i])
+            i += 1
+        self._pos = i
+        if i == len(parts):
+            ids += self._suffix
+            self.complete = True
+            self._parts, self._keys, self._texts = [], [], []
 
 
 class ModelTokenizer:
@@ -162,21 +233,42 @@ class ModelTokenizer:
 
     def _encode_plain(self, text: str, marks: list[Mark] | None = None) -> list[int]:
         step = self.chunk_chars
+        if not self.chunking or len(text) < 2 * step:
+            return self._encode_whole(text)
+        parts, keys, texts = self._split(text)
+        self._fill([i for i, p in enumerate(parts) if p is None], parts, keys, texts)
+        out: list[int] = []
+        ends: list[int] = []
+        for p in parts:
+            assert p is not None
+            out += p
+            ends.append(len(out))
+        if marks is not None:
+            marks.extend(zip(keys, ends, strict=True))
+        return out
+
+    def _encode_whole(self, text: str) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        self.stats.tokens_encoded += len(ids)
+        self.stats.chars_encoded += len(text)
+        return ids
+
+    def _split(self, text: str) -> tuple[list[list[int] | None], list[int], list[str]]:
+        """The text's chunks: their cached ids (None where not cached), their keys (a
+        chained hash of the text up to the chunk's end) and their texts."""
+        step = self.chunk_chars
         n = len(text)
-        if not self.chunking or n < 2 * step:
-            ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-            self.stats.tokens_encoded += len(ids)
-            return ids
         cache = self._cache
         search = _BOUNDARY.search
         parts: list[list[int] | None] = []
         keys: list[int] = []
-        missing: list[tuple[int, int, str]] = []
+        texts: list[str] = []
         pos = 0
         h = 0
         special = self._special_at
         lead = self._special_lead
         find = text.find
+        hits = 0
         while pos < n:
             m = search(text, pos + step) if pos + step < n else None
             end = m.start() if m is not None else n
@@ -187,34 +279,65 @@ class ModelTokenizer:
             chunk = text[pos:end]
             h = _hash(chunk.encode(), h)
             keys.append(h)
+            texts.append(chunk)
             got = cache.get(h)
-            if got is None:
-                missing.append((len(parts), h, chunk))
+            if got is not None:
+                hits += 1
+                self.stats.tokens_from_cache += len(got)
             parts.append(got)
             pos = end
+        self.stats.chunk_hits += hits
+        return parts, keys, texts
+
+    def _fill(
+        self,
+        missing: Sequence[int],
+        parts: list[list[int] | None],
+        keys: Sequence[int],
+        texts: Sequence[str],
+    ) -> None:
+        """Encode the chunks at `missing` (indexes into `parts`) and cache their ids."""
+        if not missing:
+            return
+        chunks = [texts[i] for i in missing]
+        chars = sum(map(len, chunks))
+        if chars >= PARALLEL_MIN_CHARS:
+            encoded = self._batch(chunks, add_special_tokens=False)
+        else:  # on this thread: handing a small batch to the thread pool costs more
+            encoded = [self._batch([c], add_special_tokens=False)[0] for c in chunks]
         st = self.stats
-        if missing:
-            texts = [c for _, _, c in missing]
-            if sum(map(len, texts)) >= PARALLEL_MIN_CHARS:
-                encoded = self._batch(texts, add_special_tokens=False)
-            else:  # on this thread: handing a small batch to the thread pool costs more
-                encoded = [self._batch([c], add_special_tokens=False)[0] for c in texts]
-            for (i, key, _), enc in zip(missing, encoded, strict=True):
-                ids = list(enc.ids)
-                cache.put(key, ids)
-                parts[i] = ids
-                st.tokens_encoded += len(ids)
-            st.chunk_misses += len(missing)
-        st.chunk_hits += len(parts) - len(missing)
-        out: list[int] = []
-        ends: list[int] = []
-        for p in parts:
-            assert p is not None
-            out += p
-            ends.append(len(out))
-        if marks is not None:
-            marks.extend(zip(keys, ends, strict=True))
-        st.tokens_from_cache += len(out) - sum(len(parts[i] or ()) for i, _, _ in missing)
+        cache = self._cache
+        for i, enc in zip(missing, encoded, strict=True):
+            ids = list(enc.ids)
+            cache.put(keys[i], ids)
+            parts[i] = ids
+            st.tokens_encoded += len(ids)
+        st.chars_encoded += chars
+        st.chunk_misses += len(missing)
+
+    def tokens_per_char(self) -> float:
+        """Tokens per character of the text encoded so far (0.25 before any)."""
+        st = self.stats
+        return st.tokens_encoded / st.chars_encoded if st.chars_encoded > 1000 else 0.25
+
+    def encode_partial(self, text: str, add_special_tokens: bool = False) -> PartialIds:
+        """The text's leading ids that cost no encoding (cached chunks), extended on demand
+        (`PartialIds.more`): a caller that needs only the prompt's head, as far as some
+        engine may have cached it, does not pay for encoding a long fresh tail."""
+        if add_special_tokens and not self._specials_known:
+            ids = list(self._tok.encode(text, add_special_tokens=True).ids)
+            return PartialIds(self, ids, [], complete=True)
+        prefix = self._prefix_ids if add_special_tokens else []
+        suffix = self._suffix_ids if add_special_tokens else []
+        if not self.chunking or len(text) < 2 * self.chunk_chars:
+            ids = [*prefix, *self._encode_whole(text), *suffix]
+            return PartialIds(self, ids, [], complete=True)
+        parts, keys, texts = self._split(text)
+        salt = (_SPECIAL_SALT if add_special_tokens else 0) ^ self._uid
+        out = PartialIds(self, list(prefix), [], complete=False)
+        out._parts, out._keys, out._texts = parts, keys, texts
+        out._salt, out._suffix = salt, suffix
+        out._advance()
         return out
 
     def token_to_id(self, token: str) -> int | None:
@@ -236,6 +359,25 @@ class ModelTokenizer:
     ) -> list[int] | None:
         """The prompt token ids an engine would compute for an OpenAI request body, or None
         when this request cannot be tokenized here (other APIs, template errors, ...)."""
+        got = self._request_text(api, body)
+        if got is None or isinstance(got, list):
+            return got
+        return self.encode(got[0], got[1], marks)
+
+    def request_partial(self, api: str, body: Mapping[str, Any]) -> PartialIds | None:
+        """`request_ids`, tokenized only as far as the cache reaches (`encode_partial`)."""
+        got = self._request_text(api, body)
+        if got is None:
+            return None
+        if isinstance(got, list):
+            return PartialIds(self, got, [], complete=True)
+        return self.encode_partial(*got)
+
+    def _request_text(
+        self, api: str, body: Mapping[str, Any]
+    ) -> tuple[str, bool] | list[int] | None:
+        """(prompt text, add_special_tokens) of a request, its token ids when it gives
+        them, or None when it cannot be tokenized here."""
         if api == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or self.chat is None:
@@ -253,13 +395,13 @@ class ModelTokenizer:
             except ChatTemplateError as e:
                 log.debug("chat template refused a request: %s", e)
                 return None
-            return self.encode(text, bool(body.get("add_special_tokens", False)), marks)
+            return text, bool(body.get("add_special_tokens", False))
         if api == "completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # a batch: each prompt is its own sequence; route by the first
             if isinstance(prompt, str):
-                return self.encode(prompt, bool(body.get("add_special_tokens", True)), marks)
+                return prompt, bool(body.get("add_special_tokens", True))
             if (
                 isinstance(prompt, list)
                 and prompt

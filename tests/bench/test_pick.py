@@ -16,23 +16,28 @@ from epp.tokenization.tokenizer import ModelTokenizer
 def test_precise_case_counts_one_tokenization_inside_the_pick(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[int] = []
-    real = ModelTokenizer.request_ids
+    calls: list[str] = []
+    real_ids, real_partial = ModelTokenizer.request_ids, ModelTokenizer.request_partial
 
-    def counting(
+    def counting_ids(
         self: ModelTokenizer,
         api: str,
         body: Mapping[str, Any],
         marks: list[tuple[int, int]] | None = None,
     ) -> list[int] | None:
-        calls.append(1)
-        return real(self, api, body, marks)
+        calls.append("engine")
+        return real_ids(self, api, body, marks)
 
-    monkeypatch.setattr(ModelTokenizer, "request_ids", counting)
+    def counting_partial(self: ModelTokenizer, api: str, body: Mapping[str, Any]) -> Any:
+        calls.append("pick")
+        return real_partial(self, api, body)
+
+    monkeypatch.setattr(ModelTokenizer, "request_ids", counting_ids)
+    monkeypatch.setattr(ModelTokenizer, "request_partial", counting_partial)
     res = run_precise_case(10, 400, 20, str(DATA_DIR))
     assert res["iterations"] == 20
     assert res["tokenize_p50_us"] > 0 and res["p50_us"] > 0
     assert res["total_p50_us"] >= res["tokenize_p50_us"]
     # Warm-up (64) and every timed pick tokenize once in the pick and once for the emulated
     # engine's KV events: nothing else may tokenize on the way.
-    assert len(calls) == 2 * (64 + 20)
+    assert calls.count("pick") == calls.count("engine") == 64 + 20

@@ -38,6 +38,46 @@ def test_chunked_encoding_equals_the_whole_text() -> None:
     assert len(random_text(random.Random(1), 3000)) > PARALLEL_MIN_CHARS
 
 
+def test_partial_ids_are_a_prefix_of_the_full_encoding_at_every_step() -> None:
+    tok = load_tokenizer(DATA_DIR, chunk_chars=48)
+    rng = random.Random(11)
+    for n in (30, 400, 3000):
+        head = random_text(rng, n)
+        text = head + " and then " + random_text(rng, n)
+        for special in (False, True):
+            tok.encode_partial(head, special).more(10**9)  # the head is cached now
+            full_marks: list[tuple[int, int]] = []
+            full = tok.encode(text, special, full_marks)
+            tok._cache.entries.clear()
+            tok.encode_partial(head, special).more(10**9)
+            part = tok.encode_partial(text, special)
+            steps = 0
+            while True:
+                assert part.ids == full[: len(part.ids)]
+                assert part.marks == full_marks[: len(part.marks)]
+                if part.complete:
+                    break
+                assert part.rest_estimate() > 0
+                part.more(1 + steps)
+                steps += 1
+            assert part.ids == full and part.rest_estimate() == 0
+            tok._cache.entries.clear()
+
+
+def test_partial_ids_encode_no_fresh_text_until_asked() -> None:
+    tok = load_tokenizer(DATA_DIR, chunk_chars=64)
+    rng = random.Random(4)
+    system = " ".join(rng.choice(["kalo", "mine", "ruta", "vozi"]) for _ in range(2000))
+    tok.encode(system)
+    fresh = " ".join(rng.choice(["pedu", "sofa", "zi"]) for _ in range(1000))
+    before = tok.stats.tokens_encoded
+    part = tok.encode_partial(system + " " + fresh)
+    assert tok.stats.tokens_encoded == before and not part.complete
+    assert len(part.ids) > 1900  # the cached head, free
+    full = len(tok._tok.encode(system + " " + fresh).ids)
+    assert abs(len(part.ids) + part.rest_estimate() - full) < full * 0.1
+
+
 def test_a_shared_prefix_is_served_from_the_cache() -> None:
     tok = load_tokenizer(DATA_DIR, chunk_chars=64)
     rng = random.Random(3)

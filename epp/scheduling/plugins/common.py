@@ -30,31 +30,51 @@ def prefix_match(cycle: CycleState, services: Services, request: InferenceReques
 
 @dataclass(slots=True)
 class PromptTokens:
-    """The prompt as the engine will see it: token count and the precise block hashes."""
+    """The prompt as the engine will see it: token count, the precise block hashes of its
+    head and the leading blocks each pod holds (`PreciseIndex.match`). The head is the
+    whole prompt when `exact`; otherwise it reaches past every block any pod holds, the
+    tail was not tokenized (it cannot change any match) and `count` is estimated."""
 
     count: int
     hashes: list[int]
+    held: dict[str, int]
+    exact: bool = True
 
 
 def prompt_tokens(
     cycle: CycleState, services: Services, request: InferenceRequest
 ) -> PromptTokens | None:
-    """Tokenize the prompt once per cycle (precise prefix routing only); None when there is
-    no tokenizer for the model or the request cannot be tokenized here. Sets the request's
-    `prompt_tokens` to the exact count."""
+    """Tokenize the prompt once per cycle (precise prefix routing only), as far as the
+    engines' caches can match it; None when there is no tokenizer for the model or the
+    request cannot be tokenized here. Sets the request's `prompt_tokens`."""
     got: PromptTokens | bool | None = cycle.get(TOKENS_KEY)
     if got is not None:
         return got if isinstance(got, PromptTokens) else None
     precise, tokenizers = services.precise, services.tokenizers
     tok = tokenizers.get(request.routed_model) if tokenizers is not None else None
-    ids = None
-    marks: list[tuple[int, int]] = []
+    partial = None
     if precise is not None and tok is not None and request.body is not None:
-        ids = tok.request_ids(request.api, request.body, marks)
-    if not ids or precise is None:
+        partial = tok.request_partial(request.api, request.body)
+    if partial is None or precise is None or (partial.complete and not partial.ids):
         cycle.set(TOKENS_KEY, False)
         return None
-    out = PromptTokens(len(ids), precise.hash_prompt(ids, marks))
+    hashes = precise.hash_prompt(partial.ids, partial.marks)
+    held = precise.match(hashes)
+    step = 1
+    # While some pod holds every block known so far, the next ones may be there too:
+    # encode more of the prompt, twice as much each time (a long cached history costs a
+    # few rounds, a fresh tail after a shared head one chunk).
+    while not partial.complete and (not hashes or max(held.values(), default=0) >= len(hashes)):
+        done = len(partial.marks)
+        keep = partial.marks[-1][1] // precise.block_size if done else 0
+        del hashes[keep:]
+        partial.more(step)
+        step *= 2
+        hashes = precise.hash_prompt(partial.ids, partial.marks, resume=hashes, first_mark=done)
+        held = precise.match(hashes)
+    out = PromptTokens(
+        len(partial.ids) + partial.rest_estimate(), hashes, held, exact=partial.complete
+    )
     request.prompt_tokens = out.count
     cycle.set(TOKENS_KEY, out)
     return out
@@ -80,7 +100,7 @@ def cached_tokens(
                 del out[k]
             bs = precise.block_size
             limit = (pt.count - 1) // bs  # the engine always computes the last prompt token
-            held = precise.match(pt.hashes)
+            held = pt.held
             cycle.set(PRECISE_MATCH_KEY, held)
             for k, n in held.items():
                 if pods[k].trusted:
