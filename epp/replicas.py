@@ -184,6 +184,7 @@ class ReplicaSyncSetup:
         prefix_index = control.scheduler.services.prefix_index
         self.hook = ReplicaSync(self.ledger, services=control.scheduler.services)
         control.hooks.append(self.hook)
+        prefix_index.on_transit = self.ledger.set_transit  # P/D KV not landed yet
         self.view = PeerView(datastore, prefix_index, self.origin, expiry_s=args.sync_peer_timeout)
         self.node = SyncNode(
             self.ledger,

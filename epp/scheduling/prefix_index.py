@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -50,6 +50,9 @@ class PrefixIndex:
         # prefilled elsewhere and transferred (block hash -> transfers under way). Hashes
         # are chained, so every later block of such a prompt is on its way too.
         self._in_transit: dict[str, dict[int, int]] = {}
+        self._peer_transit: dict[str, dict[int, int]] = {}  # the same, of other replicas
+        # Told (endpoint, first block, transfers now) when this instance's change.
+        self.on_transit: Callable[[str, int, int], None] | None = None
 
     # ---- hashing --------------------------------------------------------------------------
     def hash_prompt(self, model: str, prompt: bytes) -> list[int]:
@@ -197,36 +200,51 @@ class PrefixIndex:
         if n >= len(hashes):
             return None
         first = hashes[n]
-        counts = self._in_transit.setdefault(ep.key, {})
-        counts[first] = counts.get(first, 0) + 1
+        n = self._count_transit(self._in_transit, ep.key, first, 1)
+        if self.on_transit is not None:
+            self.on_transit(ep.key, first, n)
         return first
 
     def end_transfer(self, key: str, first: int) -> None:
-        counts = self._in_transit.get(key)
-        if counts is None:
+        if self._in_transit.get(key, {}).get(first) is None:
             return
-        n = counts.get(first, 0)
-        if n > 1:
-            counts[first] = n - 1
+        n = self._count_transit(self._in_transit, key, first, -1)
+        if self.on_transit is not None:
+            self.on_transit(key, first, n)
+
+    def peer_transfers(self, key: str, first: int, delta: int) -> None:
+        """Other EPP instances' transfers to `key` from block `first` (replica sync)."""
+        self._count_transit(self._peer_transit, key, first, delta)
+
+    @staticmethod
+    def _count_transit(table: dict[str, dict[int, int]], key: str, first: int, d: int) -> int:
+        counts = table.setdefault(key, {})
+        n = counts.get(first, 0) + d
+        if n > 0:
+            counts[first] = n
         else:
             counts.pop(first, None)
             if not counts:
-                del self._in_transit[key]
+                del table[key]
+        return max(0, n)
 
     def landed_blocks(self, key: str, hashes: list[int], matched: int) -> int:
         """Of the `matched` leading blocks counted on `key`, how many it really holds now:
-        up to the first one still in transit."""
+        up to the first one still in transit (sent by this instance or a peer)."""
         counts = self._in_transit.get(key)
-        if not counts:
+        peers = self._peer_transit.get(key)
+        if not counts and not peers:
             return matched
         for i in range(matched):
-            if hashes[i] in counts:
+            h = hashes[i]
+            if (counts and h in counts) or (peers and h in peers):
                 return i
         return matched
 
     def remove_endpoint(self, key: str) -> None:
         self.flush()
         self._in_transit.pop(key, None)
+        self._peer_transit.pop(key, None)
         lru = self._lru.pop(key, None)
         if lru:
             for h in lru:

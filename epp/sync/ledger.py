@@ -25,6 +25,7 @@ LOAD_FIELDS: tuple[str, ...] = (
 Load = tuple[int, int, int, int, int, int]
 ZERO_LOAD: Load = (0, 0, 0, 0, 0, 0)
 QueueKey = tuple[int, str]  # (priority band, flow)
+TransitKey = tuple[str, int]  # (endpoint, first block in transit)
 
 
 def load_of(inf: InFlight) -> Load:
@@ -44,6 +45,8 @@ class LocalLedger:
         self.queues: dict[QueueKey, tuple[int, int]] = {}  # -> (requests, bytes)
         self._dirty: set[str] = set()
         self._dirty_queues: set[QueueKey] = set()
+        self.transit: dict[TransitKey, int] = {}  # P/D transfers not landed yet
+        self._dirty_transit: set[TransitKey] = set()
         self._prefix: list[tuple[str, list[int]]] = []
         self.max_pending_prefix = max_pending_prefix
         self.dropped_prefix = 0  # inserts not shared because no flush came in time
@@ -52,7 +55,7 @@ class LocalLedger:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty or self._dirty_queues or self._prefix)
+        return bool(self._dirty or self._dirty_queues or self._dirty_transit or self._prefix)
 
     def _mark(self) -> None:
         if self.on_dirty is not None and not self.dirty:
@@ -90,6 +93,25 @@ class LocalLedger:
         else:
             self.queues[key] = value
         self._dirty_queues.add(key)
+
+    def set_transit(self, key: str, first: int, requests: int) -> None:
+        """This instance's transfers to `key` starting at block `first` (the prefix
+        index's `on_transit` listener)."""
+        tkey = (key, first)
+        if self.transit.get(tkey, 0) == requests:
+            return
+        self._mark()
+        if requests:
+            self.transit[tkey] = requests
+        else:
+            self.transit.pop(tkey, None)
+        self._dirty_transit.add(tkey)
+
+    def take_transit(self) -> list[tuple[TransitKey, int]]:
+        """Transfers changed since the last take (absolute counts), then forget them."""
+        out = [(k, self.transit.get(k, 0)) for k in self._dirty_transit]
+        self._dirty_transit = set()
+        return out
 
     def sync_queues(self, sizes: Mapping[QueueKey, int]) -> None:
         """Make the shared queue depths those of `sizes` ((band, flow) -> requests)."""

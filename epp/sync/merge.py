@@ -13,7 +13,9 @@ about replicas. Rules (see protos/epp/sync/v1/sync.proto):
 * a snapshot zeroes the keys it does not list that were set by an older batch (lost batches
   are repaired by the next snapshot);
 * an origin silent for `expiry_s` is dropped whole (its requests are assumed gone with it);
-* prefix inserts go into the local prefix index as they come (set additions, idempotent).
+* prefix inserts go into the local prefix index as they come (set additions, idempotent);
+* P/D transfers in flight follow the load rules, per (endpoint, first block), and are added
+  to the prefix index's peers' transfers (`PrefixIndex.peer_transfers`).
 
 Peer queue depths (flow control) are summed per (band, flow) in `queue_totals()`.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.prefix_index import PrefixIndex
-from epp.sync.ledger import LOAD_FIELDS, ZERO_LOAD, Load, QueueKey
+from epp.sync.ledger import LOAD_FIELDS, ZERO_LOAD, Load, QueueKey, TransitKey
 from epp.sync.v1 import sync_pb2 as pb
 
 APPLIED = "applied"
@@ -42,6 +44,7 @@ class OriginState:
     epoch: int
     loads: dict[str, tuple[int, Load]] = field(default_factory=dict)  # key -> (seq, load)
     queues: dict[QueueKey, tuple[int, tuple[int, int]]] = field(default_factory=dict)
+    transit: dict[TransitKey, tuple[int, int]] = field(default_factory=dict)  # -> (seq, n)
     max_seq: int = 0
     last_seen: float = 0.0  # monotonic
     lag_s: float = 0.0  # sent_at -> received, last batch (wall clocks: skew included)
@@ -151,6 +154,18 @@ class PeerView:
             for qkey in [k for k, (s, _) in st.queues.items() if k not in qlisted and s < seq]:
                 del st.queues[qkey]
 
+        tlisted: set[TransitKey] | None = set() if b.snapshot else None
+        for t in b.transit:
+            tkey = (t.endpoint, t.first)
+            if tlisted is not None:
+                tlisted.add(tkey)
+            tcur = st.transit.get(tkey)
+            if tcur is None or tcur[0] < seq:
+                self._set_transit(st, tkey, seq, t.requests)
+        if tlisted is not None:
+            for tkey in [k for k, (s, _) in st.transit.items() if k not in tlisted and s < seq]:
+                self._set_transit(st, tkey, seq, 0)
+
         if b.prefix and self.prefix_index is not None:
             get = self.datastore.get
             insert = self.prefix_index.insert
@@ -178,6 +193,12 @@ class PeerView:
                 self._sum[key] = total
             self._fold(key)
 
+    def _set_transit(self, st: OriginState, tkey: TransitKey, seq: int, n: int) -> None:
+        old = st.transit.get(tkey, (0, 0))[1]
+        st.transit[tkey] = (seq, n)  # a zero keeps its seq, as loads do
+        if n != old and self.prefix_index is not None:
+            self.prefix_index.peer_transfers(tkey[0], tkey[1], n - old)
+
     def _fold(self, key: str) -> None:
         """Make the endpoint's counters hold local + peers' total for `key`."""
         ep = self.datastore.get(key)
@@ -203,6 +224,10 @@ class PeerView:
         st = self.origins.pop(origin, None)
         if st is None:
             return
+        if self.prefix_index is not None:
+            for (key, first), (_, n) in st.transit.items():
+                if n:
+                    self.prefix_index.peer_transfers(key, first, -n)
         for key, (_, load) in st.loads.items():
             if load != ZERO_LOAD:
                 total = _sub(self._sum.get(key, ZERO_LOAD), load)

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from epp.scheduling.prefix_index import PrefixIndex
-from epp.sync.ledger import Load, LocalLedger, QueueKey
+from epp.sync.ledger import Load, LocalLedger, QueueKey, TransitKey
 from epp.sync.merge import APPLIED, PeerView
 from epp.sync.v1 import sync_pb2 as pb
 from epp.sync.v1 import sync_pb2_grpc as pb_grpc
@@ -309,7 +309,9 @@ class SyncNode:
         self._last_flush = asyncio.get_running_loop().time()
         loads, prefix, queues = self.ledger.take_delta()
         self.seq += 1
-        self._broadcast(self._batch(loads, prefix, queues, snapshot=False), "delta")
+        b = self._batch(loads, prefix, queues, snapshot=False)
+        self._add_transit(b, self.ledger.take_transit())
+        self._broadcast(b, "delta")
 
     def snapshot(self) -> None:
         """Every non-zero entry (plus anything pending): the heartbeat and the repair."""
@@ -318,9 +320,12 @@ class SyncNode:
             self._flush_handle.cancel()
             self._flush_handle = None
         _, prefix, _ = self.ledger.take_delta()
+        self.ledger.take_transit()
         loads, queues = self.ledger.snapshot()
         self.seq += 1
-        self._broadcast(self._batch(loads, prefix, queues, snapshot=True), "snapshot")
+        b = self._batch(loads, prefix, queues, snapshot=True)
+        self._add_transit(b, list(self.ledger.transit.items()))
+        self._broadcast(b, "snapshot")
 
     def _sample_queues(self) -> None:
         if self.queue_source is not None:
@@ -358,6 +363,11 @@ class SyncNode:
             b.queues.add(band=band, flow=flow, requests=n, bytes=size)
         return b
 
+    @staticmethod
+    def _add_transit(b: pb.SyncBatch, transit: list[tuple[TransitKey, int]]) -> None:
+        for (key, first), n in transit:
+            b.transit.add(endpoint=key, first=first, requests=n)
+
     def _broadcast(self, b: pb.SyncBatch, kind: str) -> None:
         data = b.SerializeToString()
         links = [*self.remote.values(), *self.local.values()]
@@ -371,6 +381,7 @@ class SyncNode:
         self.flush()
         loads, queues = self.ledger.snapshot()
         snap = self._batch(loads, [], queues, snapshot=True)
+        self._add_transit(snap, list(self.ledger.transit.items()))
         self.stats.count(self.stats.sent, "initial")
         yield snap.SerializeToString()
         if self.prefix_index is None:

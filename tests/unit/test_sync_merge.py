@@ -19,6 +19,7 @@ from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.request import InferenceRequest
 from epp.sync.ledger import ZERO_LOAD, Load, LocalLedger, load_of
 from epp.sync.merge import APPLIED, GOODBYE, SELF, STALE_EPOCH, PeerView
+from epp.sync.node import SyncNode
 from epp.sync.v1 import sync_pb2 as pb
 
 A, B = "127.0.0.1:8000", "127.0.0.2:8000"
@@ -52,6 +53,7 @@ def batch(
     snapshot: bool = False,
     prefix: dict[str, list[int]] | None = None,
     queues: dict[tuple[int, str], int] | None = None,
+    transit: dict[tuple[str, int], int] | None = None,
     goodbye: bool = False,
 ) -> pb.SyncBatch:
     b = pb.SyncBatch(origin=origin, epoch=epoch, seq=seq, snapshot=snapshot, goodbye=goodbye)
@@ -69,6 +71,8 @@ def batch(
         b.prefix.add(endpoint=key, hashes=hashes)
     for (band, flow), n in (queues or {}).items():
         b.queues.add(band=band, flow=flow, requests=n)
+    for (key, first), n in (transit or {}).items():
+        b.transit.add(endpoint=key, first=first, requests=n)
     return b
 
 
@@ -181,6 +185,58 @@ def test_prefix_inserts_and_queue_depths() -> None:
     assert view.queue_totals() == {(0, "x"): (5, 0), (-1, "y"): (1, 0)}
     view.apply(batch("p/0", 2, snapshot=True))  # p's queues are empty now
     assert view.queue_totals() == {(0, "x"): (2, 0), (-1, "y"): (1, 0)}
+
+
+def test_a_peers_kv_in_transit_is_not_counted_as_landed() -> None:
+    """P/D across replicas: replica p sent a prompt's KV to A (prefill elsewhere); until it
+    lands, A's blocks from the first one it lacked are not counted here either."""
+    ds, view, clock, index = setup()
+    ep = ds.get(A)
+    assert ep is not None
+    hashes = [11, 12, 13, 14]
+    index.insert(ep, hashes)  # the peer's prefix insert for A
+    assert index.landed_blocks(A, hashes, 4) == 4
+    view.apply(batch("p/0", 1, transit={(A, 12): 1}))
+    assert index.landed_blocks(A, hashes, 4) == 1
+    view.apply(batch("p/0", 1, transit={(A, 12): 1}))  # a duplicate: still one transfer
+    view.apply(batch("p/0", 3, transit={(A, 12): 2}))
+    view.apply(batch("p/0", 2, transit={(A, 12): 0}))  # reordered, older: ignored
+    assert index.landed_blocks(A, hashes, 4) == 1
+    view.apply(batch("p/0", 4, snapshot=True))  # landed (a lost delta, repaired)
+    assert index.landed_blocks(A, hashes, 4) == 4
+    view.apply(batch("p/0", 5, transit={(A, 13): 1}))
+    view.apply(batch("q/0", 1, transit={(A, 12): 1}))
+    assert index.landed_blocks(A, hashes, 4) == 1
+    view.apply(batch("q/0", 2, goodbye=True))
+    assert index.landed_blocks(A, hashes, 4) == 2
+    clock.t += 10
+    view.expire()  # the silent peer's transfers go with it
+    assert index.landed_blocks(A, hashes, 4) == 4
+
+
+def test_this_instances_transfers_reach_a_peer_through_the_ledger() -> None:
+    ds, view, _, peer_index = setup()
+    index, ledger = PrefixIndex(), LocalLedger()
+    index.on_transit = ledger.set_transit
+    ep = ds.get(A)
+    assert ep is not None
+    hashes = [21, 22, 23]
+    index.insert(ep, hashes[:1])
+    first = index.begin_transfer(ep, hashes)
+    assert first == 22 and ledger.dirty
+
+    def push(seq: int) -> None:
+        b = batch("p/0", seq)
+        SyncNode._add_transit(b, ledger.take_transit())
+        view.apply(b)
+
+    push(1)
+    peer_index.insert(ep, hashes)
+    assert peer_index.landed_blocks(A, hashes, 3) == 1
+    index.end_transfer(A, first)
+    index.end_transfer(A, first)  # a second end of the same transfer changes nothing
+    push(2)
+    assert peer_index.landed_blocks(A, hashes, 3) == 3 and not ledger.transit
 
 
 def test_prefix_dump_rebuilds_the_lru_order() -> None:
