@@ -25,6 +25,8 @@ engine's reported cache shape): past it the oldest entries are dropped.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from array import array
 from collections import OrderedDict, deque
@@ -89,6 +91,7 @@ class PreciseIndex:
         self._chunk_hashes_size = 0
         self.chunk_cache_entries = 1_000_000
         self._warned: set[str] = set()
+        self._pending: list[Callable[[], None]] = []  # see `speculate_soon`
 
     # ---- hashing ------------------------------------------------------------------------------
     def hash_tokens(
@@ -333,6 +336,23 @@ class PreciseIndex:
             self._clear(v)
 
     # ---- lookups ------------------------------------------------------------------------------
+    def speculate_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` (speculative entries that need work: the rest of a prompt to tokenize)
+        before the index is next read and, under a running event loop, right after the
+        current callback, so the pick it belongs to does not wait for it."""
+        pending = self._pending
+        pending.append(fn)
+        if len(pending) == 1:
+            with contextlib.suppress(RuntimeError):  # no loop: the next read runs it
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Run what `speculate_soon` left pending, in order."""
+        while self._pending:
+            pending, self._pending = self._pending, []
+            for fn in pending:
+                fn()
+
     def speculate(self, key: str, hashes: Sequence[int], start: int = 0) -> None:
         """The pod was just sent these blocks: count them as held until an event confirms
         them or they expire. `start`: blocks before it are known to be held already."""
@@ -371,6 +391,8 @@ class PreciseIndex:
         evicts a sequence's tail before its head, and its lookup stops at the first miss),
         so a request costs one lookup per pod plus a few per pod that holds its start, and
         no block-to-pods map has to be kept."""
+        if self._pending:
+            self.flush()
         if self._expiries:
             self.expire()
         if not hashes:
@@ -403,6 +425,8 @@ class PreciseIndex:
         """Leading blocks one pod holds according to its events alone (no speculation):
         the engine's own state, what it will report as cached if nothing changes first.
         (Bisection, as in `match`.)"""
+        if self._pending:
+            self.flush()
         v = self.pods.get(key)
         if v is None or not hashes:
             return 0

@@ -387,6 +387,38 @@ def test_the_prompt_is_tokenized_only_as_far_as_a_pod_may_hold_it() -> None:
     assert pt.exact and pt.count == n and encoded == n and pt.held["c"] == n // 16
 
 
+def test_a_cold_prompt_is_speculated_whole_once_the_pick_is_made() -> None:
+    """The pick tokenizes a cold prompt only up to its first chunk; the chosen pod's
+    speculative entries still cover all of it (tokenized after the pick), so the group's
+    next request, before any KV event, follows it there for the whole prompt."""
+    tok = load_tokenizer(DATA_DIR, chunk_chars=64)
+    svc = Services(tokenizers=TokenizerSet(tok))
+    control = build_request_control(PRECISE_CONFIG, services=svc)
+    precise = svc.precise
+    assert precise is not None
+    ds = Datastore()
+    for i in range(3):
+        e = Endpoint(f"127.0.0.{i + 2}", 8000, model="m")
+        ds.upsert_endpoint("t", e)
+        precise.stream_started(e.key, 0)
+    director = Director(ds, control.scheduler, hooks=control.hooks, rng=random.Random(1))
+    rng = random.Random(3)
+    words = ["kalo", "mine", "ruta", "vozi", "pedu", "sofa"]
+    system = " ".join(rng.choice(words) for _ in range(1500))
+    body = {"model": "m", "messages": [{"role": "system", "content": system},
+                                       {"role": "user", "content": "first"}]}  # fmt: skip
+    d = director.admit(build_request("a", "chat", body, {}))
+    ids = load_tokenizer(DATA_DIR).request_ids("chat", body)
+    assert ids is not None and tok.stats.tokens_encoded < len(ids) // 4  # the pick: a head
+    whole = len(ids) // precise.block_size
+    assert precise.match(precise.hash_ids(ids)) == {d.target.key: whole}
+    body2 = {**body, "messages": [body["messages"][0], {"role": "user", "content": "second"}]}
+    d2 = director.admit(build_request("b", "chat", body2, {}))
+    assert d2.target.key == d.target.key
+    director.release(d)
+    director.release(d2)
+
+
 def test_sim_tokenizer_dir_is_what_the_epp_loads() -> None:
     assert (DATA_DIR / "tokenizer.json").is_file() and sim_tokenizer().chunking
 

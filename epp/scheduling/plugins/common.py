@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.precise_index import PreciseIndex
 from epp.scheduling.prefix_index import PrefixMatch
 from epp.scheduling.request import CycleState, InferenceRequest
 from epp.scheduling.services import Services
+from epp.tokenization.tokenizer import PartialIds
 
 PREFIX_KEY = "prefix-match"
 TOKENS_KEY = "prompt-tokens"
@@ -39,6 +41,24 @@ class PromptTokens:
     hashes: list[int]
     held: dict[str, int]
     exact: bool = True
+    partial: PartialIds | None = None
+
+    def complete(self, precise: PreciseIndex) -> list[int]:
+        """Tokenize the rest (after the pick: for the speculative entries) and return the
+        hashes of every block; `count` becomes exact."""
+        part = self.partial
+        if self.exact or part is None:
+            return self.hashes
+        done = len(part.marks)
+        del self.hashes[part.marks[-1][1] // precise.block_size if done else 0 :]
+        part.more(1 << 30)
+        self.hashes = precise.hash_prompt(
+            part.ids, part.marks, resume=self.hashes, first_mark=done
+        )
+        self.count = len(part.ids)
+        self.exact = True
+        self.partial = None
+        return self.hashes
 
 
 def prompt_tokens(
@@ -73,7 +93,11 @@ def prompt_tokens(
         hashes = precise.hash_prompt(partial.ids, partial.marks, resume=hashes, first_mark=done)
         held = precise.match(hashes)
     out = PromptTokens(
-        len(partial.ids) + partial.rest_estimate(), hashes, held, exact=partial.complete
+        len(partial.ids) + partial.rest_estimate(),
+        hashes,
+        held,
+        exact=partial.complete,
+        partial=None if partial.complete else partial,
     )
     request.prompt_tokens = out.count
     cycle.set(TOKENS_KEY, out)

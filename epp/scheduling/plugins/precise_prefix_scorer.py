@@ -158,6 +158,15 @@ class PrecisePrefixCacheScorer(Scorer):
         if not self.speculative or precise is None or not isinstance(pt, PromptTokens):
             return
         held: dict[str, int] = cycle.get(PRECISE_MATCH_KEY) or {}
-        for ep in (result.target, result.prefill):
-            if ep is not None:
-                precise.speculate(ep.key, pt.hashes, held.get(ep.key, 0))
+        pods = [(ep.key, held.get(ep.key, 0)) for ep in (result.target, result.prefill) if ep]
+        if pt.exact:
+            for key, start in pods:
+                precise.speculate(key, pt.hashes, start)
+            return
+
+        def speculate_all() -> None:  # the tail's tokens, once the answer has gone out
+            hashes = pt.complete(precise)
+            for key, start in pods:
+                precise.speculate(key, hashes, start)
+
+        precise.speculate_soon(speculate_all)
