@@ -99,6 +99,32 @@ async def test_state_reaches_a_peer_and_goodbye_drops_it(instances: list[Instanc
     await until(lambda: b.ep(0).inflight.requests == 0 and not b.view.origins, timeout=0.5)
 
 
+async def test_kv_in_transit_reaches_a_peer_and_a_late_joiner(instances: list[Instance]) -> None:
+    """P/D: a's remote prefill for decode pod 0 is in transit on b too (b got a's insert
+    for pod 0 at once) until a sees it land; a joiner gets it in its initial snapshot."""
+    a, b = Instance("a/0"), Instance("b/0")
+    instances += [a, b]
+    a.index.on_transit = a.ledger.set_transit
+    await a.start("127.0.0.1:0")
+    await b.start("127.0.0.1:0")
+    a.node.set_peers(remote=[b.address])
+    hashes = [7, 8, 9]
+    first = a.index.begin_transfer(a.ep(0), hashes)
+    a.charge(0, 1, hashes=hashes)
+    await until(lambda: b.index.match(hashes) == {KEYS[0]: 3})
+    await until(lambda: b.index.landed_blocks(KEYS[0], hashes, 3) == 0)
+    c = Instance("c/0")
+    instances.append(c)
+    await c.start("127.0.0.1:0")
+    a.node.set_peers(remote=[b.address, c.address])
+    await until(lambda: c.index.match(hashes) == {KEYS[0]: 3})
+    await until(lambda: c.index.landed_blocks(KEYS[0], hashes, 3) == 0)
+    assert first is not None
+    a.index.end_transfer(KEYS[0], first)
+    await until(lambda: b.index.landed_blocks(KEYS[0], hashes, 3) == 3)
+    await until(lambda: c.index.landed_blocks(KEYS[0], hashes, 3) == 3)
+
+
 async def test_a_late_joiner_converges_from_snapshot_and_dump(instances: list[Instance]) -> None:
     a = Instance("a/0")
     instances.append(a)
@@ -194,3 +220,24 @@ def test_endpointslice_addresses() -> None:
     assert slice_addresses(obj, "missing", own) == []
     unnamed = {"ports": [{"port": 7000}], "endpoints": [{"addresses": ["10.0.0.9"]}]}
     assert slice_addresses(unnamed, "sync", own) == ["10.0.0.9:7000"]
+
+
+def test_epp_serve_shares_its_transfers_in_flight() -> None:
+    """`epp serve` with sync on: the prefix index's P/D transfers reach the sync ledger."""
+    from prometheus_client import CollectorRegistry
+
+    from epp.cli import make_parser
+    from epp.replicas import ReplicaSyncSetup
+    from epp.requestcontrol.config import build_request_control
+
+    args = make_parser("serve").parse_args(["--peers", "127.0.0.1:9"])
+    control = build_request_control()
+    ds = Datastore()
+    ep = Endpoint("127.0.0.1", 8000)
+    ds.upsert_endpoint("test", ep)
+    setup = ReplicaSyncSetup(args, ds, control, CollectorRegistry())
+    index = control.scheduler.services.prefix_index
+    first = index.begin_transfer(ep, [5, 6])
+    assert setup.ledger.transit == {(ep.key, 5): 1} and first == 5
+    index.end_transfer(ep.key, first)
+    assert setup.ledger.transit == {}
