@@ -17,7 +17,13 @@ know (so what it held before the gap is gone).
 
 At pick time the chosen pod gets *speculative* entries for the prompt's blocks it does not
 hold yet (a burst of one prefix group follows its first request); an event confirms them,
-or they expire after `speculative_ttl_s`.
+or they expire after `speculative_ttl_s`. The same pick makes the engine evict: with
+`evict_speculatively`, the pod's blocks beyond its capacity, least recently stored or sent
+first (the engine's own order, a prompt's tail before its head), are *doomed*: not counted
+as held until `BlockRemoved` confirms it or the same expiry passes. Without this the index
+learns of an eviction only from the engine's event, after the next request may already
+have been sent for blocks that are gone (bench/RESULTS.md §0, "Precise prefix on
+kv_pressure").
 
 Memory per pod is bounded by the pod's KV capacity in blocks (`capacity(key)`, from the
 engine's reported cache shape): past it the oldest entries are dropped.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from array import array
 from collections import OrderedDict, deque
@@ -49,6 +56,12 @@ class PodView:
     blocks: dict[int, int] = field(default_factory=dict)  # EPP hash -> engine blocks holding it
     engine: dict[EngineHash, int] = field(default_factory=dict)  # engine hash -> EPP hash
     spec: dict[int, float] = field(default_factory=dict)  # EPP hash -> expiry (monotonic)
+    # Held and speculative blocks, least recently stored or sent first: the order the
+    # engine evicts in (a prompt's tail before its head).
+    recency: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    # Blocks the engine will probably evict to make room for blocks just sent to it, not
+    # counted as held until its events say (BlockRemoved) or the expiry passes.
+    doomed: dict[int, float] = field(default_factory=dict)  # EPP hash -> expiry (monotonic)
     trusted: bool = False
     rebuilding: bool = False  # untrusted after a gap: counting stores until the cache turned over
     stored_since_gap: int = 0
@@ -86,12 +99,14 @@ class PreciseIndex:
         self.clock = clock
         self.pods: dict[str, PodView] = {}
         self._expiries: deque[tuple[float, str, list[int]]] = deque()
+        self._doom_expiries: deque[tuple[float, str, list[int]]] = deque()
         # Block hashes per tokenizer chunk (see hash_prompt), bounded in hashes held.
         self._chunk_hashes: OrderedDict[int, list[int]] = OrderedDict()
         self._chunk_hashes_size = 0
         self.chunk_cache_entries = 1_000_000
         self._warned: set[str] = set()
         self._pending: list[Callable[[], None]] = []  # see `speculate_soon`
+        self.evict_speculatively = True
 
     # ---- hashing ------------------------------------------------------------------------------
     def hash_tokens(
@@ -179,6 +194,9 @@ class PreciseIndex:
     @staticmethod
     def _add(v: PodView, h: int) -> None:
         v.blocks[h] = v.blocks.get(h, 0) + 1
+        if h not in v.recency:  # blocks sent here at pick time keep that (tail-first) order
+            v.recency[h] = None
+        v.doomed.pop(h, None)
 
     @staticmethod
     def _drop(v: PodView, h: int) -> None:
@@ -189,12 +207,17 @@ class PreciseIndex:
             v.blocks[h] = n - 1
         else:
             del v.blocks[h]
+            v.doomed.pop(h, None)
+            if h not in v.spec:
+                v.recency.pop(h, None)
 
     @staticmethod
     def _clear(v: PodView) -> None:
         v.blocks.clear()
         v.engine.clear()
         v.spec.clear()
+        v.recency.clear()
+        v.doomed.clear()
 
     # ---- events (all for one pod, in publisher order) -----------------------------------------
     def stored(
@@ -369,6 +392,25 @@ class PreciseIndex:
             added.append(h)
         if added:
             self._expiries.append((expiry, key, added))
+        if self.evict_speculatively:
+            self._make_room(v, hashes, expiry)
+
+    def _make_room(self, v: PodView, hashes: Sequence[int], expiry: float) -> None:
+        """The prompt's blocks are the pod's most recent now; what its cache cannot hold
+        besides them, oldest first, is probably evicted to make room (doomed)."""
+        recency, doomed = v.recency, v.doomed
+        for h in reversed(hashes):
+            recency[h] = None
+            recency.move_to_end(h)
+            if doomed:
+                doomed.pop(h, None)
+        excess = len(recency) - self._cap(v.key)
+        if excess > 0:
+            new = [h for h in itertools.islice(recency, excess) if h not in doomed]
+            for h in new:
+                doomed[h] = expiry
+            if new:
+                self._doom_expiries.append((expiry, v.key, new))
 
     def expire(self) -> None:
         now = self.clock()
@@ -382,6 +424,18 @@ class PreciseIndex:
             for h in hashes:
                 if spec.get(h) == expiry:
                     del spec[h]
+                    if h not in v.blocks:
+                        v.recency.pop(h, None)
+        q = self._doom_expiries
+        while q and q[0][0] <= now:  # the engine kept them after all (no BlockRemoved)
+            expiry, key, hashes = q.popleft()
+            v = self.pods.get(key)
+            if v is None:
+                continue
+            doomed = v.doomed
+            for h in hashes:
+                if doomed.get(h) == expiry:
+                    del doomed[h]
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Longest run of leading blocks each pod holds (confirmed or speculative), for the
@@ -393,7 +447,7 @@ class PreciseIndex:
         no block-to-pods map has to be kept."""
         if self._pending:
             self.flush()
-        if self._expiries:
+        if self._expiries or self._doom_expiries:
             self.expire()
         if not hashes:
             return {}
@@ -401,21 +455,21 @@ class PreciseIndex:
         return {
             key: self._run(key, hashes, 1)
             for key, v in self.pods.items()
-            if h0 in v.blocks or h0 in v.spec
+            if (h0 in v.blocks or h0 in v.spec) and h0 not in v.doomed
         }
 
     def _run(self, key: str, hashes: Sequence[int], lo: int) -> int:
         """Length of the pod's run of held blocks, known to be at least `lo`."""
         v = self.pods[key]
-        blocks, spec = v.blocks, v.spec
+        blocks, spec, doomed = v.blocks, v.spec, v.doomed
         hi = len(hashes)
         h = hashes[hi - 1]
-        if h in blocks or h in spec:
+        if (h in blocks or h in spec) and h not in doomed:
             return hi
         while lo < hi - 1:  # held(lo - 1) and not held(hi - 1)
             mid = (lo + hi) // 2
             h = hashes[mid - 1]
-            if h in blocks or h in spec:
+            if (h in blocks or h in spec) and h not in doomed:
                 lo = mid
             else:
                 hi = mid

@@ -119,6 +119,35 @@ def test_speculative_entries_expire_unless_confirmed() -> None:
     assert not idx.pods["b"].spec and hashes[0] in idx.pods["a"].blocks
 
 
+def test_blocks_sent_to_a_full_pod_doom_its_least_recent_ones() -> None:
+    """A pod's cache holds 6 blocks: sending it 4 new ones evicts its 4 least recent, a
+    prompt's tail before its head. They stop counting at once, not when the engine's
+    BlockRemoved arrives; if it never does (the engine kept them), they count again."""
+    clock = Clock()
+    idx = PreciseIndex(BS, clock=clock, speculative_ttl_s=5.0, capacity=lambda key: 6)
+    idx.stream_started("a", 0)
+    old, mid, new = toks(12), toks(12, 50), toks(16, 100)  # 3, 3 and 4 blocks
+    for ids, tag in ((old, 1), (mid, 2)):
+        idx.speculate("a", idx.hash_ids(ids))  # sent here (the pick) ...
+        store_chain(idx, "a", ids, tag)  # ... and computed (the events)
+    assert idx.match(idx.hash_ids(old)) == {"a": 3} and idx.match(idx.hash_ids(mid)) == {"a": 3}
+    idx.speculate("a", idx.hash_ids(new))
+    assert idx.match(idx.hash_ids(old)) == {}  # all of `old`
+    assert idx.match(idx.hash_ids(mid)) == {"a": 2}  # and `mid`'s tail
+    assert idx.match(idx.hash_ids(new)) == {"a": 4}
+    idx.removed("a", [1000, 1001, 1002])  # the engine confirms `old`
+    clock.t += 6
+    assert idx.match(idx.hash_ids(old)) == {}
+    assert idx.match(idx.hash_ids(mid)) == {"a": 3}  # never evicted after all
+    off = PreciseIndex(BS, capacity=lambda key: 6)
+    off.evict_speculatively = False
+    off.stream_started("a", 0)
+    store_chain(off, "a", old, 1)
+    store_chain(off, "a", mid, 2)
+    off.speculate("a", off.hash_ids(new))
+    assert off.match(off.hash_ids(old)) == {"a": 3}
+
+
 def test_events_for_another_block_size_lora_or_cpu_are_not_indexed() -> None:
     idx = PreciseIndex(BS)
     idx.stream_started("a", 0)

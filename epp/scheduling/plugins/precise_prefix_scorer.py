@@ -22,7 +22,10 @@ PYTHONHASHSEED does not matter here. `zmqEndpoint`: bind a SUB socket the engine
 endpoint's own publisher instead. llm-d's tokenizer-pool, prefix-store and block-index
 settings are accepted and not used (the EPP tokenizes in-process, from local files). Our
 own: `absoluteWeight`, `speculativeTTLSeconds` (default 10: how long blocks just sent to a
-pod count as held before its events confirm them). Anything else is a configuration error.
+pod count as held before its events confirm them), `speculativeEviction` (default true: the
+blocks a pod's cache cannot keep besides those just sent, least recent first, stop counting
+as held until its events confirm the eviction or the TTL passes). Anything else is a
+configuration error.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class PreciseParams(BaseModel):
     kvEventsConfig: _KVEvents | None = None
     absoluteWeight: float = Field(default=0.5, ge=0.0, le=1.0)
     speculativeTTLSeconds: float = Field(default=10.0, ge=0.0)
+    speculativeEviction: bool = True
 
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default --block-size
@@ -113,6 +117,7 @@ class PrecisePrefixCacheScorer(Scorer):
             svc.precise = PreciseIndex(block_size, seed, speculative_ttl_s=p.speculativeTTLSeconds)
         elif svc.precise.block_size != block_size or svc.precise.hash_seed != seed:
             raise ValueError("two precise prefix scorers with different tokenProcessorConfig")
+        svc.precise.evict_speculatively = self.speculative and p.speculativeEviction
         ev = p.kvEventsConfig
         if ev is not None:
             if ev.zmqEndpoint and ev.zmqEndpoint not in svc.kv_events.bind:
