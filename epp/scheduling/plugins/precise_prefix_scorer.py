@@ -164,12 +164,10 @@ class PrecisePrefixCacheScorer(Scorer):
             return
         held: dict[str, int] = cycle.get(PRECISE_MATCH_KEY) or {}
         pods = [(ep.key, held.get(ep.key, 0)) for ep in (result.target, result.prefill) if ep]
-        if pt.exact:
-            for key, start in pods:
-                precise.speculate(key, pt.hashes, start)
-            return
 
-        def speculate_all() -> None:  # the tail's tokens, once the answer has gone out
+        def speculate_all() -> None:
+            # Once the answer has gone out (the index's next read runs it first): the rest of
+            # the prompt's tokens, its entries and the evictions they make room for.
             hashes = pt.complete(precise)
             for key, start in pods:
                 precise.speculate(key, hashes, start)
