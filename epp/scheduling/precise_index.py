@@ -37,7 +37,7 @@ import itertools
 import logging
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -414,28 +414,31 @@ class PreciseIndex:
 
     def expire(self) -> None:
         now = self.clock()
-        q = self._expiries
+        for v, h in self._pop_expired(self._expiries, now, lambda v: v.spec):
+            if h not in v.blocks:
+                v.recency.pop(h, None)
+        # Doomed blocks the engine kept after all (no BlockRemoved came): held again.
+        for _ in self._pop_expired(self._doom_expiries, now, lambda v: v.doomed):
+            pass
+
+    def _pop_expired(
+        self,
+        q: deque[tuple[float, str, list[int]]],
+        now: float,
+        table: Callable[[PodView], dict[int, float]],
+    ) -> Iterator[tuple[PodView, int]]:
+        """Drop the entries of `q` due by `now` from their pod's `table` (unless set again
+        since, with another expiry) and yield each (pod, hash) dropped."""
         while q and q[0][0] <= now:
             expiry, key, hashes = q.popleft()
             v = self.pods.get(key)
             if v is None:
                 continue
-            spec = v.spec
+            entries = table(v)
             for h in hashes:
-                if spec.get(h) == expiry:
-                    del spec[h]
-                    if h not in v.blocks:
-                        v.recency.pop(h, None)
-        q = self._doom_expiries
-        while q and q[0][0] <= now:  # the engine kept them after all (no BlockRemoved)
-            expiry, key, hashes = q.popleft()
-            v = self.pods.get(key)
-            if v is None:
-                continue
-            doomed = v.doomed
-            for h in hashes:
-                if doomed.get(h) == expiry:
-                    del doomed[h]
+                if entries.get(h) == expiry:
+                    del entries[h]
+                    yield v, h
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Longest run of leading blocks each pod holds (confirmed or speculative), for the

@@ -206,7 +206,8 @@ class PrefixIndex:
         return first
 
     def end_transfer(self, key: str, first: int) -> None:
-        if self._in_transit.get(key, {}).get(first) is None:
+        counts = self._in_transit.get(key)
+        if counts is None or first not in counts:
             return
         n = self._count_transit(self._in_transit, key, first, -1)
         if self.on_transit is not None:

@@ -141,6 +141,10 @@ class PartialIds:
         self._tok._fill(missing, parts, self._keys, self._texts)
         self._advance()
 
+    def finish(self) -> None:
+        """Encode everything not cached yet: `ids` is the whole prompt's."""
+        self.more(len(self._parts))
+
     def rest_estimate(self) -> int:
         """Tokens not in `ids` yet, estimated from their characters at the rate of the
         prompt's known head (or of everything this tokenizer encoded, for a short head)."""
@@ -218,34 +222,11 @@ class ModelTokenizer:
         `marks`, if given, receives one (key, end) per cached chunk: `end` is the number of
         ids up to the chunk's end, `key` names the whole text up to there (and the special
         tokens added), so work derived from those ids can be cached under it."""
-        if add_special_tokens and not self._specials_known:
-            return list(self._tok.encode(text, add_special_tokens=True).ids)
-        prefix = self._prefix_ids if add_special_tokens else []
-        chunks: list[Mark] | None = [] if marks is not None else None
-        ids = self._encode_plain(text, chunks)
-        if marks is not None and chunks:
-            salt = _SPECIAL_SALT if add_special_tokens else 0
-            shift = len(prefix)
-            marks.extend((key ^ salt ^ self._uid, end + shift) for key, end in chunks)
-        if add_special_tokens and (self._prefix_ids or self._suffix_ids):
-            return [*self._prefix_ids, *ids, *self._suffix_ids]
-        return ids
-
-    def _encode_plain(self, text: str, marks: list[Mark] | None = None) -> list[int]:
-        step = self.chunk_chars
-        if not self.chunking or len(text) < 2 * step:
-            return self._encode_whole(text)
-        parts, keys, texts = self._split(text)
-        self._fill([i for i, p in enumerate(parts) if p is None], parts, keys, texts)
-        out: list[int] = []
-        ends: list[int] = []
-        for p in parts:
-            assert p is not None
-            out += p
-            ends.append(len(out))
+        part = self.encode_partial(text, add_special_tokens)
+        part.finish()
         if marks is not None:
-            marks.extend(zip(keys, ends, strict=True))
-        return out
+            marks.extend(part.marks)
+        return part.ids
 
     def _encode_whole(self, text: str) -> list[int]:
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -433,7 +414,7 @@ class ModelTokenizer:
     def _probe_ok(self, probe: str) -> bool:
         whole = list(self._tok.encode(probe, add_special_tokens=False).ids)
         self._cache = _ChunkCache(self._cache.max_tokens)
-        return self._encode_plain(probe) == whole
+        return self.encode(probe) == whole
 
     def _chunking_safe(self, tokenizer_json: Mapping[str, Any] | None) -> bool:
         if tokenizer_json is not None:

@@ -49,12 +49,7 @@ class PromptTokens:
         part = self.partial
         if self.exact or part is None:
             return self.hashes
-        done = len(part.marks)
-        del self.hashes[part.marks[-1][1] // precise.block_size if done else 0 :]
-        part.more(1 << 30)
-        self.hashes = precise.hash_prompt(
-            part.ids, part.marks, resume=self.hashes, first_mark=done
-        )
+        self.hashes = _encode_more(precise, part, self.hashes, None)
         self.count = len(part.ids)
         self.exact = True
         self.partial = None
@@ -85,12 +80,8 @@ def prompt_tokens(
     # encode more of the prompt, twice as much each time (a long cached history costs a
     # few rounds, a fresh tail after a shared head one chunk).
     while not partial.complete and (not hashes or max(held.values(), default=0) >= len(hashes)):
-        done = len(partial.marks)
-        keep = partial.marks[-1][1] // precise.block_size if done else 0
-        del hashes[keep:]
-        partial.more(step)
+        hashes = _encode_more(precise, partial, hashes, step)
         step *= 2
-        hashes = precise.hash_prompt(partial.ids, partial.marks, resume=hashes, first_mark=done)
         held = precise.match(hashes)
     out = PromptTokens(
         len(partial.ids) + partial.rest_estimate(),
@@ -102,6 +93,20 @@ def prompt_tokens(
     request.prompt_tokens = out.count
     cycle.set(TOKENS_KEY, out)
     return out
+
+
+def _encode_more(
+    precise: PreciseIndex, part: PartialIds, hashes: list[int], chunks: int | None
+) -> list[int]:
+    """Encode `chunks` more of the prompt (None: all of it) and extend `hashes`, the block
+    hashes of `part.ids` so far, over what that added."""
+    done = len(part.marks)
+    del hashes[part.marks[-1][1] // precise.block_size if done else 0 :]  # up to a chunk end
+    if chunks is None:
+        part.finish()
+    else:
+        part.more(chunks)
+    return precise.hash_prompt(part.ids, part.marks, resume=hashes, first_mark=done)
 
 
 def cached_tokens(
