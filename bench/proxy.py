@@ -11,6 +11,9 @@ Backends are near-instant (an Envoy answering every POST with a fixed completion
 * plain_envoy_rps / epp_rps / ratio: throughput at `--connections` concurrency;
 * added_p50_ms_c1: p50 latency added by the EPP with one connection (small body);
 * large_body_added_ms: the same for a 220 KB prompt;
+* null_extproc: the same for Envoy + a do-nothing ext_proc server on the EPP's gRPC stack
+  (`bench.null_extproc`, `--no-ceiling` to skip): the ceiling of any Python ext_proc path
+  here, which the EPP's own per-request work is measured against;
 * peers: the same rps / ratio / added p50 for each peer router (`--peers`, default
   vllm-router and sglang-router cache_aware, from the `peers` extra; skipped with the reason
   when a binary is missing) in front of the same backends.
@@ -36,7 +39,13 @@ from typing import Any
 import orjson
 
 from bench.routers import RouterSpec, RouterUnavailable, launch
-from epp.devstack.envoy import render_round_robin_config, start_envoy
+from epp.datalayer.eds_file import write_eds
+from epp.devstack.envoy import (
+    EnvoyOptions,
+    render_envoy_config,
+    render_round_robin_config,
+    start_envoy,
+)
 from epp.devstack.procs import free_port, stop_process, wait_http
 from epp.devstack.stack import free_port_block, start_gateway
 
@@ -210,6 +219,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             epp_large = wrk(epp_url, large, script, 1, d / 2)
         finally:
             gw.close()
+        ceiling = (
+            await _null_extproc(args, port, work, small, script, plain, plain_c1)
+            if args.ceiling
+            else None
+        )
         peers = await _peers(args, port, work, small, script, plain, plain_c1)
         errors = sum(r["non2xx"] for r in (plain, epp, plain_c1, epp_c1, plain_large, epp_large))
         return {
@@ -226,12 +240,89 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "sync": args.sync,
             "response_headers": args.response_headers,
             "non2xx": errors,
+            "null_extproc": ceiling,
             "peers": peers,
         }
     finally:
         for p in procs:
             stop_process(p)
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def _null_extproc(
+    args: argparse.Namespace,
+    port: int,
+    work: Path,
+    body: Path,
+    script: Path,
+    plain: dict[str, float],
+    plain_c1: dict[str, float],
+) -> dict[str, Any]:
+    """Envoy + `bench.null_extproc` (same gateway config as the EPP path, same backends)."""
+    grpc_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    eds = work / "null" / "eds" / "pool.yaml"
+    eds.parent.mkdir(parents=True)
+    write_eds(eds, "pool", [(ip, port) for ip in BACKEND_IPS])
+    log = open(work / "null" / "server.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.null_extproc",
+            "--port",
+            str(grpc_port),
+            "--endpoints",
+            ",".join(f"{ip}:{port}" for ip in BACKEND_IPS),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # stop_process signals the process group
+    )
+    envoy = None
+    try:
+        await wait_tcp(grpc_port, server)
+        opts = EnvoyOptions(
+            listen_port=listen_port,
+            admin_port=admin_port,
+            epp_ports=[grpc_port],
+            response_headers=args.response_headers,
+            eds_path=str(eds),
+        )
+        envoy = start_envoy(render_envoy_config(opts), work / "null", concurrency=1)
+        await wait_http(f"http://127.0.0.1:{admin_port}/ready", proc=envoy)
+        target = f"http://127.0.0.1:{listen_port}/v1/completions"
+        wrk(target, body, script, 4, 1)  # warm-up
+        full = wrk(target, body, script, args.connections, args.duration)
+        c1 = wrk(target, body, script, 1, args.duration / 2)
+    finally:
+        if envoy is not None:
+            stop_process(envoy)
+        stop_process(server)
+        log.close()
+    return {
+        "rps": round(full["rps"], 1),
+        "ratio": round(full["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
+        "p50_ms_c1": c1["p50_ms"],
+        "added_p50_ms_c1": round(c1["p50_ms"] - plain_c1["p50_ms"], 3),
+        "non2xx": full["non2xx"] + c1["non2xx"],
+    }
+
+
+async def wait_tcp(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bench.null_extproc exited with {proc.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if loop.time() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
 
 
 async def _peers(
@@ -292,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         default="vllm-router:cache_aware,sglang-router:cache_aware",
         help="peer routers measured in the same run, comma list, '' for none "
         "(default: vllm-router:cache_aware,sglang-router:cache_aware)",
+    )
+    p.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure Envoy + a do-nothing ext_proc server (bench.null_extproc)",
     )
     p.add_argument(
         "--response-headers",
