@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="", help="override the load sweep (req/s, comma list)")
     p.add_argument("--requests", type=int, default=0, help="override requests per rate")
     p.add_argument("--time-scale", type=float, default=0.0, help="override the pool time scale")
+    p.add_argument("--seed", type=int, default=None,
+                   help="schedule seed (default: the scenario's; rate i of the sweep uses seed + i)")
     p.add_argument("--max-phase-s", type=float, default=0.0, help="wall bound per phase")
     p.add_argument("--out", default="", help="output folder (default bench/results/<scenario>)")
     p.add_argument("--router-port", type=int, default=18180)
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         sc = dataclasses.replace(sc, rates=[float(x) for x in args.rates.split(",")])
     if args.requests:
         sc = dataclasses.replace(sc, requests_per_rate=args.requests)
+    if args.seed is not None:
+        sc = dataclasses.replace(sc, seed=args.seed)
     if args.max_phase_s:
         sc = dataclasses.replace(sc, max_phase_s=args.max_phase_s)
     if args.time_scale:
