@@ -35,7 +35,8 @@ class QueueEstimate:
 
     @property
     def wait_s(self) -> float:
-        return max(self.backlog_tokens / self.tokens_per_s, self.slot_wait_s)
+        backlog_s = self.backlog_tokens / self.tokens_per_s
+        return backlog_s if backlog_s > self.slot_wait_s else self.slot_wait_s
 
 
 @dataclass(slots=True)
@@ -76,7 +77,8 @@ class LatencyModel:
             speeds = self.speeds(ep, now)
         rate = self.prefill_tokens_per_s(ep, now, speeds)
         backlog = self.backlog_tokens(ep, now, rate)
-        running = max(float(inf.requests), m.running)
+        # (comparisons, not max(): this runs for every endpoint of every pick)
+        running = float(inf.requests) if inf.requests > m.running else m.running
         slot_wait_s = 0.0
         age = now - m.updated_at
         cap = lat.max_running
@@ -161,14 +163,19 @@ class LatencyModel:
     def speeds(self, ep: Endpoint, now: float) -> tuple[float, float]:
         """`(decode_tpot_ms, speed_factor)` of `ep`, the scrape taken in once: callers that
         need both, or pass them on (`queue`), read the endpoint's speed only once a pick."""
-        self.refresh(ep, now)
         lat = ep.latency
+        if ep.metrics.updated_at > lat.tpot_seen_at:
+            self.refresh(ep, now)
         tpot = lat.decode_tpot_ms
         if tpot > 0 and now - lat.decode_tpot_at <= DECODE_SPEED_TTL_S:
             f = tpot / self.priors.tpot_ms
         else:
             tpot, f = 0.0, self.fleet_speed
-        return tpot, min(max(f, MIN_SPEED_FACTOR), MAX_SPEED_FACTOR)
+        if f < MIN_SPEED_FACTOR:
+            f = MIN_SPEED_FACTOR
+        elif f > MAX_SPEED_FACTOR:
+            f = MAX_SPEED_FACTOR
+        return tpot, f
 
     def decode_tpot_ms(self, ep: Endpoint, now: float) -> float:
         """The endpoint's decode speed (ms per token) from quiet scrape windows; 0 = unknown
