@@ -185,7 +185,13 @@ class ReplicaSyncSetup:
         self.hook = ReplicaSync(self.ledger, services=control.scheduler.services)
         control.hooks.append(self.hook)
         prefix_index.on_transit = self.ledger.set_transit  # P/D KV not landed yet
-        self.view = PeerView(datastore, prefix_index, self.origin, expiry_s=args.sync_peer_timeout)
+        self.view = PeerView(
+            datastore,
+            prefix_index,
+            self.origin,
+            latency=control.scheduler.services.latency,
+            expiry_s=args.sync_peer_timeout,
+        )
         self.node = SyncNode(
             self.ledger,
             self.view,

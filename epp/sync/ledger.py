@@ -1,7 +1,8 @@
 """This instance's own contribution to the shared view, and what changed since the last flush.
 
 The replica-sync lifecycle hook charges and releases the same counters as in-flight
-accounting, but into the ledger (`counters(ep)`), and hands it the prompt blocks it sent;
+accounting, but into the ledger (`counters(ep)`), and hands it the prompt blocks it sent
+and the prefill work it queued (`add_prefill_charge`);
 flow control reports its queue depths with `set_queue`. The sync node turns the ledger into
 batches: `take_delta()` (only what changed, with absolute values) and `snapshot()` (every
 non-zero entry). Nothing here does I/O; it runs on the event loop thread.
@@ -48,6 +49,7 @@ class LocalLedger:
         self.transit: dict[TransitKey, int] = {}  # P/D transfers not landed yet
         self._dirty_transit: set[TransitKey] = set()
         self._prefix: list[tuple[str, list[int]]] = []
+        self._charges: dict[str, int] = {}  # endpoint -> prefill tokens queued since the take
         self.max_pending_prefix = max_pending_prefix
         self.dropped_prefix = 0  # inserts not shared because no flush came in time
         # Called when the ledger goes from clean to dirty (the node schedules a flush).
@@ -55,7 +57,13 @@ class LocalLedger:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty or self._dirty_queues or self._dirty_transit or self._prefix)
+        return bool(
+            self._dirty
+            or self._dirty_queues
+            or self._dirty_transit
+            or self._prefix
+            or self._charges
+        )
 
     def _mark(self) -> None:
         if self.on_dirty is not None and not self.dirty:
@@ -81,6 +89,21 @@ class LocalLedger:
             return
         self._mark()
         self._prefix.append((ep.key, hashes))
+
+    def add_prefill_charge(self, ep: Endpoint, tokens: int) -> None:
+        """This instance queued `tokens` uncached prompt tokens on `ep` (its fluid prefill
+        queue model was charged): the peers charge theirs too."""
+        if tokens <= 0:
+            return
+        self._mark()
+        key = ep.key
+        self._charges[key] = self._charges.get(key, 0) + tokens
+
+    def take_prefill_charges(self) -> list[tuple[str, int]]:
+        """Prefill charges since the last take, summed per endpoint, then forget them."""
+        out = list(self._charges.items())
+        self._charges = {}
+        return out
 
     def set_queue(self, band: int, flow: str, requests: int, size_bytes: int = 0) -> None:
         key = (band, flow)

@@ -15,7 +15,10 @@ about replicas. Rules (see protos/epp/sync/v1/sync.proto):
 * an origin silent for `expiry_s` is dropped whole (its requests are assumed gone with it);
 * prefix inserts go into the local prefix index as they come (set additions, idempotent);
 * P/D transfers in flight follow the load rules, per (endpoint, first block), and are added
-  to the prefix index's peers' transfers (`PrefixIndex.peer_transfers`).
+  to the prefix index's peers' transfers (`PrefixIndex.peer_transfers`);
+* prefill charges (the uncached tokens the origin queued per endpoint) are charged into the
+  latency model's fluid prefill queues, once: only from a batch newer than any seen from
+  that origin.
 
 Peer queue depths (flow control) are summed per (band, flow) in `queue_totals()`.
 """
@@ -26,8 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from epp import clock as model_clock
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.latency_model import LatencyModel
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.sync.ledger import LOAD_FIELDS, ZERO_LOAD, Load, QueueKey, TransitKey
 from epp.sync.v1 import sync_pb2 as pb
@@ -78,12 +83,14 @@ class PeerView:
         prefix_index: PrefixIndex | None,
         self_origin: str,
         *,
+        latency: LatencyModel | None = None,
         expiry_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.datastore = datastore
         self.prefix_index = prefix_index
+        self.latency = latency
         self.self_origin = self_origin
         self.expiry_s = expiry_s
         self.clock = clock
@@ -96,6 +103,7 @@ class PeerView:
         self.expired = 0
         self.gaps = 0  # batches missing in origins' sequences, all time
         self.prefix_blocks = 0
+        self.prefill_charges = 0  # peers' prefill charges applied, all time
         datastore.on_endpoint_added(lambda ep: self._fold(ep.key))
         datastore.on_endpoint_removed(self._forget_endpoint)
 
@@ -120,6 +128,7 @@ class PeerView:
         if st is None:
             st = self.origins[origin] = OriginState(origin, b.epoch)
         seq = b.seq
+        fresh = seq > st.max_seq
         if st.max_seq and seq > st.max_seq + 1:
             st.gaps += seq - st.max_seq - 1
             self.gaps += seq - st.max_seq - 1
@@ -175,6 +184,15 @@ class PeerView:
                     hashes = list(p.hashes)
                     insert(ep, hashes)
                     self.prefix_blocks += len(hashes)
+        if fresh and b.prefill_charges and self.latency is not None:
+            get = self.datastore.get
+            charge = self.latency.charge_backlog
+            now = model_clock.now()  # the latency model's time base
+            for c in b.prefill_charges:
+                ep = get(c.endpoint)
+                if ep is not None and c.tokens > 0:
+                    charge(ep, c.tokens, now)
+                    self.prefill_charges += 1
         return APPLIED
 
     def _set(self, st: OriginState, key: str, seq: int, load: Load) -> None:

@@ -311,6 +311,7 @@ class SyncNode:
         self.seq += 1
         b = self._batch(loads, prefix, queues, snapshot=False)
         self._add_transit(b, self.ledger.take_transit())
+        self._add_charges(b)
         self._broadcast(b, "delta")
 
     def snapshot(self) -> None:
@@ -325,6 +326,7 @@ class SyncNode:
         self.seq += 1
         b = self._batch(loads, prefix, queues, snapshot=True)
         self._add_transit(b, list(self.ledger.transit.items()))
+        self._add_charges(b)
         self._broadcast(b, "snapshot")
 
     def _sample_queues(self) -> None:
@@ -367,6 +369,10 @@ class SyncNode:
     def _add_transit(b: pb.SyncBatch, transit: list[tuple[TransitKey, int]]) -> None:
         for (key, first), n in transit:
             b.transit.add(endpoint=key, first=first, requests=n)
+
+    def _add_charges(self, b: pb.SyncBatch) -> None:
+        for key, tokens in self.ledger.take_prefill_charges():
+            b.prefill_charges.add(endpoint=key, tokens=tokens)
 
     def _broadcast(self, b: pb.SyncBatch, kind: str) -> None:
         data = b.SerializeToString()

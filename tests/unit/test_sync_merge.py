@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from epp import clock as model_clock
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint, InFlight
 from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.hooks.replica_sync import ReplicaSync
+from epp.scheduling.latency_model import LatencyModel
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.request import InferenceRequest
 from epp.sync.ledger import ZERO_LOAD, Load, LocalLedger, load_of
@@ -54,6 +56,7 @@ def batch(
     prefix: dict[str, list[int]] | None = None,
     queues: dict[tuple[int, str], int] | None = None,
     transit: dict[tuple[str, int], int] | None = None,
+    charges: dict[str, int] | None = None,
     goodbye: bool = False,
 ) -> pb.SyncBatch:
     b = pb.SyncBatch(origin=origin, epoch=epoch, seq=seq, snapshot=snapshot, goodbye=goodbye)
@@ -73,6 +76,8 @@ def batch(
         b.queues.add(band=band, flow=flow, requests=n)
     for (key, first), n in (transit or {}).items():
         b.transit.add(endpoint=key, first=first, requests=n)
+    for key, tokens in (charges or {}).items():
+        b.prefill_charges.add(endpoint=key, tokens=tokens)
     return b
 
 
@@ -237,6 +242,58 @@ def test_this_instances_transfers_reach_a_peer_through_the_ledger() -> None:
     index.end_transfer(A, first)  # a second end of the same transfer changes nothing
     push(2)
     assert peer_index.landed_blocks(A, hashes, 3) == 3 and not ledger.transit
+
+
+def test_a_peers_prefill_charges_fill_the_fluid_queue_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each replica's latency model sees the prefill work every replica queued on a pod;
+    a duplicated or late (reordered) batch does not charge it twice."""
+    now = [50.0]
+    monkeypatch.setattr(model_clock, "now", lambda: now[0])
+    ds = Datastore()
+    ds.upsert_endpoint("test", Endpoint("127.0.0.1", 8000))
+    model = LatencyModel()
+    view = PeerView(ds, PrefixIndex(), "me/0", latency=model)
+    ep = ds.get(A)
+    assert ep is not None
+    rate = model.prefill_tokens_per_s(ep, now[0])
+
+    def backlog() -> float:
+        return model.backlog_tokens(ep, now[0], rate)
+
+    first = batch("p/0", 2, charges={A: 3000})
+    assert view.apply(first) == APPLIED and backlog() == 3000
+    view.apply(first)  # duplicated
+    view.apply(batch("p/0", 1, charges={A: 3000}))  # older, arriving late
+    assert backlog() == 3000 and view.prefill_charges == 1
+    now[0] += 1000 / rate  # a second of this pod's prefill speed, in tokens: 1000 drained
+    assert backlog() == pytest.approx(2000)
+    view.apply(batch("q/0", 1, charges={A: 500, "127.0.0.9:8000": 700}))  # another origin
+    assert backlog() == pytest.approx(2500) and view.prefill_charges == 2
+    assert ep.queue.pick_rate > 0  # peers' picks count in the pod's recent pick rate
+
+
+def test_the_hook_shares_the_prefill_work_local_accounting_queues() -> None:
+    """Through the director: the ledger's charges are the uncached tokens the local fluid
+    model was charged, on the prefilling endpoint."""
+    ds = Datastore()
+    pool = [Endpoint(f"127.0.0.{i}", 8000) for i in (1, 2)]
+    for e in pool:
+        ds.upsert_endpoint("test", e)
+    rc = build_request_control(None)
+    ledger = LocalLedger()
+    rc.hooks.append(ReplicaSync(ledger, services=rc.scheduler.services))
+    d = Director(ds, rc.scheduler, hooks=rc.hooks, rng=random.Random(3))
+    sent: dict[str, int] = {}
+    for i in range(6):
+        prompt = (f"system {i % 2} " * 300 + str(i)).encode()
+        dec = d.admit(InferenceRequest(f"r{i}", "m", prompt=prompt, prompt_tokens=len(prompt) // 4))
+        key = dec.result.target.key
+        sent[key] = sent.get(key, 0) + dec.result.uncached_tokens
+    charges = dict(ledger.take_prefill_charges())
+    assert charges == {k: v for k, v in sent.items() if v} and sum(charges.values()) > 0
+    assert ledger.take_prefill_charges() == []
 
 
 def test_prefix_dump_rebuilds_the_lru_order() -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.latency_model import LatencyModel
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.sync.ledger import LocalLedger
 from epp.sync.merge import PeerView
@@ -30,7 +31,8 @@ class Instance:
             self.ds.upsert_endpoint("test", Endpoint(host, int(port)))
         self.index = PrefixIndex()
         self.ledger = LocalLedger()
-        self.view = PeerView(self.ds, self.index, origin, expiry_s=expiry)
+        self.latency = LatencyModel()
+        self.view = PeerView(self.ds, self.index, origin, latency=self.latency, expiry_s=expiry)
         self.node = SyncNode(
             self.ledger,
             self.view,
@@ -97,6 +99,22 @@ async def test_state_reaches_a_peer_and_goodbye_drops_it(instances: list[Instanc
     await a.node.stop(0.5)
     instances.remove(a)
     await until(lambda: b.ep(0).inflight.requests == 0 and not b.view.origins, timeout=0.5)
+
+
+async def test_prefill_charges_reach_a_peers_latency_model(instances: list[Instance]) -> None:
+    a, b = Instance("a/0"), Instance("b/0")
+    instances += [a, b]
+    await a.start("127.0.0.1:0")
+    await b.start("127.0.0.1:0")
+    a.node.set_peers(remote=[b.address])
+    ep = b.ep(1)
+    # Charges are events: only those made while the stream is up reach the peer.
+    await until(lambda: "a/0" in b.view.origins)
+    assert b.latency.queued_prefill_tokens(ep) == 0
+    a.ledger.add_prefill_charge(a.ep(1), 40_000)
+    await until(lambda: b.latency.queued_prefill_tokens(ep) > 0)
+    assert b.latency.queued_prefill_tokens(ep) <= 40_000
+    assert b.latency.queued_prefill_tokens(b.ep(0)) == 0
 
 
 async def test_kv_in_transit_reaches_a_peer_and_a_late_joiner(instances: list[Instance]) -> None:

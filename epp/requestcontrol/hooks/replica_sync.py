@@ -2,7 +2,9 @@
 
 Charges exactly what in-flight accounting charges, into the sync ledger instead of the
 endpoints (`epp.sync.ledger.LocalLedger`), and hands the ledger the prompt blocks the prefix
-insert hook puts in the local index. The sync node sends the ledger to the other replicas
+insert hook puts in the local index and the uncached tokens in-flight accounting charges
+to the prefilling endpoint's fluid queue model (each replica's model then sees the whole
+pool's prefill work, not only its own picks). The sync node sends the ledger to the other replicas
 and worker processes, which add it to their own counts. Added by `epp serve` when state
 sharing is on (`--peers`, `--sync-service`, `--workers`); not a scheduling choice, so not
 in the config registry.
@@ -45,6 +47,7 @@ class ReplicaSync(InFlightCharges, LifecycleHook):
     def pre_request(self, d: Decision) -> None:
         self.charge(d)
         res = d.result
+        self.ledger.add_prefill_charge(res.prefill or res.target, res.uncached_tokens)
         if self.share_prefix and res.prefix_hashes:
             if res.prefill is not None:
                 self.ledger.add_prefix(res.prefill, res.prefix_hashes)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SyncBatch(_message.Message):
-    __slots__ = ("origin", "epoch", "seq", "snapshot", "sent_at", "hops", "goodbye", "inflight", "prefix", "queues", "transit")
+    __slots__ = ("origin", "epoch", "seq", "snapshot", "sent_at", "hops", "goodbye", "inflight", "prefix", "queues", "transit", "prefill_charges")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class SyncBatch(_message.Message):
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     TRANSIT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHARGES_FIELD_NUMBER: _ClassVar[int]
     origin: str
     epoch: int
     seq: int
@@ -30,7 +31,8 @@ class SyncBatch(_message.Message):
     prefix: _containers.RepeatedCompositeFieldContainer[PrefixInsert]
     queues: _containers.RepeatedCompositeFieldContainer[QueueDepth]
     transit: _containers.RepeatedCompositeFieldContainer[Transfer]
-    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., sent_at: _Optional[float] = ..., hops: _Optional[int] = ..., goodbye: _Optional[bool] = ..., inflight: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., prefix: _Optional[_Iterable[_Union[PrefixInsert, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., transit: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ...) -> None: ...
+    prefill_charges: _containers.RepeatedCompositeFieldContainer[PrefillCharge]
+    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., sent_at: _Optional[float] = ..., hops: _Optional[int] = ..., goodbye: _Optional[bool] = ..., inflight: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., prefix: _Optional[_Iterable[_Union[PrefixInsert, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., transit: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., prefill_charges: _Optional[_Iterable[_Union[PrefillCharge, _Mapping]]] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
     __slots__ = ("endpoint", "requests", "tokens", "prefill_requests", "prefill_tokens", "pending_requests", "pending_prefill_tokens")
@@ -57,6 +59,14 @@ class PrefixInsert(_message.Message):
     endpoint: str
     hashes: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, endpoint: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PrefillCharge(_message.Message):
+    __slots__ = ("endpoint", "tokens")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    tokens: int
+    def __init__(self, endpoint: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Transfer(_message.Message):
     __slots__ = ("endpoint", "first", "requests")
