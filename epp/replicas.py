@@ -185,11 +185,15 @@ class ReplicaSyncSetup:
         self.hook = ReplicaSync(self.ledger, services=control.scheduler.services)
         control.hooks.append(self.hook)
         prefix_index.on_transit = self.ledger.set_transit  # P/D KV not landed yet
+        precise = control.scheduler.services.precise
+        if precise is not None:  # what this instance's picks sent, for the peers' exact index
+            precise.on_speculate = self.ledger.add_precise
         self.view = PeerView(
             datastore,
             prefix_index,
             self.origin,
             latency=control.scheduler.services.latency,
+            precise=control.scheduler.services.precise,
             expiry_s=args.sync_peer_timeout,
         )
         self.node = SyncNode(

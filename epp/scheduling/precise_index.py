@@ -107,6 +107,8 @@ class PreciseIndex:
         self._warned: set[str] = set()
         self._pending: list[Callable[[], None]] = []  # see `speculate_soon`
         self.evict_speculatively = True
+        # Told the blocks this instance's own picks speculate (replica sync shares them).
+        self.on_speculate: Callable[[str, list[int]], None] | None = None
 
     # ---- hashing ------------------------------------------------------------------------------
     def hash_tokens(
@@ -376,11 +378,16 @@ class PreciseIndex:
             for fn in pending:
                 fn()
 
-    def speculate(self, key: str, hashes: Sequence[int], start: int = 0) -> None:
+    def speculate(
+        self, key: str, hashes: Sequence[int], start: int = 0, *, local: bool = True
+    ) -> None:
         """The pod was just sent these blocks: count them as held until an event confirms
-        them or they expire. `start`: blocks before it are known to be held already."""
+        them or they expire. `start`: blocks before it are known to be held already.
+        `local`: sent by this instance (False: a replica's pick, learnt over sync)."""
         if len(hashes) <= start:
             return
+        if local and self.on_speculate is not None:
+            self.on_speculate(key, list(hashes[start:]) if start else list(hashes))
         v = self.view(key)
         expiry = self.clock() + self.speculative_ttl_s
         added = []

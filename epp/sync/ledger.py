@@ -50,6 +50,7 @@ class LocalLedger:
         self._dirty_transit: set[TransitKey] = set()
         self._prefix: list[tuple[str, list[int]]] = []
         self._charges: dict[str, int] = {}  # endpoint -> prefill tokens queued since the take
+        self._precise: list[tuple[str, list[int]]] = []  # precise index speculations
         self.max_pending_prefix = max_pending_prefix
         self.dropped_prefix = 0  # inserts not shared because no flush came in time
         # Called when the ledger goes from clean to dirty (the node schedules a flush).
@@ -63,6 +64,7 @@ class LocalLedger:
             or self._dirty_transit
             or self._prefix
             or self._charges
+            or self._precise
         )
 
     def _mark(self) -> None:
@@ -98,6 +100,21 @@ class LocalLedger:
         self._mark()
         key = ep.key
         self._charges[key] = self._charges.get(key, 0) + tokens
+
+    def add_precise(self, key: str, hashes: list[int]) -> None:
+        """Blocks this instance's pick speculated on `key` in its precise prefix index (the
+        index's `on_speculate` listener)."""
+        if not hashes:
+            return
+        if len(self._precise) >= self.max_pending_prefix:
+            self.dropped_prefix += 1
+            return
+        self._mark()
+        self._precise.append((key, hashes))
+
+    def take_precise(self) -> list[tuple[str, list[int]]]:
+        out, self._precise = self._precise, []
+        return out
 
     def take_prefill_charges(self) -> list[tuple[str, int]]:
         """Prefill charges since the last take, summed per endpoint, then forget them."""

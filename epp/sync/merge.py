@@ -18,7 +18,9 @@ about replicas. Rules (see protos/epp/sync/v1/sync.proto):
   to the prefix index's peers' transfers (`PrefixIndex.peer_transfers`);
 * prefill charges (the uncached tokens the origin queued per endpoint) are charged into the
   latency model's fluid prefill queues, once: only from a batch newer than any seen from
-  that origin.
+  that origin;
+* precise speculations become the precise prefix index's speculative entries, as they
+  come.
 
 Peer queue depths (flow control) are summed per (band, flow) in `queue_totals()`.
 """
@@ -33,6 +35,7 @@ from epp import clock as model_clock
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.latency_model import LatencyModel
+from epp.scheduling.precise_index import PreciseIndex
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.sync.ledger import LOAD_FIELDS, ZERO_LOAD, Load, QueueKey, TransitKey
 from epp.sync.v1 import sync_pb2 as pb
@@ -84,6 +87,7 @@ class PeerView:
         self_origin: str,
         *,
         latency: LatencyModel | None = None,
+        precise: PreciseIndex | None = None,
         expiry_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -91,6 +95,7 @@ class PeerView:
         self.datastore = datastore
         self.prefix_index = prefix_index
         self.latency = latency
+        self.precise = precise
         self.self_origin = self_origin
         self.expiry_s = expiry_s
         self.clock = clock
@@ -193,6 +198,9 @@ class PeerView:
                 if ep is not None and c.tokens > 0:
                     charge(ep, c.tokens, now)
                     self.prefill_charges += 1
+        if b.precise and self.precise is not None:
+            for p in b.precise:
+                self.precise.speculate(p.endpoint, list(p.hashes), local=False)
         return APPLIED
 
     def _set(self, st: OriginState, key: str, seq: int, load: Load) -> None:

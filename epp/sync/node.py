@@ -371,8 +371,11 @@ class SyncNode:
             b.transit.add(endpoint=key, first=first, requests=n)
 
     def _add_charges(self, b: pb.SyncBatch) -> None:
+        """The event-like parts: prefill charges and precise speculations."""
         for key, tokens in self.ledger.take_prefill_charges():
             b.prefill_charges.add(endpoint=key, tokens=tokens)
+        for key, hashes in self.ledger.take_precise():
+            b.precise.add(endpoint=key, hashes=hashes)
 
     def _broadcast(self, b: pb.SyncBatch, kind: str) -> None:
         data = b.SerializeToString()

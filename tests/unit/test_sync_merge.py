@@ -17,6 +17,7 @@ from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.hooks.replica_sync import ReplicaSync
 from epp.scheduling.latency_model import LatencyModel
+from epp.scheduling.precise_index import PreciseIndex
 from epp.scheduling.prefix_index import PrefixIndex
 from epp.scheduling.request import InferenceRequest
 from epp.sync.ledger import ZERO_LOAD, Load, LocalLedger, load_of
@@ -272,6 +273,29 @@ def test_a_peers_prefill_charges_fill_the_fluid_queue_once(
     view.apply(batch("q/0", 1, charges={A: 500, "127.0.0.9:8000": 700}))  # another origin
     assert backlog() == pytest.approx(2500) and view.prefill_charges == 2
     assert ep.queue.pick_rate > 0  # peers' picks count in the pod's recent pick rate
+
+
+def test_a_peers_precise_speculation_is_held_here_and_not_echoed() -> None:
+    """With the precise index, what a replica's pick sent to a pod counts as held on the
+    other replicas before the pod's KV events come; a speculation learnt from a peer is not
+    sent on again."""
+    ds = Datastore()
+    ds.upsert_endpoint("test", Endpoint("127.0.0.1", 8000))
+    mine, theirs = PreciseIndex(4), PreciseIndex(4)
+    sent: list[tuple[str, list[int]]] = []
+    mine.on_speculate = lambda key, hashes: sent.append((key, hashes))
+    theirs.on_speculate = mine.on_speculate  # would show up in `sent` if echoed
+    view = PeerView(ds, PrefixIndex(), "me/0", precise=theirs)
+    hashes = mine.hash_ids(list(range(20)))  # 5 blocks
+    mine.speculate(A, hashes, 2)
+    assert sent == [(A, hashes[2:])]
+    assert theirs.match(hashes) == {}
+    b = batch("p/0", 1)
+    b.precise.add(endpoint=A, hashes=hashes[:2])  # an earlier pick's head ...
+    b.precise.add(endpoint=A, hashes=hashes[2:])  # ... and this one's tail
+    view.apply(b)
+    assert theirs.match(hashes) == {A: 5}
+    assert len(sent) == 1
 
 
 def test_the_hook_shares_the_prefill_work_local_accounting_queues() -> None:
