@@ -387,7 +387,9 @@ class PreciseIndex:
         if len(hashes) <= start:
             return
         if local and self.on_speculate is not None:
-            self.on_speculate(key, list(hashes[start:]) if start else list(hashes))
+            # The whole prompt, not from `start`: the receiver's recency order must see its
+            # head used again too (else the head is the first thing doomed there).
+            self.on_speculate(key, list(hashes))
         v = self.view(key)
         expiry = self.clock() + self.speculative_ttl_s
         added = []

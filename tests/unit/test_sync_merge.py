@@ -288,11 +288,10 @@ def test_a_peers_precise_speculation_is_held_here_and_not_echoed() -> None:
     view = PeerView(ds, PrefixIndex(), "me/0", precise=theirs)
     hashes = mine.hash_ids(list(range(20)))  # 5 blocks
     mine.speculate(A, hashes, 2)
-    assert sent == [(A, hashes[2:])]
+    assert sent == [(A, hashes)]  # the whole prompt: its head is recently used there too
     assert theirs.match(hashes) == {}
     b = batch("p/0", 1)
-    b.precise.add(endpoint=A, hashes=hashes[:2])  # an earlier pick's head ...
-    b.precise.add(endpoint=A, hashes=hashes[2:])  # ... and this one's tail
+    b.precise.add(endpoint=A, hashes=sent[0][1])
     view.apply(b)
     assert theirs.match(hashes) == {A: 5}
     assert len(sent) == 1
