@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -219,11 +221,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             epp_large = wrk(epp_url, large, script, 1, d / 2)
         finally:
             gw.close()
-        ceiling = (
-            await _null_extproc(args, port, work, small, script, plain, plain_c1)
-            if args.ceiling
-            else None
-        )
+        ceiling = None
+        if args.ceiling:
+            async with null_gateway(
+                port, work / "null", response_headers=args.response_headers
+            ) as url:
+                ceiling = _measure(args, url, small, script, plain, plain_c1)
         peers = await _peers(args, port, work, small, script, plain, plain_c1)
         errors = sum(r["non2xx"] for r in (plain, epp, plain_c1, epp_c1, plain_large, epp_large))
         return {
@@ -249,56 +252,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def _null_extproc(
+def _measure(
     args: argparse.Namespace,
-    port: int,
-    work: Path,
+    target: str,
     body: Path,
     script: Path,
     plain: dict[str, float],
     plain_c1: dict[str, float],
 ) -> dict[str, Any]:
-    """Envoy + `bench.null_extproc` (same gateway config as the EPP path, same backends)."""
-    grpc_port, listen_port, admin_port = free_port(), free_port(), free_port()
-    eds = work / "null" / "eds" / "pool.yaml"
-    eds.parent.mkdir(parents=True)
-    write_eds(eds, "pool", [(ip, port) for ip in BACKEND_IPS])
-    log = open(work / "null" / "server.log", "wb")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.null_extproc",
-            "--port",
-            str(grpc_port),
-            "--endpoints",
-            ",".join(f"{ip}:{port}" for ip in BACKEND_IPS),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # stop_process signals the process group
-    )
-    envoy = None
-    try:
-        await wait_tcp(grpc_port, server)
-        opts = EnvoyOptions(
-            listen_port=listen_port,
-            admin_port=admin_port,
-            epp_ports=[grpc_port],
-            response_headers=args.response_headers,
-            eds_path=str(eds),
-        )
-        envoy = start_envoy(render_envoy_config(opts), work / "null", concurrency=1)
-        await wait_http(f"http://127.0.0.1:{admin_port}/ready", proc=envoy)
-        target = f"http://127.0.0.1:{listen_port}/v1/completions"
-        wrk(target, body, script, 4, 1)  # warm-up
-        full = wrk(target, body, script, args.connections, args.duration)
-        c1 = wrk(target, body, script, 1, args.duration / 2)
-    finally:
-        if envoy is not None:
-            stop_process(envoy)
-        stop_process(server)
-        log.close()
+    """A router in front of the same backends, measured like the EPP path and set against
+    plain Envoy's figures."""
+    wrk(target, body, script, 4, 1)  # warm-up
+    full = wrk(target, body, script, args.connections, args.duration)
+    c1 = wrk(target, body, script, 1, args.duration / 2)
     return {
         "rps": round(full["rps"], 1),
         "ratio": round(full["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
@@ -308,7 +274,51 @@ async def _null_extproc(
     }
 
 
-async def wait_tcp(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+@contextlib.asynccontextmanager
+async def null_gateway(
+    backend_port: int, work: Path, *, response_headers: bool = True
+) -> AsyncIterator[str]:
+    """Envoy (the EPP path's gateway config) in front of `bench.null_extproc`, routing to
+    the backends on BACKEND_IPS:`backend_port`; yields the completions URL."""
+    grpc_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    eds = work / "eds" / "pool.yaml"
+    eds.parent.mkdir(parents=True)
+    write_eds(eds, "pool", [(ip, backend_port) for ip in BACKEND_IPS])
+    endpoints = ",".join(f"{ip}:{backend_port}" for ip in BACKEND_IPS)
+    with open(work / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.null_extproc",
+                "--port",
+                str(grpc_port),
+                "--endpoints",
+                endpoints,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop_process signals the process group
+        )
+        envoy = None
+        try:
+            await _wait_listening(grpc_port, server)
+            opts = EnvoyOptions(
+                listen_port=listen_port,
+                admin_port=admin_port,
+                epp_ports=[grpc_port],
+                response_headers=response_headers,
+                eds_path=str(eds),
+            )
+            envoy = start_envoy(render_envoy_config(opts), work, concurrency=1)
+            await wait_http(f"http://127.0.0.1:{admin_port}/ready", proc=envoy)
+            yield f"http://127.0.0.1:{listen_port}/v1/completions"
+        finally:
+            stop_process(envoy)
+            stop_process(server)
+
+
+async def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -344,22 +354,11 @@ async def _peers(
         try:
             # the peers' Prometheus listens on port + 1 (bench.routers)
             async with launch(spec, pool, free_port_block(2), work / "peers") as url:
-                target = f"{url}/v1/completions"
-                wrk(target, body, script, 4, 1)  # warm-up
-                d, c = args.duration, args.connections
-                full = wrk(target, body, script, c, d)
-                c1 = wrk(target, body, script, 1, d / 2)
+                url = f"{url}/v1/completions"
+                out[name] = _measure(args, url, body, script, plain, plain_c1)
         except RouterUnavailable as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             out[name] = {"skipped": " / ".join(lines[:1] + lines[-2:])[:400]}
-            continue
-        out[name] = {
-            "rps": round(full["rps"], 1),
-            "ratio": round(full["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
-            "p50_ms_c1": c1["p50_ms"],
-            "added_p50_ms_c1": round(c1["p50_ms"] - plain_c1["p50_ms"], 3),
-            "non2xx": full["non2xx"] + c1["non2xx"],
-        }
     return out
 
 

@@ -84,13 +84,21 @@ class LocalLedger:
         return inf
 
     def add_prefix(self, ep: Endpoint, hashes: list[int]) -> None:
+        self._add_blocks(self._prefix, ep.key, hashes)
+
+    def add_precise(self, key: str, hashes: list[int]) -> None:
+        """Blocks this instance's pick speculated on `key` in its precise prefix index (the
+        index's `on_speculate` listener)."""
+        self._add_blocks(self._precise, key, hashes)
+
+    def _add_blocks(self, pending: list[tuple[str, list[int]]], key: str, hashes: list[int]) -> None:
         if not hashes:
             return
-        if len(self._prefix) >= self.max_pending_prefix:
+        if len(pending) >= self.max_pending_prefix:
             self.dropped_prefix += 1
             return
         self._mark()
-        self._prefix.append((ep.key, hashes))
+        pending.append((key, hashes))
 
     def add_prefill_charge(self, ep: Endpoint, tokens: int) -> None:
         """This instance queued `tokens` uncached prompt tokens on `ep` (its fluid prefill
@@ -101,18 +109,8 @@ class LocalLedger:
         key = ep.key
         self._charges[key] = self._charges.get(key, 0) + tokens
 
-    def add_precise(self, key: str, hashes: list[int]) -> None:
-        """Blocks this instance's pick speculated on `key` in its precise prefix index (the
-        index's `on_speculate` listener)."""
-        if not hashes:
-            return
-        if len(self._precise) >= self.max_pending_prefix:
-            self.dropped_prefix += 1
-            return
-        self._mark()
-        self._precise.append((key, hashes))
-
     def take_precise(self) -> list[tuple[str, list[int]]]:
+        """Precise speculations since the last take, then forget them."""
         out, self._precise = self._precise, []
         return out
 

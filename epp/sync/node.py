@@ -311,7 +311,7 @@ class SyncNode:
         self.seq += 1
         b = self._batch(loads, prefix, queues, snapshot=False)
         self._add_transit(b, self.ledger.take_transit())
-        self._add_charges(b)
+        self._add_events(b)
         self._broadcast(b, "delta")
 
     def snapshot(self) -> None:
@@ -326,7 +326,7 @@ class SyncNode:
         self.seq += 1
         b = self._batch(loads, prefix, queues, snapshot=True)
         self._add_transit(b, list(self.ledger.transit.items()))
-        self._add_charges(b)
+        self._add_events(b)
         self._broadcast(b, "snapshot")
 
     def _sample_queues(self) -> None:
@@ -370,7 +370,7 @@ class SyncNode:
         for (key, first), n in transit:
             b.transit.add(endpoint=key, first=first, requests=n)
 
-    def _add_charges(self, b: pb.SyncBatch) -> None:
+    def _add_events(self, b: pb.SyncBatch) -> None:
         """The event-like parts: prefill charges and precise speculations."""
         for key, tokens in self.ledger.take_prefill_charges():
             b.prefill_charges.add(endpoint=key, tokens=tokens)

@@ -297,17 +297,21 @@ def test_a_peers_precise_speculation_is_held_here_and_not_echoed() -> None:
     assert len(sent) == 1
 
 
-def test_the_hook_shares_the_prefill_work_local_accounting_queues() -> None:
-    """Through the director: the ledger's charges are the uncached tokens the local fluid
-    model was charged, on the prefilling endpoint."""
+def director_with_sync(pool: list[Endpoint]) -> tuple[Director, LocalLedger]:
+    """A director on `pool` (default config) with the replica-sync hook and its ledger."""
     ds = Datastore()
-    pool = [Endpoint(f"127.0.0.{i}", 8000) for i in (1, 2)]
     for e in pool:
         ds.upsert_endpoint("test", e)
     rc = build_request_control(None)
     ledger = LocalLedger()
     rc.hooks.append(ReplicaSync(ledger, services=rc.scheduler.services))
-    d = Director(ds, rc.scheduler, hooks=rc.hooks, rng=random.Random(3))
+    return Director(ds, rc.scheduler, hooks=rc.hooks, rng=random.Random(3)), ledger
+
+
+def test_the_hook_shares_the_prefill_work_local_accounting_queues() -> None:
+    """Through the director: the ledger's charges are the uncached tokens the local fluid
+    model was charged, on the prefilling endpoint."""
+    d, ledger = director_with_sync([Endpoint(f"127.0.0.{i}", 8000) for i in (1, 2)])
     sent: dict[str, int] = {}
     for i in range(6):
         prompt = (f"system {i % 2} " * 300 + str(i)).encode()
@@ -338,15 +342,9 @@ def test_prefix_dump_rebuilds_the_lru_order() -> None:
 
 def test_ledger_matches_local_accounting_through_the_director() -> None:
     """The replica-sync hook charges exactly what in-flight accounting charges."""
-    ds = Datastore()
     pool = [Endpoint(f"127.0.0.{i}", 8000) for i in (1, 2, 3)]
     pool.append(Endpoint("127.0.0.4", 8000, role="prefill"))
-    for e in pool:
-        ds.upsert_endpoint("test", e)
-    rc = build_request_control(None)
-    ledger = LocalLedger()
-    rc.hooks.append(ReplicaSync(ledger, services=rc.scheduler.services))
-    d = Director(ds, rc.scheduler, hooks=rc.hooks, rng=random.Random(3))
+    d, ledger = director_with_sync(pool)
     rng = random.Random(5)
     live = []
     for i in range(200):

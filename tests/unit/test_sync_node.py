@@ -79,13 +79,20 @@ async def instances() -> AsyncIterator[list[Instance]]:
         await inst.node.stop(0.2)
 
 
-async def test_state_reaches_a_peer_and_goodbye_drops_it(instances: list[Instance]) -> None:
+async def pair(instances: list[Instance], both_ways: bool = True) -> tuple[Instance, Instance]:
+    """Two instances over loopback TCP; `a` pushes to `b` (and `b` to `a`)."""
     a, b = Instance("a/0"), Instance("b/0")
     instances += [a, b]
     await a.start("127.0.0.1:0")
     await b.start("127.0.0.1:0")
     a.node.set_peers(remote=[b.address])
-    b.node.set_peers(remote=[a.address])
+    if both_ways:
+        b.node.set_peers(remote=[a.address])
+    return a, b
+
+
+async def test_state_reaches_a_peer_and_goodbye_drops_it(instances: list[Instance]) -> None:
+    a, b = await pair(instances)
     a.charge(0, 2, hashes=[1, 2, 3])
     b.charge(1, 1)
     took = await until(lambda: b.ep(0).inflight.requests == 2 and a.ep(1).inflight.requests == 1)
@@ -102,11 +109,7 @@ async def test_state_reaches_a_peer_and_goodbye_drops_it(instances: list[Instanc
 
 
 async def test_prefill_charges_reach_a_peers_latency_model(instances: list[Instance]) -> None:
-    a, b = Instance("a/0"), Instance("b/0")
-    instances += [a, b]
-    await a.start("127.0.0.1:0")
-    await b.start("127.0.0.1:0")
-    a.node.set_peers(remote=[b.address])
+    a, b = await pair(instances, both_ways=False)
     ep = b.ep(1)
     # Charges are events: only those made while the stream is up reach the peer.
     await until(lambda: "a/0" in b.view.origins)
@@ -120,12 +123,8 @@ async def test_prefill_charges_reach_a_peers_latency_model(instances: list[Insta
 async def test_kv_in_transit_reaches_a_peer_and_a_late_joiner(instances: list[Instance]) -> None:
     """P/D: a's remote prefill for decode pod 0 is in transit on b too (b got a's insert
     for pod 0 at once) until a sees it land; a joiner gets it in its initial snapshot."""
-    a, b = Instance("a/0"), Instance("b/0")
-    instances += [a, b]
+    a, b = await pair(instances, both_ways=False)
     a.index.on_transit = a.ledger.set_transit
-    await a.start("127.0.0.1:0")
-    await b.start("127.0.0.1:0")
-    a.node.set_peers(remote=[b.address])
     hashes = [7, 8, 9]
     first = a.index.begin_transfer(a.ep(0), hashes)
     a.charge(0, 1, hashes=hashes)
