@@ -1,6 +1,8 @@
 """Policy sweep in virtual time: every quality scenario x rate x seed for a set of routers.
 
     python -m bench.experiments.sweep --routers cache_aware,epp,epp:delay [--seeds 1,2,3]
+    python -m bench.experiments.sweep --routers "cache_aware,epp:default?stallWeight=0.25"
+    python -m bench.experiments.sweep --rate-scales 1,1.5   # and each rate x 1.5 (overload)
 
 Prints, per scenario and rate, each router's TTFT p90 (median over seeds, [min, max]),
 TTFT p50, cached share and goodput; and a last line per router: how many cells it wins or
@@ -18,6 +20,7 @@ from typing import Any
 
 from bench.scenarios import get
 from bench.vsim.api import run
+from epp.scheduling.config import DEFAULT_CONFIG
 
 SCENARIOS = ["shared_prefix", "bursts", "mixed", "kv_pressure", "hot_prefix", "hetero",
              "multi_tenant", "multi_turn"]
@@ -32,7 +35,8 @@ def _one(args: tuple[str, str, float, int, str | None, float | None]) -> dict[st
     text = None
     if name == "epp" and variant and cfg:
         variant, _, params = variant.partition("?")
-        text = Path(cfg, f"{variant}.yaml").read_text()
+        text = (DEFAULT_CONFIG if variant == "default"
+                else Path(cfg, f"{variant}.yaml").read_text())
         if params:  # epp:delay?queueWeight=2&stallWeight=0.1 -> the scorer's parameters
             kv = dict(x.split("=") for x in params.split("&"))
             block = "".join(f"\n    {k}: {v}" for k, v in kv.items())
@@ -54,13 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,100,200")
     p.add_argument("--configs", default=str(Path(__file__).parents[1] / "scenarios" / "epp_configs"))
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--rate-scales", default="1",
+                   help="comma list of factors on each scenario's rates (e.g. 1,1.5 adds "
+                   "overload phases)")
     p.add_argument("--time-scale", type=float, default=None,
                    help="EPP clock vs model time (default: the scenario's, like the harness)")
     a = p.parse_args(argv)
     routers = a.routers.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
-    jobs = [(sc, r, rate, seed, a.configs, a.time_scale) for sc in a.scenarios.split(",")
-            for rate in get(sc).rates for r in routers for seed in seeds]
+    scales = [float(x) for x in a.rate_scales.split(",")]
+    jobs = [(sc, r, rate * k, seed, a.configs, a.time_scale) for sc in a.scenarios.split(",")
+            for k in scales for rate in get(sc).rates for r in routers for seed in seeds]
     jobs.sort(key=lambda j: j[0] == "multi_tenant", reverse=True)  # slowest first
     with ProcessPoolExecutor(a.jobs) as ex:
         rows = list(ex.map(_one, jobs))

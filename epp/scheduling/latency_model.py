@@ -24,6 +24,9 @@ MIN_SPEED_FACTOR, MAX_SPEED_FACTOR = 0.2, 20.0
 DECODE_SPEED_TTL_S = 10.0  # a decode-speed reading older than this is forgotten
 METRICS_FRESH_S = 0.25  # scraped queue sizes older than this are not used
 FLEET_SPEED_ALPHA = 0.2
+MID_PREFILL_REQUESTS = 2  # prompts an engine with nothing waiting may still be prefilling
+SCRAPE_SLACK_S = 0.02  # picks this long before a scrape may not be in it yet
+FIRST_READING_MAX_VS_FLEET = 3.0  # a pod's first decode-speed reading, at most this slower
 
 
 @dataclass(slots=True)
@@ -137,6 +140,8 @@ class LatencyModel:
         lat.tpot_seen_at = m.updated_at
         if m.running > lat.max_running:
             lat.max_running = m.running
+        if m.waiting <= 0:
+            self._bound_backlog(ep, now)
         if m.tpot_count < 0:
             return
         dcount = m.tpot_count - lat.tpot_seen_count
@@ -146,9 +151,17 @@ class LatencyModel:
             sample = round((m.tpot_sum - lat.tpot_seen_sum) * 1000.0 / dcount, 3)
             if sample > 0:
                 cur = lat.decode_tpot_ms
+                if cur == 0:
+                    # A first reading far slower than the fleet is more likely a window
+                    # polluted by a prefill step the EPP did not count than a slow pod:
+                    # start from a plausible speed and let the readings that follow move
+                    # it. (Taken as it was, one polluted window slowed the pod's predicted
+                    # prefill so much that its queue never looked drained again, and no
+                    # clean window could correct it.)
+                    cur = FIRST_READING_MAX_VS_FLEET * self.fleet_speed * self.priors.tpot_ms
                 # A lower envelope: polluted windows only ever read slow, so the estimate
                 # follows fast samples at once and slow ones gently.
-                if cur == 0 or sample < cur:
+                if sample < cur:
                     lat.decode_tpot_ms = sample
                 else:
                     lat.decode_tpot_ms = cur + 0.05 * (sample - cur)
@@ -223,6 +236,24 @@ class LatencyModel:
         inf.charged_total += tokens
         inf.pick_rate = self.pick_rate(ep, now) + 1.0 / PICK_RATE_TAU_S
         inf.last_pick_at = now
+
+    def _bound_backlog(self, ep: Endpoint, now: float) -> None:
+        """The engine says nothing waits to be scheduled: every prompt sent before its scrape
+        is being prefilled or done, so what is left is at most the prompts mid-prefill
+        (the engine's token budget per step lets a few share it) and those sent since.
+        Without this, an uncached-token guess too high or a prefill speed too slow
+        (nothing else corrects them when the gateway sends no response bodies) pile up in
+        the fluid queue for good: the pod looks busy when it is not."""
+        q, lat = ep.queue, ep.latency
+        if q.backlog_tokens <= 0.0:
+            return
+        per = lat.uncached_tokens or self.priors.unknown_queue_tokens
+        since_scrape = self.pick_rate(ep, now) * (now - ep.metrics.updated_at + SCRAPE_SLACK_S)
+        bound = (MID_PREFILL_REQUESTS + since_scrape) * per
+        rate = self.prefill_tokens_per_s(ep, now)
+        if self.backlog_tokens(ep, now, rate) > bound:
+            q.backlog_tokens = bound
+            q.backlog_at = now
 
     def settle_backlog(self, ep: Endpoint, position: float, now: float) -> None:
         """A request queued at `position` (charged_total right after its charge) has its

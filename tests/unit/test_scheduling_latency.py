@@ -109,3 +109,56 @@ def test_unobserved_endpoints_follow_the_fleet() -> None:
     after = m.predict_ttft_ms(unseen, 2000)
     assert after > before * 2  # moved toward the slow fleet, not left at the H100 prior
     assert unseen.latency.samples == 0
+
+
+def _scrape(e: Endpoint, at: float, tokens: float, seconds: float, waiting: float = 0.0) -> None:
+    m = e.metrics
+    m.tpot_count, m.tpot_sum, m.updated_at, m.waiting = tokens, seconds, at, waiting
+
+
+def test_a_polluted_first_speed_reading_does_not_stick() -> None:
+    """A pod's first decode-speed window can hold a prefill step the EPP did not count (its
+    fluid model thought the prefill done): 458 ms a token where the pod decodes at 12.
+    Taken as it was, the pod's predicted prefill ran 38x too slow and its queue never
+    looked drained again, so no clean window ever came to correct it."""
+    m = LatencyModel()
+    e = ep()
+    _scrape(e, 100.0, 0.0, 0.0)
+    m.refresh(e, 100.0)  # the baseline
+    _scrape(e, 101.0, 10.0, 4.58)
+    m.refresh(e, 101.0)
+    assert 0 < e.latency.decode_tpot_ms < 3 * m.priors.tpot_ms * 2  # not 458
+    assert m.prefill_tokens_per_s(e, 101.0) > 1000.0 / (m.priors.prefill_ms_per_token * 6)
+    _scrape(e, 102.0, 110.0, 4.58 + 1.2)  # then a clean window: 12 ms a token, at once
+    m.refresh(e, 102.0)
+    assert e.latency.decode_tpot_ms == 12.0
+
+
+def test_a_genuinely_slow_pod_is_still_learned() -> None:
+    m = LatencyModel()
+    e = ep()
+    _scrape(e, 100.0, 0.0, 0.0)
+    m.refresh(e, 100.0)
+    _scrape(e, 101.0, 100.0, 3.0)  # 30 ms a token, 2.5x the fleet: plausible, taken
+    m.refresh(e, 101.0)
+    assert e.latency.decode_tpot_ms == 30.0
+
+
+def test_queued_prefill_is_bounded_when_the_engine_has_nothing_waiting() -> None:
+    """With headers-only response processing nothing reports first tokens, so a speed guess
+    too slow or an uncached-token guess too high would stay in the fluid queue for good.
+    A fresh scrape with nothing waiting bounds it to the prompts that can still be mid
+    prefill; one with requests waiting leaves it alone."""
+    m = LatencyModel()
+    busy, idle = ep(1), ep(2)
+    for e in (busy, idle):
+        e.latency.uncached_tokens = 1000.0
+        m.charge_backlog(e, 40_000, 100.0)  # ~10 s of prefill at the prior's speed
+        e.metrics.running = 3
+    _scrape(busy, 100.1, -1.0, 0.0, waiting=5)
+    _scrape(idle, 100.1, -1.0, 0.0, waiting=0)
+    for e in (busy, idle):
+        m.refresh(e, 100.1)
+    rate = m.prefill_tokens_per_s(idle, 100.1)
+    assert m.backlog_tokens(idle, 100.1, rate) <= 2.1 * 1000
+    assert m.backlog_tokens(busy, 100.1, rate) > 35_000
