@@ -6,6 +6,7 @@ because the EPP is single-threaded asyncio. Hot fields are slotted attributes.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from epp import clock
@@ -13,6 +14,7 @@ from epp import clock
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
 ROLE_BOTH = "both"
+RECENT_SENT = 16  # per endpoint: uncached tokens of the last requests sent (PrefillQueue)
 UNASSIGNED_BUSINESS = "unassigned"
 
 # Values other projects use for the same roles (llm-d: `llm-d.ai/role`).
@@ -89,6 +91,9 @@ class PrefillQueue:
     # The scrape time up to which the EPP's deferred charges here were checked against the
     # engine's own request counts.
     reconciled_at: float = 0.0
+    # Uncached prompt tokens of the last requests sent here, newest last: what the requests
+    # the engine reports waiting (the newest, in a first-come queue) still have to prefill.
+    recent_uncached: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_SENT))
 
 
 @dataclass(slots=True)

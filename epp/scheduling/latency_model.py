@@ -13,6 +13,7 @@ same. Per-endpoint state lives on `Endpoint.latency` and `Endpoint.queue`.
 from __future__ import annotations
 
 import math
+from itertools import islice
 from dataclasses import dataclass
 
 from epp import clock
@@ -92,9 +93,24 @@ class LatencyModel:
             slot_wait_s = waiting * self.decode_time_s(ep, decode_tokens, now, speeds) / cap
         elif m.waiting > 0 and age <= METRICS_FRESH_S:
             # queued prefill work the EPP's model no longer counts
-            per = lat.uncached_tokens or self.priors.unknown_queue_tokens
-            backlog = max(backlog, m.waiting * per)
+            backlog = max(backlog, self.waiting_tokens(ep, m.waiting))
         return QueueEstimate(rate, backlog, slot_wait_s, running)
+
+    def waiting_tokens(self, ep: Endpoint, waiting: float) -> float:
+        """Prompt tokens still to prefill for the `waiting` requests the engine reports: in
+        a first-come queue those are the newest sent there, so the uncached tokens of the
+        last `waiting` requests sent (their mean past those remembered). Not the mean of
+        everything sent: followers of a cached prefix waiting behind one cold prompt are
+        60 tokens each, not the 2000 that the cold prompts pull the mean to."""
+        recent = ep.queue.recent_uncached
+        n = len(recent)
+        if n == 0:
+            return waiting * (ep.latency.uncached_tokens or self.priors.unknown_queue_tokens)
+        k = int(waiting)
+        if k <= n:
+            return float(sum(islice(reversed(recent), k)))
+        total = float(sum(recent))
+        return total + (waiting - n) * total / n
 
     def queued_prefill_tokens(self, ep: Endpoint, now: float | None = None) -> int:
         return int(self.queue(ep, clock.now() if now is None else now).backlog_tokens)
@@ -234,6 +250,7 @@ class LatencyModel:
         inf.backlog_tokens = self.backlog_tokens(ep, now, rate) + tokens
         inf.backlog_at = now
         inf.charged_total += tokens
+        inf.recent_uncached.append(tokens)
         inf.pick_rate = self.pick_rate(ep, now) + 1.0 / PICK_RATE_TAU_S
         inf.last_pick_at = now
 

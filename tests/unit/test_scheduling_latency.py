@@ -162,3 +162,21 @@ def test_queued_prefill_is_bounded_when_the_engine_has_nothing_waiting() -> None
     rate = m.prefill_tokens_per_s(idle, 100.1)
     assert m.backlog_tokens(idle, 100.1, rate) <= 2.1 * 1000
     assert m.backlog_tokens(busy, 100.1, rate) > 35_000
+
+
+def test_requests_waiting_are_the_newest_sent_not_the_mean() -> None:
+    """Two cold 2000-token prompts then four followers of their cached prefixes: the engine
+    reports four waiting, behind a prefill. They are the four newest (60 tokens each), not
+    four of the mean of everything sent (pulled toward 2000 by the cold prompts), which made
+    the pod look a second busier than it was and sent the next follower cold elsewhere."""
+    m = LatencyModel()
+    e = ep()
+    for tokens in (2000, 2000, 60, 60, 60, 60):
+        m.observe_sent(e, tokens)
+        m.charge_backlog(e, tokens, 100.0)
+    later = 200.0  # the fluid model has long drained it all
+    e.metrics.waiting, e.metrics.updated_at = 4, later
+    assert m.queue(e, later).backlog_tokens == 240
+    e.metrics.waiting = 5  # one of the cold prompts is still waiting too
+    assert m.queue(e, later).backlog_tokens == 2240
+    assert e.latency.uncached_tokens > 500  # what the estimate used to be built from
