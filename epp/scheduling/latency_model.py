@@ -13,8 +13,8 @@ same. Per-endpoint state lives on `Endpoint.latency` and `Endpoint.queue`.
 from __future__ import annotations
 
 import math
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 
 from epp import clock
 from epp.datalayer.endpoint import Endpoint
