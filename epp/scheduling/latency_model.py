@@ -100,8 +100,8 @@ class LatencyModel:
         """Prompt tokens still to prefill for the `waiting` requests the engine reports: in
         a first-come queue those are the newest sent there, so the uncached tokens of the
         last `waiting` requests sent (their mean past those remembered). Not the mean of
-        everything sent: followers of a cached prefix waiting behind one cold prompt are
-        60 tokens each, not the 2000 that the cold prompts pull the mean to."""
+        everything sent: the cache-hit followers waiting behind one cold prompt have a few
+        tokens each to prefill, whatever the cold prompts pulled the mean up to."""
         recent = ep.queue.recent_uncached
         n = len(recent)
         if n == 0:
