@@ -105,12 +105,16 @@ class LatencyModel:
         recent = ep.queue.recent_uncached
         n = len(recent)
         if n == 0:
-            return waiting * (ep.latency.uncached_tokens or self.priors.unknown_queue_tokens)
+            return waiting * self.mean_sent_tokens(ep)
         k = int(waiting)
         if k <= n:
             return float(sum(islice(reversed(recent), k)))
         total = float(sum(recent))
         return total + (waiting - n) * total / n
+
+    def mean_sent_tokens(self, ep: Endpoint) -> float:
+        """Mean uncached prompt tokens per request sent to `ep` (the prior's guess before any)."""
+        return ep.latency.uncached_tokens or self.priors.unknown_queue_tokens
 
     def queued_prefill_tokens(self, ep: Endpoint, now: float | None = None) -> int:
         return int(self.queue(ep, clock.now() if now is None else now).backlog_tokens)
@@ -261,10 +265,10 @@ class LatencyModel:
         Without this, an uncached-token guess too high or a prefill speed too slow
         (nothing else corrects them when the gateway sends no response bodies) pile up in
         the fluid queue for good: the pod looks busy when it is not."""
-        q, lat = ep.queue, ep.latency
+        q = ep.queue
         if q.backlog_tokens <= 0.0:
             return
-        per = lat.uncached_tokens or self.priors.unknown_queue_tokens
+        per = self.mean_sent_tokens(ep)
         since_scrape = self.pick_rate(ep, now) * (now - ep.metrics.updated_at + SCRAPE_SLACK_S)
         bound = (MID_PREFILL_REQUESTS + since_scrape) * per
         rate = self.prefill_tokens_per_s(ep, now)
