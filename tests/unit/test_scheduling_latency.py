@@ -180,3 +180,97 @@ def test_requests_waiting_are_the_newest_sent_not_the_mean() -> None:
     e.metrics.waiting = 5  # one of the cold prompts is still waiting too
     assert m.queue(e, later).backlog_tokens == 2240
     assert e.latency.uncached_tokens > 500  # what the estimate used to be built from
+
+
+def _ttft_scrape(e: Endpoint, at: float, first_tokens: float, waiting: float = 0.0) -> None:
+    m = e.metrics
+    m.ttft_count, m.updated_at, m.waiting = first_tokens, at, waiting
+
+
+def _send(m: LatencyModel, e: Endpoint, tokens: int, at: float) -> None:
+    m.observe_sent(e, tokens)
+    m.charge_backlog(e, tokens, at)
+    e.inflight.requests += 1  # what the in-flight hook does at the same pick
+
+
+def test_prompts_still_without_a_first_token_stay_in_the_queue() -> None:
+    """Cold start, the prior speed twice too fast: the fluid model has drained three cold
+    prompts long before the engine is done. The engine's first-token count says all three
+    are still pending: the two newest are counted whole, the oldest as half done."""
+    m = LatencyModel()
+    e = ep()
+    _ttft_scrape(e, 100.0, 7.0)  # the baseline (first tokens before the EPP started)
+    m.refresh(e, 100.0)
+    for i in range(3):
+        _send(m, e, 2000, 100.0 + 0.01 * i)
+    prior_rate = m.prefill_tokens_per_s(e, 101.6)
+    assert m.backlog_tokens(e, 101.6, prior_rate) == 0.0  # what the fluid model alone says
+    _ttft_scrape(e, 101.6, 7.0)  # none of ours has its first token
+    m.refresh(e, 101.6)
+    rate = m.prefill_tokens_per_s(e, 101.6)
+    assert e.queue.pending_first_tokens == 3
+    assert m.backlog_tokens(e, 101.6, rate) == 5000.0
+    _ttft_scrape(e, 101.7, 9.0)  # two first tokens: only the newest is left, half done
+    e.inflight.requests -= 2
+    m.refresh(e, 101.7)
+    assert e.queue.pending_first_tokens == 1
+    assert m.backlog_tokens(e, 101.7, rate) < 5000.0
+
+
+def test_first_tokens_of_other_senders_only_lower_the_floor() -> None:
+    """First tokens the EPP did not send (direct traffic, an engine restart) never make it
+    count more pending than it sent, and a request that ended without a first token stops
+    counting with the EPP's own in-flight count."""
+    m = LatencyModel()
+    e = ep()
+    _ttft_scrape(e, 100.0, 0.0)
+    m.refresh(e, 100.0)
+    for i in range(2):
+        _send(m, e, 1000, 100.0 + 0.01 * i)
+    _ttft_scrape(e, 100.5, 5.0)  # five first tokens, of other senders' requests too
+    m.refresh(e, 100.5)
+    assert e.queue.pending_first_tokens == 0.0
+    _send(m, e, 1000, 100.6)
+    _send(m, e, 1000, 100.6)
+    e.inflight.requests = 1  # the others ended (cancelled before a first token)
+    _ttft_scrape(e, 100.7, 5.0)
+    m.refresh(e, 100.7)
+    assert e.queue.pending_first_tokens == 1.0
+    _ttft_scrape(e, 100.8, 2.0)  # the count went down: the engine restarted
+    m.refresh(e, 100.8)
+    assert e.queue.pending_first_tokens == 0.0
+
+
+def test_a_prompt_sent_to_an_idle_pod_bounds_the_fleet_speed() -> None:
+    """A 2000-token prompt to an idle pod still has no first token 1 s later: the pod
+    prefills at most ~2000 tokens/s, half the prior's speed. Before any decode-speed
+    reading every pod's queue then drains at that speed, not the prior's."""
+    m = LatencyModel()
+    e, other = ep(1), ep(2)
+    for x in (e, other):
+        _ttft_scrape(x, 100.0, 0.0)
+        m.refresh(x, 100.0)
+    prior_rate = m.prefill_tokens_per_s(other, 100.0)
+    _send(m, e, 2000, 100.0)
+    _ttft_scrape(e, 101.0, 0.0)
+    m.refresh(e, 101.0)
+    assert m.prefill_tokens_per_s(other, 101.0) < 0.55 * prior_rate
+    slowed = m.fleet_speed
+    _ttft_scrape(e, 101.2, 1.0)  # its first token: the bound stops growing
+    e.inflight.requests = 0
+    m.refresh(e, 101.2)
+    _ttft_scrape(e, 103.0, 1.0)
+    m.refresh(e, 103.0)
+    assert m.fleet_speed == slowed
+    assert e.queue.probe_index == -1
+
+
+def test_a_short_or_queued_prompt_is_no_speed_probe() -> None:
+    m = LatencyModel()
+    e = ep()
+    _ttft_scrape(e, 100.0, 0.0)
+    m.refresh(e, 100.0)
+    _send(m, e, 100, 100.0)  # too short: its TTFT is mostly the engine's fixed costs
+    assert e.queue.probe_index == -1
+    _send(m, e, 2000, 100.0)  # one of ours is ahead of it: not a clean measure
+    assert e.queue.probe_index == -1
