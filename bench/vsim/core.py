@@ -231,8 +231,6 @@ class Pod:
             "num_blocks": c.num_gpu_blocks,
             "tpot_sum": tpot_sum * scale,
             "tpot_count": float(tpot_count),
-            "ttft_sum": core.stats.ttft.total * scale,
-            "ttft_count": float(core.stats.ttft.n),
         })
 
 

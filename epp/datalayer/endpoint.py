@@ -53,11 +53,6 @@ class EngineMetrics:
     tpot_sum: float = 0.0
     tpot_count: float = -1.0  # -1 = never scraped
     tpot_recent_ms: float = 0.0
-    # First tokens the engine has produced (its TTFT histogram), which with the requests
-    # the EPP sent there tells how many still wait for theirs.
-    ttft_sum: float = 0.0
-    ttft_count: float = -1.0  # -1 = never scraped, or the engine does not say
-    ttft_recent_ms: float = 0.0
 
     def age(self, now: float | None = None) -> float:
         if self.updated_at == 0.0:
@@ -99,18 +94,6 @@ class PrefillQueue:
     # Uncached prompt tokens of the last requests sent here, newest last: what the requests
     # the engine reports waiting (the newest, in a first-come queue) still have to prefill.
     recent_uncached: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_SENT))
-    # Requests sent here since the last scrape taken in, and those sent before it still
-    # without a first token by the engine's own count (its TTFT histogram): the prompts
-    # still ahead of a new one, whatever the speed estimates say.
-    sent_since_scrape: int = 0
-    pending_first_tokens: float = 0.0
-    ttft_seen_count: float = -1.0
-    # A prompt sent when nothing of ours was pending here, watched until its first token:
-    # while it is pending, the engine is at most its tokens / time since sent fast.
-    sent_total: int = 0
-    probe_index: int = -1  # its place in `sent_total`; -1 = none watched
-    probe_sent_at: float = 0.0
-    probe_tokens: float = 0.0
 
 
 @dataclass(slots=True)

@@ -71,7 +71,6 @@ VLLM: tuple[Row, ...] = (
     LabelList("running_loras", "vllm:lora_requests_info", "running_lora_adapters"),
     Histogram("tpot", "vllm:inter_token_latency_seconds"),
     Histogram("tpot", "vllm:time_per_output_token_seconds"),  # older name
-    Histogram("ttft", "vllm:time_to_first_token_seconds"),
 )
 
 SGLANG: tuple[Row, ...] = (
@@ -80,7 +79,6 @@ SGLANG: tuple[Row, ...] = (
     Gauge("kv_usage", "sglang:token_usage", MAX, clamp=(0.0, 1.0)),
     InfoLabels("sglang:cache_config_info", (("block_size", "page_size"),
                                             ("num_blocks", "num_pages"))),
-    Histogram("ttft", "sglang:time_to_first_token_seconds"),
 )
 
 # TensorRT-LLM: `trtllm-serve` names first, then the Triton backend's labelled gauges.

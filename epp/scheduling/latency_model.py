@@ -28,8 +28,6 @@ FLEET_SPEED_ALPHA = 0.2
 MID_PREFILL_REQUESTS = 2  # prompts an engine with nothing waiting may still be prefilling
 SCRAPE_SLACK_S = 0.02  # picks this long before a scrape may not be in it yet
 FIRST_READING_MAX_VS_FLEET = 3.0  # a pod's first decode-speed reading, at most this slower
-OLDEST_PENDING_DONE = 0.5
-MIN_PROBE_TOKENS = 512  # a prompt this long, sent to an idle pod, bounds its prefill speed
 
 
 @dataclass(slots=True)
@@ -109,11 +107,8 @@ class LatencyModel:
         if n == 0:
             return waiting * self.mean_sent_tokens(ep)
         k = int(waiting)
-        if k < n:
-            part = waiting - k  # a part of the next older one
-            return float(sum(islice(reversed(recent), k))) + part * recent[n - 1 - k]
-        if k == n:
-            return float(sum(recent))
+        if k <= n:
+            return float(sum(islice(reversed(recent), k)))
         total = float(sum(recent))
         return total + (waiting - n) * total / n
 
@@ -167,7 +162,6 @@ class LatencyModel:
             lat.max_running = m.running
         if m.waiting <= 0:
             self._bound_backlog(ep, now)
-        self._floor_backlog(ep, now)
         if m.tpot_count < 0:
             return
         dcount = m.tpot_count - lat.tpot_seen_count
@@ -261,11 +255,6 @@ class LatencyModel:
         inf.backlog_at = now
         inf.charged_total += tokens
         inf.recent_uncached.append(tokens)
-        if (inf.probe_index < 0 and tokens >= MIN_PROBE_TOKENS and inf.sent_since_scrape == 0
-                and inf.pending_first_tokens == 0.0 and ep.metrics.ttft_count >= 0):
-            inf.probe_index, inf.probe_sent_at, inf.probe_tokens = inf.sent_total, now, tokens
-        inf.sent_since_scrape += 1
-        inf.sent_total += 1
         inf.pick_rate = self.pick_rate(ep, now) + 1.0 / PICK_RATE_TAU_S
         inf.last_pick_at = now
 
@@ -286,66 +275,6 @@ class LatencyModel:
         if self.backlog_tokens(ep, now, rate) > bound:
             q.backlog_tokens = bound
             q.backlog_at = now
-
-    def _floor_backlog(self, ep: Endpoint, now: float) -> None:
-        """The engine's own count of first tokens (its TTFT histogram) against the requests
-        sent here says how many are still waiting for theirs. In a first-come queue those
-        are the newest sent, and only the oldest of them can be part way through its
-        prefill (a step's token budget goes to the oldest prompt first), so the newest
-        `pending - 1` still have all their uncached tokens to prefill, less what the
-        engine could have done since the scrape. The fluid queue is raised to that: at cold
-        start, before any speed reading, the prior speed can be far too fast, and a pod
-        busy with several cold prompts then looked nearly idle. A lower bound only:
-        requests other senders made there (direct traffic, replicas that do not sync)
-        count as first tokens of ours, which only lowers it."""
-        q, m, inf = ep.queue, ep.metrics, ep.inflight
-        sent, q.sent_since_scrape = q.sent_since_scrape, 0
-        count = m.ttft_count
-        if count < 0:
-            return
-        if q.ttft_seen_count < 0 or count < q.ttft_seen_count:
-            # the first scrape, or the engine restarted: nothing known to be pending
-            q.ttft_seen_count, q.pending_first_tokens = count, 0.0
-            return
-        pending = q.pending_first_tokens + sent - (count - q.ttft_seen_count)
-        q.ttft_seen_count = count
-        # (requests cancelled before their first token never show up in the engine's count;
-        # the EPP's own in-flight count drops when they end)
-        in_flight = inf.requests + inf.prefill_requests
-        if pending > in_flight:
-            pending = float(in_flight)
-        q.pending_first_tokens = pending if pending > 0.0 else 0.0
-        if q.probe_index >= 0:
-            self._check_probe(ep, now)
-        if pending < 2.0:
-            return
-        rate = self.prefill_tokens_per_s(ep, now)
-        floor = self.waiting_tokens(ep, pending - OLDEST_PENDING_DONE) - rate * (now - m.updated_at)
-        if floor > self.backlog_tokens(ep, now, rate):
-            q.backlog_tokens = floor
-            q.backlog_at = now
-
-    def _check_probe(self, ep: Endpoint, now: float) -> None:
-        """While the prompt sent to an idle `ep` has no first token (the newest
-        `pending_first_tokens` sent have none), the engine prefills at most its tokens in
-        the time since it was sent: the fleet's speed factor is raised to at least that.
-        Before the first decode-speed reading the fleet speed is the prior's, which can be
-        several times too fast (a slower GPU, the simulator's time scale); the queues it
-        drains then empty far too soon and a burst of cold prompts piles onto pods that
-        only look idle. The decode readings that follow move the factor as before."""
-        q, m = ep.queue, ep.metrics
-        if q.pending_first_tokens <= q.sent_total - 1 - q.probe_index:
-            q.probe_index = -1  # it has its first token
-            return
-        pr = self.priors
-        elapsed_ms = (m.updated_at - q.probe_sent_at) * 1000.0 - pr.ttft_base_ms
-        if elapsed_ms <= 0.0:
-            return
-        factor = elapsed_ms / (q.probe_tokens * pr.prefill_ms_per_token)
-        if factor > MAX_SPEED_FACTOR:
-            factor = MAX_SPEED_FACTOR
-        if factor > self.fleet_speed:
-            self.fleet_speed = factor
 
     def settle_backlog(self, ep: Endpoint, position: float, now: float) -> None:
         """A request queued at `position` (charged_total right after its charge) has its

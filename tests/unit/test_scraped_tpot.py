@@ -3,17 +3,12 @@ and used to steer requests away from a slow pod."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
-
 from epp.datalayer.endpoint import Endpoint, EngineMetrics
 from epp.datalayer.metrics_scraper import apply_metrics
 from epp.datalayer.prom_parse import parse_metrics
 from epp.scheduling.plugins.latency_scorer import LatencyScorer
 from epp.scheduling.request import CycleState, InferenceRequest
 from epp.scheduling.services import Services
-from epp.sim.metrics import EngineStats, render_sglang, render_vllm
 
 PAGE = b"""# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{model_name="m"} 2.0
@@ -42,17 +37,6 @@ def test_parse_sums_series_and_prefers_inter_token_latency() -> None:
     assert p.tpot_sum == 3.0 and p.tpot_count == 200.0  # both model_name series summed
     p = parse_metrics(page(2.0, 100.0, itl=(5.0, 50.0)))
     assert (p.tpot_sum, p.tpot_count) == (5.0, 50.0)
-
-
-@pytest.mark.parametrize("render", [render_vllm, render_sglang])
-def test_first_tokens_are_read_from_either_engines_ttft_histogram(render: Any) -> None:
-    stats = EngineStats()
-    for ttft in (0.1, 0.3, 0.2):
-        stats.observe_ttft(ttft)
-    text = render(stats, model="m", waiting=0, running=1, kv_usage=0.1, block_size=16,
-                  num_blocks=100)
-    p = parse_metrics(text.encode())
-    assert p.ttft_count == 3.0 and abs(p.ttft_sum - 0.6) < 1e-9
 
 
 def test_recent_mean_from_scrape_deltas_and_restart() -> None:
