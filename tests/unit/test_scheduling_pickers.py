@@ -131,3 +131,20 @@ def test_weighted_random_proportional_for_small_scores() -> None:
     n = 4000
     counts = Counter(p.pick(CycleState(), REQ, e, [0.002, 0.006])[0].key for _ in range(n))
     assert counts[e[1].key] / n == pytest.approx(0.75, abs=0.03)
+
+
+def test_max_score_fallbacks_are_the_head_of_the_full_sort() -> None:
+    """Sorting only the scores at or above the count-th best gives what sorting all of them
+    by (-score, random key) gave, with the generator left in the same state."""
+    import random
+
+    gen = random.Random(7)
+    e = eps(200)
+    for count in (2, 3, 5, 200, 300):
+        p = picker(MaxScorePicker, maxNumOfEndpoints=count, seed=4)
+        ref = random.Random(4)
+        for _ in range(30):
+            scores = [gen.choice((0.0, 0.2, 0.5, 0.9, 1.0)) for _ in e]  # ties at every level
+            got = p.pick(CycleState(), REQ, e, scores)
+            order = sorted(range(len(e)), key=lambda i: (-scores[i], ref.random()))
+            assert keys(got) == keys([e[i] for i in order[:count]])

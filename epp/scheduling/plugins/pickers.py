@@ -6,6 +6,7 @@ fallbacks Envoy may try in order.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Sequence
@@ -40,9 +41,23 @@ class MaxScorePicker(_CountedPicker):
             best = max(scores)
             ties = [ep for ep, s in zip(endpoints, scores, strict=True) if s >= best - 1e-9]
             return [ties[0] if len(ties) == 1 else self.rng.choice(ties)]
-        # Random keys break ties among equal scores.
-        order = sorted(range(len(endpoints)), key=lambda i: (-scores[i], self.rng.random()))
-        return [endpoints[i] for i in order[: self.count]]
+        return [endpoints[i] for i in self._best(scores)]
+
+    def _best(self, scores: Sequence[float]) -> list[int]:
+        """Indexes of the `count` best scores, best first, random keys breaking ties: the
+        head of the order by (-score, key). Only the scores at or above the count-th best
+        can be in it, so only those are sorted (1,000 endpoints, 3 wanted: a handful)."""
+        n = len(scores)
+        rnd = self.rng.random
+        ties = [rnd() for _ in range(n)]  # one key per endpoint: the same draws every pick
+        count = self.count
+        if count < n:
+            cut = heapq.nlargest(count, scores)[-1]
+            top = [i for i, s in enumerate(scores) if s >= cut]
+        else:
+            top = list(range(n))
+        top.sort(key=lambda i: (-scores[i], ties[i]))
+        return top[:count]
 
 
 class WeightedRandomPicker(_CountedPicker):
