@@ -87,16 +87,22 @@ class PrefixIndex:
             return {}
         current = set(first)
         matched = dict.fromkeys(current, 1)
-        for i in range(1, len(hashes)):
+        # Each endpoint's count is written when it drops out of the run (and for those
+        # still in it at the end), not at every block.
+        end = len(hashes)
+        for i in range(1, end):
             hs = holders.get(hashes[i])
             if not hs:
+                end = i
                 break
             if not current <= hs:
+                for key in current - hs:
+                    matched[key] = i
                 current &= hs
                 if not current:
                     break
-            for key in current:
-                matched[key] = i + 1
+        for key in current:
+            matched[key] = end
         return matched
 
     def matched_blocks_for(self, key: str, hashes: list[int]) -> int:
