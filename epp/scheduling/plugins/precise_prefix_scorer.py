@@ -153,7 +153,8 @@ class PrecisePrefixCacheScorer(Scorer):
         if best <= 0:
             return [0.0] * len(endpoints)
         w = self.absolute_weight
-        return [(1 - w) * min(1.0, m / prompt) + w * m / best for m in matched]
+        # Most pods hold none of the prompt: 0.0, what the blend gives them (w in [0, 1]).
+        return [(1 - w) * min(1.0, m / prompt) + w * m / best if m else 0.0 for m in matched]
 
     def on_picked(
         self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult
