@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -103,10 +104,12 @@ class Scheduler(ProfileRunner):
             scores = ws.scorer.score(cycle, request, eps)
             if timer:
                 timer("scorer", ws.scorer.name, perf_counter() - t0)
-            w = ws.weight
-            totals = [t + w * s for t, s in zip(totals, scores, strict=True)]
             if per_plugin is not None:
                 per_plugin[ws.scorer.name] = scores
+            w = ws.weight
+            if not w and len(scores) == n and math.isfinite(sum(scores)):
+                continue  # weight 0 (a scorer run for what it sets up): adds 0.0 to each total
+            totals = [t + w * s for t, s in zip(totals, scores, strict=True)]
         picker = prof.picker
         assert picker is not None  # the loader guarantees one picker per profile
         t0 = perf_counter()
