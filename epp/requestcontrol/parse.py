@@ -52,13 +52,10 @@ MAX_BYTES_PER_TOKEN = 8
 def check_context_length(req: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
     """400 when the prompt (plus the requested completion) cannot fit the context window
     every candidate reports (`max_model_len`); nothing is judged while any is unknown."""
-    limit = 0
-    for ep in endpoints:
-        if ep.max_model_len <= 0:
-            return
-        limit = max(limit, ep.max_model_len)
-    if not limit:
+    windows = [ep.max_model_len for ep in endpoints]
+    if not windows or min(windows) <= 0:
         return
+    limit = max(windows)
     tokens, exact = _longest_prompt_tokens(req)
     if tokens + req.max_tokens <= limit:
         return
