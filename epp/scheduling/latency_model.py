@@ -62,6 +62,7 @@ class LatencyModel:
         self.alpha = alpha
         self.fleet_alpha = alpha / 4
         self.fleet_speed = 1.0  # the fleet's speed factor (see `speed_factor`)
+        self.fleet_readings = 0
 
     # ---- prediction (hot path) ------------------------------------------------------------
     def queue(
@@ -187,9 +188,16 @@ class LatencyModel:
                     lat.decode_tpot_ms = cur + 0.05 * (sample - cur)
                 lat.decode_tpot_at = now
                 # The fleet's factor (for pods that never decode, e.g. prefill pods) follows
-                # every reading quickly: pods of one pool are mostly alike.
+                # every reading quickly: pods of one pool are mostly alike. The first reading
+                # replaces the priors' guess outright: averaged with a guess that may be off
+                # 2-4x, it left the pods not measured yet mispredicted for several readings
+                # (bench/RESULTS.md §0, "The fleet's first speed reading").
                 factor = lat.decode_tpot_ms / self.priors.tpot_ms
-                self.fleet_speed += FLEET_SPEED_ALPHA * (factor - self.fleet_speed)
+                if self.fleet_readings == 0:
+                    self.fleet_speed = factor
+                else:
+                    self.fleet_speed += FLEET_SPEED_ALPHA * (factor - self.fleet_speed)
+                self.fleet_readings += 1
         if dcount != 0 or lat.tpot_seen_count < 0:
             lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
 

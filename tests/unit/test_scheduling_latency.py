@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from epp import clock
 from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.latency_model import LatencyModel
+from epp.scheduling.latency_model import FLEET_SPEED_ALPHA, LatencyModel
 
 
 def ep(n: int = 1) -> Endpoint:
@@ -132,6 +134,23 @@ def test_a_polluted_first_speed_reading_does_not_stick() -> None:
     _scrape(e, 102.0, 110.0, 4.58 + 1.2)  # then a clean window: 12 ms a token, at once
     m.refresh(e, 102.0)
     assert e.latency.decode_tpot_ms == 12.0
+
+
+def test_the_first_speed_reading_replaces_the_fleet_guess_and_later_ones_average() -> None:
+    """A pod not measured yet is predicted at the fleet's speed. Before any reading that is
+    the priors' guess; the first reading (here a pool 2x slower than the priors) replaces
+    it at once, later readings move it by FLEET_SPEED_ALPHA."""
+    m = LatencyModel()
+    measured, unmeasured = ep(1), ep(2)
+    assert m.speeds(unmeasured, 100.0)[1] == 1.0
+    _scrape(measured, 100.0, 0.0, 0.0)
+    m.refresh(measured, 100.0)
+    _scrape(measured, 101.0, 100.0, 2.4)  # 24 ms a token
+    m.refresh(measured, 101.0)
+    assert m.speeds(unmeasured, 101.0)[1] == 2.0
+    _scrape(measured, 102.0, 200.0, 2.4 + 1.2)  # then 12 ms a token
+    m.refresh(measured, 102.0)
+    assert m.speeds(unmeasured, 102.0)[1] == pytest.approx(2.0 + FLEET_SPEED_ALPHA * (1.0 - 2.0))
 
 
 def test_a_genuinely_slow_pod_is_still_learned() -> None:
