@@ -62,7 +62,7 @@ class LatencyModel:
         self.alpha = alpha
         self.fleet_alpha = alpha / 4
         self.fleet_speed = 1.0  # the fleet's speed factor (see `speed_factor`)
-        self.fleet_readings = 0
+        self.fleet_measured = False  # until the first decode-speed reading on any pod
 
     # ---- prediction (hot path) ------------------------------------------------------------
     def queue(
@@ -193,11 +193,10 @@ class LatencyModel:
                 # 2-4x, it left the pods not measured yet mispredicted for several readings
                 # (bench/RESULTS.md §0, "The fleet's first speed reading").
                 factor = lat.decode_tpot_ms / self.priors.tpot_ms
-                if self.fleet_readings == 0:
-                    self.fleet_speed = factor
-                else:
+                if self.fleet_measured:
                     self.fleet_speed += FLEET_SPEED_ALPHA * (factor - self.fleet_speed)
-                self.fleet_readings += 1
+                else:
+                    self.fleet_speed, self.fleet_measured = factor, True
         if dcount != 0 or lat.tpot_seen_count < 0:
             lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
 
