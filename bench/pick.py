@@ -240,8 +240,18 @@ def run_precise_case(
         finally:
             tokenizing[0] += time.perf_counter() - t
 
+    peek = PartialIds.peek
+
+    def timed_peek(self: PartialIds, tokens: int) -> list[int] | None:
+        t = time.perf_counter()
+        try:
+            return peek(self, tokens)
+        finally:
+            tokenizing[0] += time.perf_counter() - t
+
     tok.request_partial = timed_request_partial  # type: ignore[method-assign]
     PartialIds.more = timed_more  # type: ignore[method-assign]
+    PartialIds.peek = timed_peek  # type: ignore[method-assign]
 
     pick_us: list[float] = []
     tok_us: list[float] = []
@@ -273,6 +283,7 @@ def run_precise_case(
     finally:
         gc.enable()
         PartialIds.more = more  # type: ignore[method-assign]
+        PartialIds.peek = peek  # type: ignore[method-assign]
     leaked = sum(ep.inflight.requests for ep in ds.endpoints())
     assert leaked == 0, f"in-flight leak: {leaked}"
     return {

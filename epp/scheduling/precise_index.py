@@ -161,6 +161,10 @@ class PreciseIndex:
             self._chunk_hashes_size -= len(old) + 1
         return out
 
+    def hash_next(self, parent: int, block: Sequence[int]) -> int:
+        """The hash of one block of ids after the block hashed `parent`."""
+        return _hash(array("I", block).tobytes(), parent)
+
     def _hash_range(self, ids: Sequence[int], start: int, stop: int, parent: int) -> list[int]:
         if stop <= start:
             return []

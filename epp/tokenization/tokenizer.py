@@ -106,6 +106,7 @@ class PartialIds:
         "_chars",
         "_keys",
         "_parts",
+        "_peeked",
         "_pos",
         "_salt",
         "_suffix",
@@ -130,6 +131,7 @@ class PartialIds:
         self._salt = 0
         self._suffix: list[int] = []
         self._chars = 0  # characters of the chunks in `ids`
+        self._peeked: tuple[int, list[int]] | None = None  # see `peek`
 
     def more(self, chunks: int = 1) -> None:
         """Encode the next `chunks` chunks not cached (all: a large number) and extend
@@ -138,12 +140,39 @@ class PartialIds:
             return
         parts = self._parts
         missing = [i for i in range(self._pos, len(parts)) if parts[i] is None][:chunks]
+        if self._peeked is not None:  # the first missing chunk starts with the peeked piece
+            self._tok._fill_peeked(missing.pop(0), self._peeked, parts, self._keys, self._texts)
+            self._peeked = None
         self._tok._fill(missing, parts, self._keys, self._texts)
         self._advance()
 
     def finish(self) -> None:
         """Encode everything not cached yet: `ids` is the whole prompt's."""
         self.more(len(self._parts))
+
+    def peek(self, tokens: int) -> list[int] | None:
+        """At least `tokens` ids past `ids`, from a short piece at the start of the next
+        chunk not encoded yet, ending between two words; not taken into `ids` (a later
+        `peek` extends the piece, `more` encodes only the rest of that chunk). For a
+        caller that needs only the next few ids to decide whether to encode further
+        (bench/RESULTS.md §1, "Peek"). None when complete, or when the piece would be
+        most of the chunk (then `more` costs about the same)."""
+        if self.complete:
+            return None
+        text = self._texts[self._pos]
+        per_char = len(self.ids) / self._chars if self._chars >= 64 else self._tok.tokens_per_char()
+        end, ids = self._peeked or (0, [])
+        while len(ids) < tokens:
+            if per_char <= 0.0:
+                return None
+            # a quarter more characters than the head's rate says: mostly one try
+            m = _BOUNDARY.search(text, end + int(1.25 * (tokens - len(ids) + 2) / per_char) + 8)
+            if m is None or 2 * m.start() > len(text):
+                return None
+            ids = ids + self._tok._encode_piece(text[end : m.start()])
+            end = m.start()
+            self._peeked = (end, ids)
+        return ids
 
     def rest_estimate(self) -> int:
         """Tokens not in `ids` yet, estimated from their characters at the rate of the
@@ -233,6 +262,29 @@ class ModelTokenizer:
         self.stats.tokens_encoded += len(ids)
         self.stats.chars_encoded += len(text)
         return ids
+
+    def _encode_piece(self, text: str) -> list[int]:
+        """A piece of a chunk, on the calling thread (see `PartialIds.peek`)."""
+        ids = list(self._batch([text], add_special_tokens=False)[0].ids)
+        self.stats.tokens_encoded += len(ids)
+        self.stats.chars_encoded += len(text)
+        return ids
+
+    def _fill_peeked(
+        self,
+        i: int,
+        peeked: tuple[int, list[int]],
+        parts: list[list[int] | None],
+        keys: Sequence[int],
+        texts: Sequence[str],
+    ) -> None:
+        """Encode chunk `i` whose leading piece `PartialIds.peek` encoded (characters, ids)
+        and cache its ids: the piece ends between two words, so the rest encodes alone."""
+        chars, head = peeked
+        ids = head + self._encode_piece(texts[i][chars:])
+        self._cache.put(keys[i], ids)
+        parts[i] = ids
+        self.stats.chunk_misses += 1
 
     def _split(self, text: str) -> tuple[list[list[int] | None], list[int], list[str]]:
         """The text's chunks: their cached ids (None where not cached), their keys (a

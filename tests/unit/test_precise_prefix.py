@@ -438,6 +438,50 @@ def test_the_prompt_is_tokenized_only_as_far_as_a_pod_may_hold_it() -> None:
     assert pt.exact and pt.count == n and encoded == n and pt.held["c"] == n // 16
 
 
+def test_a_fresh_question_after_a_held_system_prompt_costs_a_few_words_to_rule_out() -> None:
+    """The system prompt's chunks are cached and a pod holds its blocks: the block that
+    starts the new question is told from a short piece of text, not a 1 k-character chunk,
+    and the pods' matches are what tokenizing the whole prompt gives, also when a pod
+    holds that block and more."""
+    rng = random.Random(5)
+    words = ["kalo", "mine", "ruta", "vozi", "pedu", "sofa", "zine", "tafa"]
+    system = " ".join(rng.choice(words) for _ in range(1500))
+
+    def chat(question: str) -> dict[str, Any]:
+        return {"model": "m", "messages": [{"role": "system", "content": system},
+                                           {"role": "user", "content": question}]}  # fmt: skip
+
+    engine = load_tokenizer(DATA_DIR)
+    body = chat("what is up " * 100)
+    ids = engine.request_ids("chat", body)
+    other = engine.request_ids("chat", chat("how are you " * 100))
+    assert ids is not None and other is not None
+
+    def pick(holders: dict[str, list[int]]) -> tuple[Any, int, list[int], Any]:
+        tok = load_tokenizer(DATA_DIR)  # the default 1 k-character chunks
+        svc = Services(tokenizers=TokenizerSet(tok))
+        build_request_control(PRECISE_CONFIG, services=svc)
+        precise = svc.precise
+        assert precise is not None and tok.chunking
+        bs = precise.block_size
+        for key, held in holders.items():
+            n = len(held) // bs
+            precise.stream_started(key, 0)
+            precise.stored(key, [hash((key, i)) for i in range(n)], None, held[: n * bs], bs)
+        tok.request_ids("chat", chat("hello there " * 100))  # the EPP has seen the system
+        chars = tok.stats.chars_encoded
+        pt = prompt_tokens(CycleState(), svc, build_request("r", "chat", body, {}))
+        whole = precise.hash_ids(ids)
+        assert pt is not None and pt.held == precise.match(whole)  # as if tokenized whole
+        return pt, tok.stats.chars_encoded - chars, whole, precise
+
+    pt, chars, whole, precise = pick({"a": other})
+    assert not pt.exact and 0 < pt.held["a"] < len(whole) and chars < 400  # a chunk: ~1000
+    assert pt.complete(precise) == whole  # the peeked block is not kept past the pick
+    pt, chars, whole, _ = pick({"a": other, "b": ids})  # "b" holds the peeked block too
+    assert pt.exact and pt.held["b"] == len(whole) and chars > 1000
+
+
 def test_a_cold_prompt_is_speculated_whole_once_the_pick_is_made() -> None:
     """The pick tokenizes a cold prompt only up to its first chunk; the chosen pod's
     speculative entries still cover all of it (tokenized after the pick), so the group's

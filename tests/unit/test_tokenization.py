@@ -64,6 +64,30 @@ def test_partial_ids_are_a_prefix_of_the_full_encoding_at_every_step() -> None:
             tok._cache.entries.clear()
 
 
+def test_a_peek_gives_the_next_ids_and_leaves_the_chunk_exact() -> None:
+    tok = load_tokenizer(DATA_DIR, chunk_chars=512)
+    ref = load_tokenizer(DATA_DIR)
+    rng = random.Random(13)
+    peeks = 0
+    for n in (300, 1500, 3000):
+        for special in (False, True):
+            text = random_text(rng, n)
+            full = ref.encode(text, special)
+            part = tok.encode_partial(text, special)
+            while not part.complete:
+                for tokens in (1, 5, 16):
+                    got = part.peek(tokens)
+                    if got is not None:
+                        peeks += 1
+                        assert len(got) >= tokens
+                        assert got == full[len(part.ids) : len(part.ids) + len(got)]
+                assert part.ids == full[: len(part.ids)]
+                part.more(1)  # encodes the rest of the peeked chunk
+            assert part.ids == full
+            assert tok.encode(text, special) == full  # the chunks cached after peeks
+    assert peeks > 20
+
+
 def test_partial_ids_encode_no_fresh_text_until_asked() -> None:
     tok = load_tokenizer(DATA_DIR, chunk_chars=64)
     rng = random.Random(4)

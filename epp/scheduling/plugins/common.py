@@ -80,6 +80,10 @@ def prompt_tokens(
     # encode more of the prompt, twice as much each time (a long cached history costs a
     # few rounds, a fresh tail after a shared head one chunk).
     while not partial.complete and (not hashes or max(held.values(), default=0) >= len(hashes)):
+        past = _peek_past_every_pod(precise, partial, hashes) if hashes else None
+        if past is not None:
+            held = past
+            break
         hashes = _encode_more(precise, partial, hashes, step)
         step *= 2
         held = precise.match(hashes)
@@ -93,6 +97,34 @@ def prompt_tokens(
     request.prompt_tokens = out.count
     cycle.set(TOKENS_KEY, out)
     return out
+
+
+def _peek_past_every_pod(
+    precise: PreciseIndex, part: PartialIds, hashes: list[int]
+) -> dict[str, int] | None:
+    """Hash the blocks after `hashes` (the full blocks of `part.ids`) from a few words
+    past the known ids (`PartialIds.peek`), one block more at a time while some pod holds
+    them all. When none does, the pods' matches (`hashes` extended over those blocks):
+    the rest of the prompt cannot change them (mostly a fresh question after a shared
+    system prompt, told for the price of a few words instead of a chunk). None, with
+    `hashes` as it was, when the peek cannot tell."""
+    bs = precise.block_size
+    n = len(part.ids)
+    known = len(hashes)
+    while True:
+        start = len(hashes) * bs
+        extra = part.peek(start + bs - n)
+        if extra is None:
+            del hashes[known:]
+            return None
+        tail = part.ids[start:] + extra if start < n else extra[start - n :]
+        h = hashes[-1]
+        for i in range(0, len(tail) - bs + 1, bs):
+            h = precise.hash_next(h, tail[i : i + bs])
+            hashes.append(h)
+        held = precise.match(hashes)
+        if max(held.values(), default=0) < len(hashes):
+            return held
 
 
 def _encode_more(
