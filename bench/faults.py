@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench import terminable
 from epp.devstack.procs import free_port, stop_process, wait_http
 from epp.devstack.stack import GatewayHandle, start_gateway
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="epp-faults-") as tmp:
-        rep = asyncio.run(
+        rep = terminable.run(
             run_kill(
                 rate=a.rate,
                 duration=a.duration,

@@ -40,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from bench import terminable
 from bench.routers import RouterSpec, RouterUnavailable, launch
 from epp.datalayer.eds_file import write_eds
 from epp.devstack.envoy import (
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also send response headers to the EPP (status, TTFT metrics)",
     )
     a = p.parse_args(argv)
-    res = asyncio.run(run(a))
+    res = terminable.run(run(a))
     if a.json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
     else:

@@ -14,7 +14,6 @@ replicas.png.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import shlex
@@ -22,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import terminable
 from bench.routers import RouterSpec
 from bench.run import RESULTS, run_scenario
 from bench.scenarios import get
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             sc = dataclasses.replace(sc, rates=[float(x) for x in a.rates.split(",")])
         if a.requests:
             sc = dataclasses.replace(sc, requests_per_rate=a.requests)
-        asyncio.run(run_scenario(sc, routers, out / name, command=command))
+        terminable.run(run_scenario(sc, routers, out / name, command=command))
     tables, commands = {}, {}
     for name in scenarios:
         path = out / name / "results.json"

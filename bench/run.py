@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import yaml
 
-from bench import report
+from bench import report, terminable
 from bench.routers import RouterSpec, RouterUnavailable, launch, prepare_pool
 from bench.scenarios import SCENARIOS, Scenario, get
 from bench.scenarios.driver import drive, sample_pods
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     routers = [r for r in args.routers.split(",") if r] or sc.default_routers
     out = Path(args.out) if args.out else RESULTS / sc.name
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    data = asyncio.run(run_scenario(sc, routers, out, router_port=args.router_port,
+    data = terminable.run(run_scenario(sc, routers, out, router_port=args.router_port,
                                     command=command))
     print(f"wrote {out}/results.md")
     return 0 if data["phases"] else 1

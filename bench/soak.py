@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench import terminable
 from bench.faults import Outcome, SimPod, envoy_counter, epp_samples, one_request
 from epp.devstack.procs import free_port
 from epp.devstack.stack import GatewayHandle, start_gateway
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="epp-soak-") as tmp:
-        rep = asyncio.run(
+        rep = terminable.run(
             run_soak(
                 duration=a.duration,
                 rate=a.rate,

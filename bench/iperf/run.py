@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import terminable
 from bench.iperf.config import iperf_config, wall_bound_s, write_config
 from bench.iperf.env import DEFAULT_VENV, OFFLINE_ENV, IperfEnv, ensure
 from bench.iperf.summary import markdown, read_reports
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = relocate(sc, args.sim_base_ip, args.sim_port or free_port(args.sim_base_ip))
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = asyncio.run(run_all(env, sc, routers, args.out, args))
+    runs = terminable.run(run_all(env, sc, routers, args.out, args))
     command = "python -m bench.iperf.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc = {"command": command, "scenario": sc.name, "time_scale": sc.time_scale,

@@ -4,6 +4,10 @@ report. Asserts the harness works, not figures."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from bench.run import main
@@ -51,3 +55,43 @@ def test_tiny_pd_epp_runs_sidecars_and_disaggregates(tmp_path: Path) -> None:
     states = phase["pod_states"]
     assert states["127.0.5.12:18191"]["prefill_only_total"] == s["pd_modes"]["disaggregated"]
     assert states["127.0.5.13:18191"]["remote_prefilled_total"] == s["pd_modes"]["disaggregated"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_a_terminated_run_stops_the_pool_and_routers_it_started(tmp_path: Path) -> None:
+    """SIGTERM mid-phase: the runner exits 143 and leaves no simulator or Envoy behind
+    (their command lines name the run's output folder)."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bench.run", "tiny", "--routers", "round_robin",
+         "--out", str(tmp_path), "--sim-base-ip", "127.0.5.22", "--sim-port", "18192",
+         "--router-port", "18197", "--requests", "400", "--max-phase-s", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "raw" / "round_robin@20.jsonl").exists():  # the phase is on
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        children = [p for p in _processes_mentioning(str(tmp_path)) if p != run.pid]
+        assert len(children) >= 2  # the pool and the gateway Envoy
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while [p for p in _processes_mentioning(str(tmp_path)) if p != run.pid]:
+            assert time.monotonic() < deadline, "left running after SIGTERM"
+            time.sleep(0.2)
+    finally:
+        if run.poll() is None:
+            run.kill()
