@@ -140,7 +140,7 @@ class PartialIds:
             return
         parts = self._parts
         missing = [i for i in range(self._pos, len(parts)) if parts[i] is None][:chunks]
-        if self._peeked is not None:  # the first missing chunk starts with the peeked piece
+        if self._peeked is not None and missing:  # the first starts with the peeked piece
             self._tok._fill_peeked(missing.pop(0), self._peeked, parts, self._keys, self._texts)
             self._peeked = None
         self._tok._fill(missing, parts, self._keys, self._texts)
