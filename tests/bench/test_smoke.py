@@ -81,11 +81,13 @@ def test_a_terminated_run_stops_the_pool_and_routers_it_started(tmp_path: Path) 
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not (tmp_path / "raw" / "round_robin@20.jsonl").exists():  # the phase is on
+        while not _processes_mentioning("envoy-rr-18197"):  # the router is starting
             assert run.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+        time.sleep(3)  # into the phase (400 requests at 20 req/s: ~20 s)
         children = [p for p in _processes_mentioning(str(tmp_path)) if p != run.pid]
         assert len(children) >= 2  # the pool and the gateway Envoy
+        assert not (tmp_path / "raw" / "round_robin@20.jsonl").exists()  # written at its end
         run.send_signal(signal.SIGTERM)
         assert run.wait(timeout=30) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 10
