@@ -37,8 +37,9 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -146,6 +147,7 @@ def run_case(
     }
 
 
+T = TypeVar("T")
 PRECISE_CONFIG = Path(__file__).parent / "scenarios" / "epp_configs" / "precise.yaml"
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "so", "du", "fa")
 
@@ -223,35 +225,21 @@ def run_precise_case(
     # The pick tokenizes the request itself (once per cycle, as far as some pod may hold
     # the prompt): time that part from inside.
     tokenizing = [0.0]
-    request_partial = tok.request_partial
-    more = PartialIds.more
+    request_partial, more, peek = tok.request_partial, PartialIds.more, PartialIds.peek
 
-    def timed_request_partial(api: str, body: Any) -> PartialIds | None:
-        t = time.perf_counter()
-        try:
-            return request_partial(api, body)
-        finally:
-            tokenizing[0] += time.perf_counter() - t
+    def timed(fn: Callable[..., T]) -> Callable[..., T]:
+        def run(*args: Any, **kwargs: Any) -> T:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                tokenizing[0] += time.perf_counter() - t
 
-    def timed_more(self: PartialIds, chunks: int = 1) -> None:
-        t = time.perf_counter()
-        try:
-            more(self, chunks)
-        finally:
-            tokenizing[0] += time.perf_counter() - t
+        return run
 
-    peek = PartialIds.peek
-
-    def timed_peek(self: PartialIds, tokens: int) -> list[int] | None:
-        t = time.perf_counter()
-        try:
-            return peek(self, tokens)
-        finally:
-            tokenizing[0] += time.perf_counter() - t
-
-    tok.request_partial = timed_request_partial  # type: ignore[method-assign]
-    PartialIds.more = timed_more  # type: ignore[method-assign]
-    PartialIds.peek = timed_peek  # type: ignore[method-assign]
+    tok.request_partial = timed(request_partial)  # type: ignore[method-assign]
+    PartialIds.more = timed(more)  # type: ignore[method-assign]
+    PartialIds.peek = timed(peek)  # type: ignore[method-assign]
 
     pick_us: list[float] = []
     tok_us: list[float] = []

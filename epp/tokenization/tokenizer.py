@@ -157,19 +157,17 @@ class PartialIds:
         caller that needs only the next few ids to decide whether to encode further
         (bench/RESULTS.md §1, "Peek"). None when complete, or when the piece would be
         most of the chunk (then `more` costs about the same)."""
-        if self.complete:
+        per_char = 0.0 if self.complete else self._tokens_per_char()
+        if per_char <= 0.0:
             return None
         text = self._texts[self._pos]
-        per_char = len(self.ids) / self._chars if self._chars >= 64 else self._tok.tokens_per_char()
         end, ids = self._peeked or (0, [])
         while len(ids) < tokens:
-            if per_char <= 0.0:
-                return None
             # a quarter more characters than the head's rate says: mostly one try
             m = _BOUNDARY.search(text, end + int(1.25 * (tokens - len(ids) + 2) / per_char) + 8)
             if m is None or 2 * m.start() > len(text):
                 return None
-            ids = ids + self._tok._encode_piece(text[end : m.start()])
+            ids = ids + self._tok._encode_here(text[end : m.start()])
             end = m.start()
             self._peeked = (end, ids)
         return ids
@@ -180,8 +178,12 @@ class PartialIds:
         if self.complete:
             return 0
         chars = sum(len(t) for t in self._texts[self._pos :])
-        rate = len(self.ids) / self._chars if self._chars >= 64 else self._tok.tokens_per_char()
-        return round(chars * rate) + len(self._suffix)
+        return round(chars * self._tokens_per_char()) + len(self._suffix)
+
+    def _tokens_per_char(self) -> float:
+        """The prompt's known head's (or everything this tokenizer encoded, for a short
+        head)."""
+        return len(self.ids) / self._chars if self._chars >= 64 else self._tok.tokens_per_char()
 
     def _advance(self) -> None:
         parts, ids, marks, salt = self._parts, self.ids, self.marks, self._salt
@@ -257,14 +259,9 @@ class ModelTokenizer:
             marks.extend(part.marks)
         return part.ids
 
-    def _encode_whole(self, text: str) -> list[int]:
-        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-        self.stats.tokens_encoded += len(ids)
-        self.stats.chars_encoded += len(text)
-        return ids
-
-    def _encode_piece(self, text: str) -> list[int]:
-        """A piece of a chunk, on the calling thread (see `PartialIds.peek`)."""
+    def _encode_here(self, text: str) -> list[int]:
+        """`text` encoded alone, on the calling thread: a short prompt, a text this
+        tokenizer cannot chunk, or a piece of a chunk (`PartialIds.peek`)."""
         ids = list(self._batch([text], add_special_tokens=False)[0].ids)
         self.stats.tokens_encoded += len(ids)
         self.stats.chars_encoded += len(text)
@@ -281,7 +278,7 @@ class ModelTokenizer:
         """Encode chunk `i` whose leading piece `PartialIds.peek` encoded (characters, ids)
         and cache its ids: the piece ends between two words, so the rest encodes alone."""
         chars, head = peeked
-        ids = head + self._encode_piece(texts[i][chars:])
+        ids = head + self._encode_here(texts[i][chars:])
         self._cache.put(keys[i], ids)
         parts[i] = ids
         self.stats.chunk_misses += 1
@@ -365,7 +362,7 @@ class ModelTokenizer:
         prefix = self._prefix_ids if add_special_tokens else []
         suffix = self._suffix_ids if add_special_tokens else []
         if not self.chunking or len(text) < 2 * self.chunk_chars:
-            ids = [*prefix, *self._encode_whole(text), *suffix]
+            ids = [*prefix, *self._encode_here(text), *suffix]
             return PartialIds(self, ids, [], complete=True)
         parts, keys, texts = self._split(text)
         salt = (_SPECIAL_SALT if add_special_tokens else 0) ^ self._uid
