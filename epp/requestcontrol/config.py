@@ -7,7 +7,8 @@ no hook, the defaults run (`registry.DEFAULT_HOOKS`); in-flight accounting runs 
 A config that names no scheduler plugin and no profile (say, only `featureGates` and
 `flowControl`) schedules with the built-in default.
 The `flowControl:` section (with `featureGates: [flowControl]`) is parsed by
-`flowcontrol.config`; `flow_control` is None when flow control is off.
+`flowcontrol.config`; `flow_control` is None when flow control is off. `latencyPriors:` (epp.scheduling.priors_config)
+sets the latency model's starting speeds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from epp.scheduling.config import (
     build_scheduler,
     parse_config,
 )
+from epp.scheduling.latency_model import LatencyPriors
 from epp.scheduling.scheduler import PluginTimer, Scheduler
 from epp.scheduling.services import Services
 
@@ -80,4 +82,7 @@ def build_request_control(
         if t not in present:
             hooks.append(HOOKS[t](t, None, services))
     flow_control = flow_config.parse_flow_control(cfg, services)
+    # Last: a config that fails to build leaves a running EPP's learned state as it was.
+    priors = cfg.latencyPriors
+    services.latency.set_priors(priors.priors() if priors is not None else LatencyPriors())
     return RequestControl(scheduler, hooks, cfg, flow_control)

@@ -28,6 +28,7 @@ from epp.api.errors import UserError
 from epp.scheduling.framework import Filter, Picker, Plugin, ProfileHandler, Scorer, WeightedScorer
 from epp.scheduling.plugins.pickers import MaxScorePicker
 from epp.scheduling.plugins.profile_handlers import PDProfileHandler, SingleProfileHandler
+from epp.scheduling.priors_config import LatencyPriorsSpec
 from epp.scheduling.registry import lookup
 from epp.scheduling.scheduler import PluginTimer, Profile, Scheduler
 from epp.scheduling.services import Services
@@ -62,6 +63,7 @@ class EndpointPickerConfig(BaseModel):
     kind: str = "EndpointPickerConfig"
     plugins: list[PluginSpec] = Field(default_factory=list)
     schedulingProfiles: list[ProfileSpec] = Field(default_factory=list)
+    latencyPriors: LatencyPriorsSpec | None = None  # what a pod does before it is measured
 
 
 DEFAULT_CONFIG = """

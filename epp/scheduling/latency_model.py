@@ -13,7 +13,7 @@ same. Per-endpoint state lives on `Endpoint.latency` and `Endpoint.queue`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
 from epp import clock
@@ -58,11 +58,25 @@ class LatencyModel:
     average endpoint, not like an H100 (which would bias picks toward observed endpoints)."""
 
     def __init__(self, priors: LatencyPriors | None = None, alpha: float = 0.2) -> None:
-        self.priors = priors or LatencyPriors()
+        self.configured = priors or LatencyPriors()  # as given, before the fleet moves them
+        self.priors = replace(self.configured)
         self.alpha = alpha
         self.fleet_alpha = alpha / 4
         self.fleet_speed = 1.0  # the fleet's speed factor (see `speed_factor`)
         self.fleet_measured = False  # until the first decode-speed reading on any pod
+
+    def set_priors(self, priors: LatencyPriors) -> None:
+        """Start from `priors` (the config's `latencyPriors`: what one pod does before it is
+        measured). The same priors again change nothing, so a config reload keeps what the
+        fleet taught them. Speed factors are relative to the priors' decode speed, so the
+        fleet's measured speed is carried over in ms per token, not as a factor."""
+        if priors == self.configured:
+            return
+        old_tpot_ms = self.priors.tpot_ms
+        self.configured = priors
+        self.priors = replace(priors)
+        if self.fleet_measured:
+            self.fleet_speed *= old_tpot_ms / priors.tpot_ms
 
     # ---- prediction (hot path) ------------------------------------------------------------
     def queue(

@@ -142,3 +142,16 @@ def test_watcher_applies_changed_content_once_it_stopped_changing(tmp_path: Path
     assert not w.check()
     path.write_text("v3")
     assert w.check(force=True) and seen[-1] == "v3"  # SIGHUP: at once
+
+
+def test_a_reload_sets_the_latency_priors_and_a_bad_one_keeps_them(tmp_path: Path) -> None:
+    app = app_with(tmp_path / "epp.yaml", FLOW_OFF)
+    d = app.director
+    assert d is not None
+    model = d.scheduler.services.latency
+    slower = yaml.safe_dump({**yaml.safe_load(FLOW_OFF), "latencyPriors": {"decodeMsPerToken": 30}})
+    assert app.reload_config(slower)
+    assert d.scheduler.services.latency is model and model.priors.tpot_ms == 30.0
+    assert not app.reload_config(slower.replace("decodeMsPerToken", "decodeMsPerTokn"))
+    assert model.priors.tpot_ms == 30.0
+    assert reloads(app) == {"success": 1, "error": 1}
