@@ -348,6 +348,7 @@ class App:
         director = self.director
         self.metrics.attach_flow_queue(lambda: director.flow.sizes if director.flow else None)
         self.metrics.track_open_requests(lambda: director.open_requests)
+        self.metrics.attach_speed_estimates(director.speed_estimates)
         if self.sync is not None:
             self.sync.node.queue_source = lambda: director.flow.sizes if director.flow else None
         if a.config_file and not a.config_text and a.config_reload_interval > 0:

@@ -8,7 +8,7 @@ they cost the request path nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -243,6 +243,13 @@ class EppMetrics:
             )
         child.inc()
 
+    def attach_speed_estimates(
+        self, estimates: Callable[[], Iterable[tuple[str, float, float, bool]]]
+    ) -> None:
+        """Per-endpoint gauges of the latency model's speeds, read at scrape time from
+        `estimates()`: (endpoint, decode ms per token, prefill tokens/s, measured)."""
+        self.registry.register(_SpeedCollector(estimates))
+
     def attach_datastore(self, datastore: Datastore) -> None:
         self.registry.register(_PoolCollector(datastore, self.pool_name))
 
@@ -288,6 +295,33 @@ class _QueueCollector(Collector):
         for (priority, business), n in sorted((self.sizes() or {}).items()):
             g.add_metric([str(priority), business], n)
         yield g
+
+
+class _SpeedCollector(Collector):
+    def __init__(self, estimates: Callable[[], Iterable[tuple[str, float, float, bool]]]) -> None:
+        self.estimates = estimates
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        source_help = (
+            " source: measured (the engine's own token latencies, or true first tokens) or "
+            "fleet (not measured: the fleet's speed, or the latencyPriors before any reading)."
+        )
+        decode = GaugeMetricFamily(
+            "epp_endpoint_decode_ms_per_token",
+            "The latency model's decode speed of each endpoint, one sequence alone." + source_help,
+            labels=["endpoint", "source"],
+        )
+        prefill = GaugeMetricFamily(
+            "epp_endpoint_prefill_tokens_per_second",
+            "The latency model's prefill speed of each endpoint." + source_help,
+            labels=["endpoint", "source"],
+        )
+        for key, decode_ms, prefill_tps, measured in self.estimates():
+            labels = [key, "measured" if measured else "fleet"]
+            decode.add_metric(labels, decode_ms)
+            prefill.add_metric(labels, prefill_tps)
+        yield decode
+        yield prefill
 
 
 class _PoolCollector(Collector):

@@ -239,6 +239,13 @@ class Director:
     def endpoints(self) -> Sequence[Endpoint]:
         return self.datastore.endpoints()
 
+    def speed_estimates(self) -> list[tuple[str, float, float, bool]]:
+        """The latency model's speeds of every endpoint now (the operators' gauges):
+        (endpoint, decode ms per token, prefill tokens/s, measured)."""
+        model = self.scheduler.services.latency
+        now = clock.now()
+        return [(ep.key, *model.estimate(ep, now)) for ep in self.datastore.endpoints()]
+
     def work_estimate(self, admitted: Admitted) -> float:
         """Prefill-token equivalents: the prompt tokens no candidate has cached (as the
         approximate prefix index sees it), a per-request overhead and the decode."""

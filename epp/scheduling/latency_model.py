@@ -231,6 +231,16 @@ class LatencyModel:
             f = MAX_SPEED_FACTOR
         return tpot, f
 
+    def estimate(self, ep: Endpoint, now: float) -> tuple[float, float, bool]:
+        """What the model takes `ep` to do now, for the operators' gauges: `(decode ms per
+        token, prefill tokens per second, measured)`; not measured = the fleet's speed or
+        the priors (what `latencyPriors` should say, once the fleet has been measured)."""
+        speeds = self.speeds(ep, now)
+        tpot_ms, factor = speeds
+        measured = tpot_ms > 0 or ep.latency.prefill_ms_per_token > 0
+        decode_ms = tpot_ms or self.priors.tpot_ms * factor
+        return decode_ms, self.prefill_tokens_per_s(ep, now, speeds), measured
+
     def decode_tpot_ms(self, ep: Endpoint, now: float) -> float:
         """The endpoint's decode speed (ms per token) from quiet scrape windows; 0 = unknown
         (also when the last quiet window is older than `DECODE_SPEED_TTL_S`: an endpoint

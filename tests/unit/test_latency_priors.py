@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from epp import clock
+from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
+from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.config import build_request_control
+from epp.requestcontrol.director import Director
 from epp.scheduling.config import ConfigError
 from epp.scheduling.latency_model import LatencyPriors
 from epp.scheduling.services import Services
@@ -112,3 +116,30 @@ def test_a_reload_keeps_what_the_fleet_taught_and_a_failed_one_changes_nothing()
     build_request_control(None, services=services)
     assert model.priors == LatencyPriors()
     assert model.decode_time_s(unmeasured, 100, 101.0) == pytest.approx(4.8)
+
+
+def test_the_gauges_say_which_pods_run_on_priors_and_what_the_others_measured() -> None:
+    services = Services()
+    control = build_request_control("latencyPriors: {decodeMsPerToken: 30}", services=services)
+    ds = Datastore()
+    measured, unmeasured = (ds.upsert_endpoint("t", Endpoint(f"127.0.0.{i}", 8000)) for i in (2, 3))
+    director = Director(ds, control.scheduler, hooks=control.hooks)
+    metrics = EppMetrics()
+    metrics.attach_speed_estimates(director.speed_estimates)
+
+    def gauge(name: str, ep: Endpoint, source: str) -> float | None:
+        labels = {"endpoint": ep.key, "source": source}
+        clock.set_clock(lambda: 101.5)  # the gauges are read just after measured_at's window
+        try:
+            return metrics.registry.get_sample_value(name, labels)
+        finally:
+            clock.set_clock(None)
+
+    assert gauge("epp_endpoint_decode_ms_per_token", measured, "fleet") == 30.0
+    assert gauge("epp_endpoint_prefill_tokens_per_second", unmeasured, "fleet") == 4000.0
+    measured_at(services, measured, 60.0)  # a pod twice slower than the priors say
+    assert gauge("epp_endpoint_decode_ms_per_token", measured, "measured") == 60.0
+    assert gauge("epp_endpoint_prefill_tokens_per_second", measured, "measured") == 2000.0
+    assert gauge("epp_endpoint_decode_ms_per_token", measured, "fleet") is None
+    # the fleet's reading is what an unmeasured pod is predicted at
+    assert gauge("epp_endpoint_decode_ms_per_token", unmeasured, "fleet") == 60.0
