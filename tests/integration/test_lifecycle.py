@@ -53,6 +53,9 @@ async def test_health_services_and_metrics(
         for name in ("inference_pool_ready_pods", "epp_inflight_requests",
                      "inference_extension_scheduler_e2e_duration_seconds"):
             assert name in text
+        # an echo server reports no token latencies: the pod runs on the default priors
+        key = f"127.0.0.2:{echo_pool[0][1]}"
+        assert f'epp_endpoint_decode_ms_per_token{{endpoint="{key}",source="fleet"}} 12.0' in text
     finally:
         stop_process(proc)
 
