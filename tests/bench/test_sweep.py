@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.experiments import sweep
+from bench.experiments import paired, sweep
 
 
 def test_rate_scales_add_phases_and_variant_params_reach_the_scorer(
@@ -16,3 +16,23 @@ def test_rate_scales_add_phases_and_variant_params_reach_the_scorer(
     assert [row.split("|")[2].strip() for row in rows] == ["20", "40"]  # tiny's rate, x1 and x2
     with pytest.raises(ValueError, match="workWeight"):  # the parameter got to the scorer
         sweep.main([*args, "--routers", "epp:default?workWeight=-1"])
+
+
+def test_paired_runs_both_routers_on_each_schedule_and_bounds_the_difference(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--cells", "tiny@20", "--seeds", "0,1,2", "--jobs", "1"]
+    assert paired.main([*args, "--base", "epp", "--alt", "epp:default"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert row and "+0.000 [+0.000, +0.000] | 0/3" in row[0]  # the same router: no difference
+    assert paired.main([*args, "--base", "epp", "--alt", "round_robin"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    base, alt = (float(x) for x in row[0].split("|")[2:4])
+    assert base != alt
+
+
+def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_agreement() -> None:
+    lo, hi = paired.bootstrap_mean_ci([-0.05, -0.04, -0.06, -0.05, -0.03])
+    assert lo <= -0.046 <= hi < 0
+    wide = paired.bootstrap_mean_ci([-0.5, 0.4, -0.6, 0.5, -0.03])
+    assert wide[0] < 0 < wide[1]
