@@ -7,8 +7,8 @@ no hook, the defaults run (`registry.DEFAULT_HOOKS`); in-flight accounting runs 
 A config that names no scheduler plugin and no profile (say, only `featureGates` and
 `flowControl`) schedules with the built-in default.
 The `flowControl:` section (with `featureGates: [flowControl]`) is parsed by
-`flowcontrol.config`; `flow_control` is None when flow control is off. `latencyPriors:` (epp.scheduling.priors_config)
-sets the latency model's starting speeds.
+`flowcontrol.config`; `flow_control` is None when flow control is off. `latencyPriors:`
+(epp.scheduling.priors_config) sets the latency model's starting speeds.
 """
 
 from __future__ import annotations
