@@ -12,12 +12,15 @@ same. Per-endpoint state lives on `Endpoint.latency` and `Endpoint.queue`.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from itertools import islice
 
 from epp import clock
 from epp.datalayer.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
 
 PICK_RATE_TAU_S = 5.0  # time constant of the per-endpoint pick-rate estimate
 MIN_TPOT_SAMPLES = 4  # tokens a scrape window needs to say something about decode speed
@@ -28,6 +31,7 @@ FLEET_SPEED_ALPHA = 0.2
 MID_PREFILL_REQUESTS = 2  # prompts an engine with nothing waiting may still be prefilling
 SCRAPE_SLACK_S = 0.02  # picks this long before a scrape may not be in it yet
 FIRST_READING_MAX_VS_FLEET = 3.0  # a pod's first decode-speed reading, at most this slower
+PRIORS_HINT_FACTOR = 1.5  # the fleet's first reading this far from the priors: say so
 
 
 @dataclass(slots=True)
@@ -211,8 +215,24 @@ class LatencyModel:
                     self.fleet_speed += FLEET_SPEED_ALPHA * (factor - self.fleet_speed)
                 else:
                     self.fleet_speed, self.fleet_measured = factor, True
+                    self._hint_priors(ep, lat.decode_tpot_ms)
         if dcount != 0 or lat.tpot_seen_count < 0:
             lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
+
+    def _hint_priors(self, ep: Endpoint, tpot_ms: float) -> None:
+        """Once, at the fleet's first reading: when the pool is far from the priors, the
+        picks before it were placed on wrong speeds; `latencyPriors` avoids that."""
+        ratio = tpot_ms / self.priors.tpot_ms
+        if 1.0 / PRIORS_HINT_FACTOR < ratio < PRIORS_HINT_FACTOR:
+            return
+        log.info(
+            "first decode-speed reading: %s decodes at %.1f ms a token, %.1fx the latency "
+            "priors' %.1f; the picks until now assumed the priors' speed. To start from the "
+            "pool's own speed after a restart, set latencyPriors.decodeMsPerToken (and "
+            "prefillTokensPerSecond) in the EndpointPickerConfig (docs/scheduling.md)",
+            ep.key, tpot_ms, ratio, self.priors.tpot_ms,
+            extra={"endpoint": ep.key, "decode_ms_per_token": tpot_ms},
+        )  # fmt: skip
 
     def speeds(self, ep: Endpoint, now: float) -> tuple[float, float]:
         """`(decode_tpot_ms, speed_factor)` of `ep`, the scrape taken in once: callers that

@@ -4,6 +4,8 @@ fleet taught the model."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from epp import clock
@@ -143,3 +145,18 @@ def test_the_gauges_say_which_pods_run_on_priors_and_what_the_others_measured() 
     assert gauge("epp_endpoint_decode_ms_per_token", measured, "fleet") is None
     # the fleet's reading is what an unmeasured pod is predicted at
     assert gauge("epp_endpoint_decode_ms_per_token", unmeasured, "fleet") == 60.0
+
+
+def test_a_pool_far_from_the_priors_is_told_once_how_to_start_there(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    near, far = Services(), Services()
+    for services in (near, far):
+        build_request_control(None, services=services)
+    with caplog.at_level(logging.INFO, logger="epp.scheduling.latency_model"):
+        measured_at(near, Endpoint("127.0.0.2", 8000), 14.0)  # 1.2x the priors: fine
+        assert not caplog.records
+        measured_at(far, Endpoint("127.0.0.3", 8000), 36.0)  # 3x: the first picks were off
+        measured_at(far, Endpoint("127.0.0.4", 8000), 36.0)  # the fleet is measured: no more
+    (record,) = caplog.records
+    assert "36.0 ms a token" in record.getMessage() and "latencyPriors" in record.getMessage()
