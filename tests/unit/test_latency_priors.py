@@ -160,3 +160,12 @@ def test_a_pool_far_from_the_priors_is_told_once_how_to_start_there(
         measured_at(far, Endpoint("127.0.0.4", 8000), 36.0)  # the fleet is measured: no more
     (record,) = caplog.records
     assert "36.0 ms a token" in record.getMessage() and "latencyPriors" in record.getMessage()
+
+
+def test_priors_alone_keep_the_built_in_scheduling() -> None:
+    """A ModelPool's `spec.epp.config: {latencyPriors: ...}` with nothing else."""
+    services = Services()
+    control = build_request_control("latencyPriors: {decodeMsPerToken: 30}", services=services)
+    default = build_request_control(None, services=Services())
+    assert list(control.scheduler.profiles) == list(default.scheduler.profiles)
+    assert services.latency.priors.tpot_ms == 30.0
