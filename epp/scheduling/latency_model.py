@@ -219,19 +219,6 @@ class LatencyModel:
         if dcount != 0 or lat.tpot_seen_count < 0:
             lat.tpot_seen_sum, lat.tpot_seen_count = m.tpot_sum, m.tpot_count
 
-    def fleet_decode_ms(self) -> float:
-        """The fleet's measured decode speed (ms a token, one sequence); 0 before any
-        reading. What a replica tells its peers (`adopt_fleet_reading`)."""
-        return self.fleet_speed * self.priors.tpot_ms if self.fleet_measured else 0.0
-
-    def adopt_fleet_reading(self, tpot_ms: float) -> None:
-        """A peer's measured fleet speed, read off the same pods: this instance's first
-        reading when it has none of its own, so a replica started under load does not
-        place its first picks on the priors. Its own readings then move it as usual."""
-        if self.fleet_measured or tpot_ms <= 0:
-            return
-        self.fleet_speed, self.fleet_measured = tpot_ms / self.priors.tpot_ms, True
-
     def _hint_priors(self, ep: Endpoint, tpot_ms: float) -> None:
         """Once, at the fleet's first reading: when the pool is far from the priors, the
         picks before it were placed on wrong speeds; `latencyPriors` avoids that."""

@@ -20,9 +20,7 @@ about replicas. Rules (see protos/epp/sync/v1/sync.proto):
   latency model's fluid prefill queues, once: only from a batch newer than any seen from
   that origin;
 * precise speculations become the precise prefix index's speculative entries, as they
-  come;
-* a snapshot's measured fleet decode speed becomes this instance's first speed reading
-  when it has none of its own (`LatencyModel.adopt_fleet_reading`).
+  come.
 
 Peer queue depths (flow control) are summed per (band, flow) in `queue_totals()`.
 """
@@ -203,8 +201,6 @@ class PeerView:
         if b.precise and self.precise is not None:
             for p in b.precise:
                 self.precise.speculate(p.endpoint, list(p.hashes), local=False)
-        if b.fleet_decode_ms_per_token > 0 and self.latency is not None:
-            self.latency.adopt_fleet_reading(b.fleet_decode_ms_per_token)
         return APPLIED
 
     def _set(self, st: OriginState, key: str, seq: int, load: Load) -> None:

@@ -348,8 +348,6 @@ class SyncNode:
             snapshot=snapshot,
             sent_at=time.time(),
         )
-        if snapshot and self.view.latency is not None:
-            b.fleet_decode_ms_per_token = self.view.latency.fleet_decode_ms()
         add_load = b.inflight.add
         for key, v in loads:
             add_load(

@@ -275,28 +275,6 @@ def test_a_peers_prefill_charges_fill_the_fluid_queue_once(
     assert ep.queue.pick_rate > 0  # peers' picks count in the pod's recent pick rate
 
 
-def test_a_replica_without_a_speed_reading_starts_from_a_peers() -> None:
-    """A replica started under load would place its first picks on the latency priors (an
-    H100) until its own first quiet scrape window; a peer that has measured the same pods
-    tells it their speed. A replica with its own reading keeps it."""
-    ds = Datastore()
-    ds.upsert_endpoint("test", Endpoint("127.0.0.1", 8000))
-    fresh, measured = LatencyModel(), LatencyModel()
-    measured.adopt_fleet_reading(30.0)
-    assert fresh.fleet_decode_ms() == 0.0 and measured.fleet_decode_ms() == 30.0
-    for model in (fresh, measured):
-        view = PeerView(ds, PrefixIndex(), "me/0", latency=model)
-        b = batch("p/0", 1, snapshot=True)
-        view.apply(b)  # a peer that has not measured anything either: nothing to take
-        b.fleet_decode_ms_per_token, b.seq = 24.0, 2
-        view.apply(b)
-    ep = ds.get(A)
-    assert ep is not None
-    assert fresh.fleet_decode_ms() == pytest.approx(24.0)
-    assert fresh.decode_time_s(ep, 100, 0.0) == pytest.approx(2.4)  # not the priors' 1.2
-    assert measured.fleet_decode_ms() == 30.0
-
-
 def test_a_peers_precise_speculation_is_held_here_and_not_echoed() -> None:
     """With the precise index, what a replica's pick sent to a pod counts as held on the
     other replicas before the pod's KV events come; a speculation learnt from a peer is not

@@ -156,22 +156,6 @@ async def test_a_late_joiner_converges_from_snapshot_and_dump(instances: list[In
     assert list(b.index.export()) == list(a.index.export())
 
 
-async def test_a_late_joiner_starts_from_the_measured_fleet_speed(
-    instances: list[Instance],
-) -> None:
-    a = Instance("a/0")
-    instances.append(a)
-    await a.start("127.0.0.1:0")
-    a.latency.adopt_fleet_reading(36.0)  # as a's own first quiet scrape window would set it
-    b = Instance("b/0")
-    instances.append(b)
-    await b.start("127.0.0.1:0")
-    assert b.latency.fleet_decode_ms() == 0.0
-    a.node.set_peers(remote=[b.address])
-    await until(lambda: b.latency.fleet_decode_ms() > 0)  # in a's first snapshot
-    assert b.latency.fleet_decode_ms() == pytest.approx(36.0)
-
-
 async def test_a_crashed_peer_expires(instances: list[Instance]) -> None:
     a, b = Instance("a/0"), Instance("b/0", expiry=0.4)
     instances.append(b)

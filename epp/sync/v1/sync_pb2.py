@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65pp/sync/v1/sync.proto\x12\x0b\x65pp.sync.v1\"\xa6\x03\n\tSyncBatch\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12\x0c\n\x04hops\x18\x06 \x01(\r\x12\x0f\n\x07goodbye\x18\x07 \x01(\x08\x12+\n\x08inflight\x18\x08 \x03(\x0b\x32\x19.epp.sync.v1.EndpointLoad\x12)\n\x06prefix\x18\t \x03(\x0b\x32\x19.epp.sync.v1.PrefixInsert\x12\'\n\x06queues\x18\n \x03(\x0b\x32\x17.epp.sync.v1.QueueDepth\x12&\n\x07transit\x18\x0b \x03(\x0b\x32\x15.epp.sync.v1.Transfer\x12\x33\n\x0fprefill_charges\x18\x0c \x03(\x0b\x32\x1a.epp.sync.v1.PrefillCharge\x12*\n\x07precise\x18\r \x03(\x0b\x32\x19.epp.sync.v1.PrefixInsert\x12!\n\x19\x66leet_decode_ms_per_token\x18\x0e \x01(\x01\"\xae\x01\n\x0c\x45ndpointLoad\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x18\n\x10prefill_requests\x18\x04 \x01(\x03\x12\x16\n\x0eprefill_tokens\x18\x05 \x01(\x03\x12\x18\n\x10pending_requests\x18\x06 \x01(\x03\x12\x1e\n\x16pending_prefill_tokens\x18\x07 \x01(\x03\"0\n\x0cPrefixInsert\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x06\"1\n\rPrefillCharge\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\"=\n\x08Transfer\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\x06\x12\x10\n\x08requests\x18\x03 \x01(\x03\"I\n\nQueueDepth\x12\x0c\n\x04\x62\x61nd\x18\x01 \x01(\x05\x12\x0c\n\x04\x66low\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\",\n\x07PushAck\x12\x10\n\x08receiver\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\x32\x43\n\tStateSync\x12\x36\n\x04Push\x12\x16.epp.sync.v1.SyncBatch\x1a\x14.epp.sync.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65pp/sync/v1/sync.proto\x12\x0b\x65pp.sync.v1\"\x83\x03\n\tSyncBatch\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12\x0c\n\x04hops\x18\x06 \x01(\r\x12\x0f\n\x07goodbye\x18\x07 \x01(\x08\x12+\n\x08inflight\x18\x08 \x03(\x0b\x32\x19.epp.sync.v1.EndpointLoad\x12)\n\x06prefix\x18\t \x03(\x0b\x32\x19.epp.sync.v1.PrefixInsert\x12\'\n\x06queues\x18\n \x03(\x0b\x32\x17.epp.sync.v1.QueueDepth\x12&\n\x07transit\x18\x0b \x03(\x0b\x32\x15.epp.sync.v1.Transfer\x12\x33\n\x0fprefill_charges\x18\x0c \x03(\x0b\x32\x1a.epp.sync.v1.PrefillCharge\x12*\n\x07precise\x18\r \x03(\x0b\x32\x19.epp.sync.v1.PrefixInsert\"\xae\x01\n\x0c\x45ndpointLoad\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x18\n\x10prefill_requests\x18\x04 \x01(\x03\x12\x16\n\x0eprefill_tokens\x18\x05 \x01(\x03\x12\x18\n\x10pending_requests\x18\x06 \x01(\x03\x12\x1e\n\x16pending_prefill_tokens\x18\x07 \x01(\x03\"0\n\x0cPrefixInsert\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x06\"1\n\rPrefillCharge\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\"=\n\x08Transfer\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\x06\x12\x10\n\x08requests\x18\x03 \x01(\x03\"I\n\nQueueDepth\x12\x0c\n\x04\x62\x61nd\x18\x01 \x01(\x05\x12\x0c\n\x04\x66low\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\",\n\x07PushAck\x12\x10\n\x08receiver\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\x32\x43\n\tStateSync\x12\x36\n\x04Push\x12\x16.epp.sync.v1.SyncBatch\x1a\x14.epp.sync.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epp.sync.v1.sync_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SYNCBATCH']._serialized_start=40
-  _globals['_SYNCBATCH']._serialized_end=462
-  _globals['_ENDPOINTLOAD']._serialized_start=465
-  _globals['_ENDPOINTLOAD']._serialized_end=639
-  _globals['_PREFIXINSERT']._serialized_start=641
-  _globals['_PREFIXINSERT']._serialized_end=689
-  _globals['_PREFILLCHARGE']._serialized_start=691
-  _globals['_PREFILLCHARGE']._serialized_end=740
-  _globals['_TRANSFER']._serialized_start=742
-  _globals['_TRANSFER']._serialized_end=803
-  _globals['_QUEUEDEPTH']._serialized_start=805
-  _globals['_QUEUEDEPTH']._serialized_end=878
-  _globals['_PUSHACK']._serialized_start=880
-  _globals['_PUSHACK']._serialized_end=924
-  _globals['_STATESYNC']._serialized_start=926
-  _globals['_STATESYNC']._serialized_end=993
+  _globals['_SYNCBATCH']._serialized_end=427
+  _globals['_ENDPOINTLOAD']._serialized_start=430
+  _globals['_ENDPOINTLOAD']._serialized_end=604
+  _globals['_PREFIXINSERT']._serialized_start=606
+  _globals['_PREFIXINSERT']._serialized_end=654
+  _globals['_PREFILLCHARGE']._serialized_start=656
+  _globals['_PREFILLCHARGE']._serialized_end=705
+  _globals['_TRANSFER']._serialized_start=707
+  _globals['_TRANSFER']._serialized_end=768
+  _globals['_QUEUEDEPTH']._serialized_start=770
+  _globals['_QUEUEDEPTH']._serialized_end=843
+  _globals['_PUSHACK']._serialized_start=845
+  _globals['_PUSHACK']._serialized_end=889
+  _globals['_STATESYNC']._serialized_start=891
+  _globals['_STATESYNC']._serialized_end=958
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SyncBatch(_message.Message):
-    __slots__ = ("origin", "epoch", "seq", "snapshot", "sent_at", "hops", "goodbye", "inflight", "prefix", "queues", "transit", "prefill_charges", "precise", "fleet_decode_ms_per_token")
+    __slots__ = ("origin", "epoch", "seq", "snapshot", "sent_at", "hops", "goodbye", "inflight", "prefix", "queues", "transit", "prefill_charges", "precise")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -21,7 +21,6 @@ class SyncBatch(_message.Message):
     TRANSIT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHARGES_FIELD_NUMBER: _ClassVar[int]
     PRECISE_FIELD_NUMBER: _ClassVar[int]
-    FLEET_DECODE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     origin: str
     epoch: int
     seq: int
@@ -35,8 +34,7 @@ class SyncBatch(_message.Message):
     transit: _containers.RepeatedCompositeFieldContainer[Transfer]
     prefill_charges: _containers.RepeatedCompositeFieldContainer[PrefillCharge]
     precise: _containers.RepeatedCompositeFieldContainer[PrefixInsert]
-    fleet_decode_ms_per_token: float
-    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., sent_at: _Optional[float] = ..., hops: _Optional[int] = ..., goodbye: _Optional[bool] = ..., inflight: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., prefix: _Optional[_Iterable[_Union[PrefixInsert, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., transit: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., prefill_charges: _Optional[_Iterable[_Union[PrefillCharge, _Mapping]]] = ..., precise: _Optional[_Iterable[_Union[PrefixInsert, _Mapping]]] = ..., fleet_decode_ms_per_token: _Optional[float] = ...) -> None: ...
+    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., sent_at: _Optional[float] = ..., hops: _Optional[int] = ..., goodbye: _Optional[bool] = ..., inflight: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., prefix: _Optional[_Iterable[_Union[PrefixInsert, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., transit: _Optional[_Iterable[_Union[Transfer, _Mapping]]] = ..., prefill_charges: _Optional[_Iterable[_Union[PrefillCharge, _Mapping]]] = ..., precise: _Optional[_Iterable[_Union[PrefixInsert, _Mapping]]] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
     __slots__ = ("endpoint", "requests", "tokens", "prefill_requests", "prefill_tokens", "pending_requests", "pending_prefill_tokens")
