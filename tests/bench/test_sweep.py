@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.experiments import paired, sweep
+from bench.experiments import paired, speed_reset, sweep
 
 
 def test_rate_scales_add_phases_and_variant_params_reach_the_scorer(
@@ -36,3 +36,13 @@ def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_agreement() -> N
     assert lo <= -0.046 <= hi < 0
     wide = paired.bootstrap_mean_ci([-0.5, 0.4, -0.6, 0.5, -0.03])
     assert wide[0] < 0 < wide[1]
+
+
+def test_speed_reset_runs_the_three_modes_on_one_schedule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert speed_reset.main(["tiny", "--rate", "20", "--at", "0.5", "--window", "3",
+                             "--seeds", "0"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["none", "reset", "adopt", "adopt - reset"]
+    assert "nan" not in out[0]  # requests were sent in the window and answered
