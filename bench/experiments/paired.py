@@ -17,9 +17,8 @@ import random
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-from bench.experiments.sweep import _one
+from bench.experiments.sweep import CONFIGS_DIR, _one, quality_key
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -46,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alt", required=True)
     p.add_argument("--cells", required=True, help="comma list of scenario@rate")
     p.add_argument("--seeds", default="0,100,200,300,400,500,600,700,800,900")
-    p.add_argument(
-        "--configs", default=str(Path(__file__).parents[1] / "scenarios" / "epp_configs")
-    )
+    p.add_argument("--configs", default=str(CONFIGS_DIR))
     p.add_argument("--jobs", type=int, default=2)
     a = p.parse_args(argv)
     cells = [_cell(c) for c in a.cells.split(",")]
@@ -57,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             for sc, rate in cells for seed in seeds for r in (a.base, a.alt)]  # fmt: skip
     with ProcessPoolExecutor(a.jobs) as ex:
         rows = list(ex.map(_one, jobs))
-    p90 = {
-        (r["sc"], r["rate"], r["seed"], r["router"]): (
-            r["tenant_a_p90"] if r["sc"] == "multi_tenant" else r["ttft_p90"]
-        )
-        for r in rows
-    }
+    p90 = {(r["sc"], r["rate"], r["seed"], r["router"]): r[quality_key(r["sc"])] for r in rows}
     print(f"| cell | {a.base} | {a.alt} | paired difference [95% CI] | {a.alt} lower |")
     print("|---|---|---|---|---|")
     for sc, rate in cells:

@@ -17,17 +17,13 @@ from epp.requestcontrol.director import Director
 from epp.scheduling.config import ConfigError
 from epp.scheduling.latency_model import LatencyPriors
 from epp.scheduling.services import Services
+from tests.unit.test_scheduling_latency import _scrape as scrape
 
 SLOW_POOL = """
 latencyPriors:
   prefillTokensPerSecond: 2000
   decodeMsPerToken: 24
 """
-
-
-def scrape(e: Endpoint, at: float, tokens: float, seconds: float) -> None:
-    m = e.metrics
-    m.tpot_count, m.tpot_sum, m.updated_at = tokens, seconds, at
 
 
 def measured_at(services: Services, e: Endpoint, tpot_ms: float) -> None:
