@@ -26,7 +26,6 @@ SCENARIOS = ["shared_prefix", "bursts", "mixed", "kv_pressure", "hot_prefix", "h
              "multi_tenant", "multi_turn"]
 
 
-TIME_SCALE: float | None = None
 CONFIGS_DIR = Path(__file__).parents[1] / "scenarios" / "epp_configs"
 
 
@@ -36,8 +35,13 @@ def quality_key(scenario: str) -> str:
     return "tenant_a_p90" if scenario == "multi_tenant" else "ttft_p90"
 
 
-def _one(args: tuple[str, str, float, int, str | None, float | None]) -> dict[str, Any]:
-    sc, router, rate, seed, cfg, ts = args
+Job = tuple[str, str, float, int, str | None, float | None, int | None]
+
+
+def _one(args: Job) -> dict[str, Any]:
+    """One vsim phase: (scenario, router, rate, seed, configs dir, time scale, requests; None
+    = the scenario's own)."""
+    sc, router, rate, seed, cfg, ts, requests = args
     name, _, variant = router.partition(":")
     text = None
     if name == "epp" and variant and cfg:
@@ -51,11 +55,12 @@ def _one(args: tuple[str, str, float, int, str | None, float | None]) -> dict[st
                                 f"- type: delay-cost-scorer\n  parameters:{block}\n", 1)
         router = "epp"
     s = run(sc, router, epp_config_text=text, rate=rate, seed=get(sc).seed + seed,
-            time_scale=ts)
+            time_scale=ts, requests=requests)
     return {"sc": sc, "router": args[1], "rate": rate, "seed": seed, **{
         k: s[k] for k in ("ttft_p50", "ttft_p90", "cached_ratio", "goodput", "tpot_p50",
                           "output_throughput")
-    }, "tenant_a_p90": s.get("by_tenant", {}).get("tenant-a", {}).get("ttft_p90")}
+    }, "tenant_a_p90": s.get("by_tenant", {}).get("tenant-a", {}).get("ttft_p90"),
+        "requests": s["sim"]["requests"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                    "overload phases)")
     p.add_argument("--time-scale", type=float, default=None,
                    help="EPP clock vs model time (default: the scenario's, like the harness)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per phase (default: the scenario's)")
     a = p.parse_args(argv)
     routers = a.routers.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
     scales = [float(x) for x in a.rate_scales.split(",")]
-    jobs = [(sc, r, rate * k, seed, a.configs, a.time_scale) for sc in a.scenarios.split(",")
-            for k in scales for rate in get(sc).rates for r in routers for seed in seeds]
+    jobs: list[Job] = [
+        (sc, r, rate * k, seed, a.configs, a.time_scale, a.requests)
+        for sc in a.scenarios.split(",")
+        for k in scales for rate in get(sc).rates for r in routers for seed in seeds]
     jobs.sort(key=lambda j: j[0] == "multi_tenant", reverse=True)  # slowest first
     with ProcessPoolExecutor(a.jobs) as ex:
         rows = list(ex.map(_one, jobs))

@@ -114,7 +114,7 @@ def _registry() -> dict[str, Scenario]:
         workload=WorkloadSpec(kind="multi_turn", groups=6, system_tokens=1000,
                               question_tokens=80, output_tokens=48, turns=4),
         rates=[2.0, 4.0],
-        requests_per_rate=160,
+        requests_per_rate=400,
     )
     s["mixed"] = Scenario(
         name="mixed",
@@ -203,7 +203,7 @@ def _registry() -> dict[str, Scenario]:
         workload=WorkloadSpec(kind="shared_prefix", groups=8, system_tokens=2000,
                               output_tokens=64),
         rates=[2.0, 4.0],
-        requests_per_rate=120,
+        requests_per_rate=400,
         default_routers=["round_robin", "vllm-router:round_robin", "epp"],
     )
     s["pd_multi_turn"] = Scenario(
@@ -216,7 +216,7 @@ def _registry() -> dict[str, Scenario]:
         workload=WorkloadSpec(kind="multi_turn", groups=4, system_tokens=2000,
                               question_tokens=100, output_tokens=64, turns=6),
         rates=[2.0, 4.0],
-        requests_per_rate=144,
+        requests_per_rate=432,  # 72 conversations of 6 turns
         default_routers=["epp", "epp:pd-always", "vllm-router:cache_aware", "round_robin"],
     )
     s["faulty"] = Scenario(

@@ -31,6 +31,13 @@ def test_paired_runs_both_routers_on_each_schedule_and_bounds_the_difference(
     assert base != alt
 
 
+def test_a_phase_runs_the_scenarios_own_request_count_unless_told() -> None:
+    """Quality claims want >= 400 requests a phase; `--requests` gives a scenario more."""
+    own = sweep._one(("tiny", "round_robin", 20.0, 0, None, None, None))
+    more = sweep._one(("tiny", "round_robin", 20.0, 0, None, None, 2 * own["requests"]))
+    assert more["requests"] == 2 * own["requests"] > 0
+
+
 def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_agreement() -> None:
     lo, hi = paired.bootstrap_mean_ci([-0.05, -0.04, -0.06, -0.05, -0.03])
     assert lo <= -0.046 <= hi < 0

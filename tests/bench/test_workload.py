@@ -45,7 +45,7 @@ def test_multi_tenant_rates_and_headers() -> None:
 
 def test_quality_scenarios_have_enough_requests() -> None:
     for name in ("shared_prefix", "bursts", "mixed", "kv_pressure", "hot_prefix", "hetero",
-                 "multi_tenant"):
+                 "multi_tenant", "multi_turn", "pd", "pd_multi_turn"):
         assert SCENARIOS[name].requests_per_rate >= 400, name
 
 
