@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from epp import serve
+from epp import replicas, serve
 from epp.scheduling.config import build_scheduler
 from hack.kube.cluster import REPO, Cluster
 from hack.kube.helm import helm_path
@@ -120,6 +120,41 @@ def test_chart_args_and_config_accepted_by_epp_serve(helm: str) -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["epp-config.yaml"]
     build_scheduler(config)  # raises on an unknown plugin or a bad profile
     assert "business-filter" in config  # relabelling a pod must move its traffic
+
+
+def test_chart_scrapes_every_worker_process(helm: str, kube_cluster: Cluster,
+                                            kube_ns: str) -> None:
+    """Each worker process counts its own requests on its own /metrics port: with
+    `workers: 3` the pod, the Service and the ServiceMonitor must carry all three ports, at
+    the numbers `epp serve --workers 3` gives its workers, or two thirds of the traffic is
+    invisible to Prometheus."""
+    docs = _docs(_run(helm, "template", "r", str(CHART), *POOL_SET, "--set", "workers=3",
+                      "--namespace", kube_ns, "--kube-version", _server_version(kube_cluster),
+                      "--set", "monitoring.serviceMonitor.enabled=true",
+                      "--set", "monitoring.serviceMonitor.labels.release=kps"))
+    (container,) = list(_containers(docs))
+    args = _serve_parser().parse_args(
+        [a.replace("$(POD_NAMESPACE)", "ns") for a in container["args"][1:]])
+    served = {replicas.metrics_port(argparse.Namespace(**{**vars(args), "worker_index": i}))
+              for i in range(args.workers)}
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    metric_ports = {name: port for name, port in named.items() if name.startswith("metrics")}
+    assert set(metric_ports.values()) == served == {9090, 9091, 9092}
+    svc = next(d for d in docs if d["kind"] == "Service")
+    scraped_svc_ports = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]
+                         if p["targetPort"] in metric_ports}
+    assert len(scraped_svc_ports) == 3
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert sorted(e["port"] for e in monitor["spec"]["endpoints"]) == sorted(scraped_svc_ports)
+    # the pod and the Service with the workers' ports are valid objects (no ServiceMonitor
+    # CRD on the test server)
+    plain = [d for d in docs if d["kind"] != "ServiceMonitor"]
+    out = _dry_run(kube_cluster, kube_ns, plain)
+    assert out.count("serverside-applied (server dry run)") == len(plain), out
+    default = _docs(_run(helm, "template", "r", str(CHART), *POOL_SET))
+    assert "ServiceMonitor" not in _kinds(default)  # needs the Prometheus Operator's CRDs
 
 
 def _manifest_docs(version: str) -> list[dict[str, Any]]:
