@@ -47,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,100,200,300,400,500,600,700,800,900")
     p.add_argument("--configs", default=str(CONFIGS_DIR))
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--time-scale", type=float, default=None,
+                   help="EPP clock vs model time (default: the scenario's, like the harness)")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per phase (default: the scenario's)")
     a = p.parse_args(argv)
     cells = [_cell(c) for c in a.cells.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    jobs: list[Job] = [(sc, r, rate, seed, a.configs, None, a.requests)
+    jobs: list[Job] = [(sc, r, rate, seed, a.configs, a.time_scale, a.requests)
             for sc, rate in cells for seed in seeds for r in (a.base, a.alt)]  # fmt: skip
     with ProcessPoolExecutor(a.jobs) as ex:
         rows = list(ex.map(_one, jobs))
