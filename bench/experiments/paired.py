@@ -18,7 +18,7 @@ import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from bench.experiments.sweep import CONFIGS_DIR, Job, _one, quality_key
+from bench.experiments.sweep import CONFIGS_DIR, Job, _one, add_phase_args, quality_key
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,100,200,300,400,500,600,700,800,900")
     p.add_argument("--configs", default=str(CONFIGS_DIR))
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--time-scale", type=float, default=None,
-                   help="EPP clock vs model time (default: the scenario's, like the harness)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="requests per phase (default: the scenario's)")
+    add_phase_args(p)
     a = p.parse_args(argv)
     cells = [_cell(c) for c in a.cells.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]

@@ -63,6 +63,14 @@ def _one(args: Job) -> dict[str, Any]:
         "requests": s["sim"]["requests"]}
 
 
+def add_phase_args(p: argparse.ArgumentParser) -> None:
+    """What every phase of an experiment may change from its scenario (`Job`'s last two)."""
+    p.add_argument("--time-scale", type=float, default=None,
+                   help="EPP clock vs model time (default: the scenario's, like the harness)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per phase (default: the scenario's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--routers", default="round_robin,cache_aware,epp")
@@ -73,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-scales", default="1",
                    help="comma list of factors on each scenario's rates (e.g. 1,1.5 adds "
                    "overload phases)")
-    p.add_argument("--time-scale", type=float, default=None,
-                   help="EPP clock vs model time (default: the scenario's, like the harness)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="requests per phase (default: the scenario's)")
+    add_phase_args(p)
     a = p.parse_args(argv)
     routers = a.routers.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
