@@ -1,14 +1,19 @@
 """Proxy-overhead benchmark: plain Envoy round-robin vs Envoy + EPP vs the peer routers,
 same backends, same run.
 
-    python -m bench.proxy [--json] [--duration S] [--connections N] [--epp-processes N]
-                          [--workers N] [--peers vllm-router:cache_aware,...]
+    python -m bench.proxy [--json] [--duration S] [--connections N] [--rounds R]
+                          [--epp-processes N] [--workers N] [--peers vllm-router:cache_aware,...]
 
 Backends are near-instant (an Envoy answering every POST with a fixed completion via
 `direct_response`, on four loopback IPs) so the figures are the routers' own cost. Load is
-`wrk` (Debian package; installed by `make bench` if missing). Prints one JSON object:
+`wrk` (Debian package; installed by `make bench` if missing). Every setup runs for the
+whole measurement and is measured in `--rounds` interleaved rounds (each round starts one
+setup later), so that a slow spell of a shared machine lands on all of them; figures are
+medians over the rounds, with 95% bootstrap intervals of the median (3 rounds or more).
+Prints one JSON object:
 
-* plain_envoy_rps / epp_rps / ratio: throughput at `--connections` concurrency;
+* plain_envoy_rps / epp_rps / ratio: throughput at `--connections` concurrency (ratio:
+  the median of the per-round EPP / plain ratios); `*_rps_rounds`: every round's figure;
 * added_p50_ms_c1: p50 latency added by the EPP with one connection (small body);
 * large_body_added_ms: the same for a 220 KB prompt;
 * null_extproc: the same for Envoy + a do-nothing ext_proc server on the EPP's gRPC stack
@@ -16,7 +21,9 @@ Backends are near-instant (an Envoy answering every POST with a fixed completion
   here, which the EPP's own per-request work is measured against;
 * peers: the same rps / ratio / added p50 for each peer router (`--peers`, default
   vllm-router and sglang-router cache_aware, from the `peers` extra; skipped with the reason
-  when a binary is missing) in front of the same backends.
+  when a binary is missing) in front of the same backends, and `epp_rps_over_this`: the
+  EPP path's rps over that router's, round by round (median, 95% interval; above 1 = the
+  EPP path is faster).
 
 `--workers N` runs the EPP as `epp serve --workers N` (one port, SO_REUSEPORT; Envoy caps
 streams per HTTP/2 connection so it opens several connections for the kernel to spread);
@@ -31,6 +38,7 @@ import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +49,7 @@ from typing import Any
 import orjson
 
 from bench import terminable
+from bench.report import bootstrap_ci
 from bench.routers import RouterSpec, RouterUnavailable, launch
 from epp.datalayer.eds_file import write_eds
 from epp.devstack.envoy import (
@@ -184,95 +193,136 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     large = work / "large.json"
     large.write_text(orjson.dumps({"model": "bench", "prompt": "lorem ipsum " * 18_500}).decode())
     port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
     try:
-        backend = start_envoy(backend_config(port, free_port()), work / "backend", concurrency=1)
-        procs.append(backend)
-        for ip in BACKEND_IPS:
-            await wait_http(f"http://{ip}:{port}/health", proc=backend)
-        rr_port = free_port()
-        rr = start_envoy(
-            render_round_robin_config(rr_port, free_port(), [(ip, port) for ip in BACKEND_IPS]),
-            work / "rr",
-            concurrency=1,
-        )
-        procs.append(rr)
-        await wait_http(f"http://127.0.0.1:{rr_port}/health", proc=rr)
-        rr_url = f"http://127.0.0.1:{rr_port}/v1/completions"
-        endpoints = [{"address": ip, "port": port} for ip in BACKEND_IPS]
-        gw = await start_gateway(
-            endpoints,
-            epp_processes=args.epp_processes,
-            epp_workers=args.workers,
-            sync=args.sync,
-            scrape_interval=0,  # the backends have no /metrics; EPP-local load signals only
-            response_headers=args.response_headers,
-            workdir=str(work / "gw"),
-        )
-        try:
-            epp_url = f"{gw.url}/v1/completions"
-            wrk(epp_url, small, script, 4, 1)  # warm-up
-            wrk(rr_url, small, script, 4, 1)
-            d, c = args.duration, args.connections
-            plain = wrk(rr_url, small, script, c, d)
-            epp = wrk(epp_url, small, script, c, d)
-            plain_c1 = wrk(rr_url, small, script, 1, d / 2)
-            epp_c1 = wrk(epp_url, small, script, 1, d / 2)
-            plain_large = wrk(rr_url, large, script, 1, d / 2)
-            epp_large = wrk(epp_url, large, script, 1, d / 2)
-        finally:
-            gw.close()
-        ceiling = None
-        if args.ceiling:
-            async with null_gateway(
-                port, work / "null", response_headers=args.response_headers
-            ) as url:
-                ceiling = _measure(args, url, small, script, plain, plain_c1)
-        peers = await _peers(args, port, work, small, script, plain, plain_c1)
-        errors = sum(r["non2xx"] for r in (plain, epp, plain_c1, epp_c1, plain_large, epp_large))
-        return {
-            "plain_envoy_rps": round(plain["rps"], 1),
-            "epp_rps": round(epp["rps"], 1),
-            "ratio": round(epp["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
-            "added_p50_ms_c1": round(epp_c1["p50_ms"] - plain_c1["p50_ms"], 3),
-            "large_body_added_ms": round(epp_large["p50_ms"] - plain_large["p50_ms"], 3),
-            "plain_p50_ms_c1": plain_c1["p50_ms"],
-            "epp_p50_ms_c1": epp_c1["p50_ms"],
-            "connections": c,
-            "epp_processes": args.epp_processes,
-            "epp_workers": args.workers,
-            "sync": args.sync,
-            "response_headers": args.response_headers,
-            "non2xx": errors,
-            "null_extproc": ceiling,
-            "peers": peers,
-        }
+        async with contextlib.AsyncExitStack() as stack:
+            backend = start_envoy(
+                backend_config(port, free_port()), work / "backend", concurrency=1
+            )
+            stack.callback(stop_process, backend)
+            for ip in BACKEND_IPS:
+                await wait_http(f"http://{ip}:{port}/health", proc=backend)
+            rr_port = free_port()
+            rr = start_envoy(
+                render_round_robin_config(rr_port, free_port(), [(ip, port) for ip in BACKEND_IPS]),
+                work / "rr",
+                concurrency=1,
+            )
+            stack.callback(stop_process, rr)
+            await wait_http(f"http://127.0.0.1:{rr_port}/health", proc=rr)
+            endpoints = [{"address": ip, "port": port} for ip in BACKEND_IPS]
+            gw = await start_gateway(
+                endpoints,
+                epp_processes=args.epp_processes,
+                epp_workers=args.workers,
+                sync=args.sync,
+                scrape_interval=0,  # the backends have no /metrics; EPP-local load signals only
+                response_headers=args.response_headers,
+                workdir=str(work / "gw"),
+            )
+            stack.callback(gw.close)
+            # Every setup runs for the whole measurement, so that its rounds interleave.
+            targets = {
+                PLAIN: f"http://127.0.0.1:{rr_port}/v1/completions",
+                EPP: f"{gw.url}/v1/completions",
+            }
+            if args.ceiling:
+                targets[NULL] = await stack.enter_async_context(
+                    null_gateway(port, work / "null", response_headers=args.response_headers)
+                )
+            skipped = await _start_peers(args, stack, port, work, targets)
+            return _measure_all(args, targets, skipped, small, large, script)
     finally:
-        for p in procs:
-            stop_process(p)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(
+PLAIN, EPP, NULL = "plain", "epp", "null_extproc"
+
+
+def _measure_all(
     args: argparse.Namespace,
-    target: str,
-    body: Path,
+    targets: dict[str, str],
+    skipped: dict[str, Any],
+    small: Path,
+    large: Path,
     script: Path,
-    plain: dict[str, float],
-    plain_c1: dict[str, float],
 ) -> dict[str, Any]:
-    """A router in front of the same backends, measured like the EPP path and set against
-    plain Envoy's figures."""
-    wrk(target, body, script, 4, 1)  # warm-up
-    full = wrk(target, body, script, args.connections, args.duration)
-    c1 = wrk(target, body, script, 1, args.duration / 2)
+    """`--rounds` rounds of every setup, interleaved (each round starts one setup later), so
+    that a slow spell of the machine lands on all of them; medians and 95% intervals."""
+    d, c, rounds = args.duration, args.connections, args.rounds
+    for url in targets.values():
+        wrk(url, small, script, 4, 1)  # warm-up
+    names = list(targets)
+    rps: dict[str, list[float]] = {n: [] for n in names}
+    p50: dict[str, list[float]] = {n: [] for n in names}
+    non2xx = dict.fromkeys(names, 0.0)
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            out = wrk(targets[n], small, script, c, d)
+            rps[n].append(out["rps"])
+            non2xx[n] += out["non2xx"]
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            out = wrk(targets[n], small, script, 1, d / 2)
+            p50[n].append(out["p50_ms"])
+            non2xx[n] += out["non2xx"]
+    plain_large = wrk(targets[PLAIN], large, script, 1, d / 2)
+    epp_large = wrk(targets[EPP], large, script, 1, d / 2)
+
+    def setup(n: str) -> dict[str, Any]:
+        """One setup against plain Envoy (and the EPP against it), round by round."""
+        out: dict[str, Any] = {
+            "rps": _med(rps[n]),
+            "rps_ci95": _ci(rps[n]),
+            "ratio": _med([a / b for a, b in zip(rps[n], rps[PLAIN], strict=True)], 3),
+            "p50_ms_c1": _med(p50[n], 3),
+            "added_p50_ms_c1": _med([a - b for a, b in zip(p50[n], p50[PLAIN], strict=True)], 3),
+            "non2xx": non2xx[n],
+            "rps_rounds": rps[n],
+        }
+        if n != EPP:
+            # > 1: the EPP path is faster; the interval says whether that is beyond the noise
+            per_round = [a / b for a, b in zip(rps[EPP], rps[n], strict=True)]
+            out["epp_rps_over_this"] = _med(per_round, 3)
+            out["epp_rps_over_this_ci95"] = _ci(per_round, 3)
+        return out
+
+    epp = setup(EPP)
     return {
-        "rps": round(full["rps"], 1),
-        "ratio": round(full["rps"] / plain["rps"], 3) if plain["rps"] else 0.0,
-        "p50_ms_c1": c1["p50_ms"],
-        "added_p50_ms_c1": round(c1["p50_ms"] - plain_c1["p50_ms"], 3),
-        "non2xx": full["non2xx"] + c1["non2xx"],
+        "plain_envoy_rps": _med(rps[PLAIN]),
+        "epp_rps": epp["rps"],
+        "epp_rps_ci95": epp["rps_ci95"],
+        "ratio": epp["ratio"],
+        "added_p50_ms_c1": epp["added_p50_ms_c1"],
+        "large_body_added_ms": round(epp_large["p50_ms"] - plain_large["p50_ms"], 3),
+        "plain_p50_ms_c1": _med(p50[PLAIN], 3),
+        "epp_p50_ms_c1": epp["p50_ms_c1"],
+        "rounds": rounds,
+        "connections": c,
+        "epp_processes": args.epp_processes,
+        "epp_workers": args.workers,
+        "sync": args.sync,
+        "response_headers": args.response_headers,
+        "non2xx": non2xx[PLAIN] + non2xx[EPP] + plain_large["non2xx"] + epp_large["non2xx"],
+        "plain_rps_rounds": rps[PLAIN],
+        "epp_rps_rounds": rps[EPP],
+        "null_extproc": setup(NULL) if NULL in targets else None,
+        "peers": {
+            **{n: setup(n) for n in names if n not in (PLAIN, EPP, NULL)},
+            **skipped,
+        },
     }
+
+
+def _med(values: list[float], digits: int = 1) -> float:
+    return round(statistics.median(values), digits)
+
+
+def _ci(values: list[float], digits: int = 1) -> list[float] | None:
+    """95% bootstrap interval of the median; None with fewer than 3 rounds."""
+    if len(values) < 3:
+        return None
+    lo, hi = bootstrap_ci(values, 50)
+    return [round(lo, digits), round(hi, digits)]
 
 
 @contextlib.asynccontextmanager
@@ -336,31 +386,30 @@ async def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: flo
         return
 
 
-async def _peers(
+async def _start_peers(
     args: argparse.Namespace,
+    stack: contextlib.AsyncExitStack,
     port: int,
     work: Path,
-    body: Path,
-    script: Path,
-    plain: dict[str, float],
-    plain_c1: dict[str, float],
+    targets: dict[str, str],
 ) -> dict[str, Any]:
-    """Each peer router in front of the same backends, measured like the EPP path."""
+    """Start each peer router (`--peers`) in front of the same backends and add it to
+    `targets`; returns the peers that could not start, with the reason."""
     from epp.sim.config import SimConfig
 
     pool = [SimConfig(host=ip, port=port, model="bench") for ip in BACKEND_IPS]
-    out: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
     for name in [n for n in args.peers.split(",") if n]:
         spec = RouterSpec.parse(name)
         try:
             # the peers' Prometheus listens on port + 1 (bench.routers)
-            async with launch(spec, pool, free_port_block(2), work / "peers") as url:
-                url = f"{url}/v1/completions"
-                out[name] = _measure(args, url, body, script, plain, plain_c1)
+            workdir = work / "peers" / name.replace(":", "_")
+            url = await stack.enter_async_context(launch(spec, pool, free_port_block(2), workdir))
+            targets[name] = f"{url}/v1/completions"
         except RouterUnavailable as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            out[name] = {"skipped": " / ".join(lines[:1] + lines[-2:])[:400]}
-    return out
+            skipped[name] = {"skipped": " / ".join(lines[:1] + lines[-2:])[:400]}
+    return skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds of every setup (median and 95%% interval; default 5)",
+    )
     p.add_argument("--epp-processes", type=int, default=1, help="EPP replicas (default: 1)")
     p.add_argument(
         "--workers", type=int, default=1, help="epp serve --workers per replica (default: 1)"
@@ -397,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also send response headers to the EPP (status, TTFT metrics)",
     )
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     res = terminable.run(run(a))
     if a.json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
