@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -56,6 +56,32 @@ def headers_response(
     )
 
 
+class RoutingAnswers:
+    """The headers answer that routes a request (FULL_DUPLEX_STREAMED), per destination.
+
+    Most requests differ only in where they go (the same control headers removed, no
+    prefill hop, no new request id): those answers are built once per destination and
+    shared. Bounded: a pool that churns through many endpoints starts over."""
+
+    MAX = 4096
+
+    def __init__(self, dest_header: str, remove: Sequence[str]) -> None:
+        self._dest_header = dest_header
+        self._remove = tuple(remove)
+        self._cache: dict[str, pb.ProcessingResponse] = {}
+
+    def to(self, dest: str) -> pb.ProcessingResponse:
+        answer = self._cache.get(dest)
+        if answer is None:
+            if len(self._cache) >= self.MAX:
+                self._cache.clear()
+            answer = self._cache[dest] = headers_response(
+                header_mutation({self._dest_header: dest}, self._remove),
+                destination_metadata(self._dest_header, dest),
+            )
+        return answer
+
+
 def buffered_body_response(
     mutation: pb.HeaderMutation,
     metadata: struct_pb2.Struct,
@@ -92,16 +118,24 @@ def _streamed_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
     )
 
 
+# The "continue" answers carry nothing request-specific: built once and shared (nothing
+# mutates a message after it is handed to gRPC, which serializes it on write).
+_REQUEST_TRAILERS_CONTINUE = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_RESPONSE_BODY_CONTINUE = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_RESPONSE_TRAILERS_CONTINUE = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
 def request_trailers_continue() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    return _REQUEST_TRAILERS_CONTINUE
 
 
 def response_headers_continue() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    return _RESPONSE_HEADERS_CONTINUE
 
 
 def response_body_continue() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_body=pb.BodyResponse())
+    return _RESPONSE_BODY_CONTINUE
 
 
 _MODE = processing_mode_pb2.ProcessingMode
@@ -139,7 +173,7 @@ class ModelNameRestore:
 
 
 def response_trailers_continue() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+    return _RESPONSE_TRAILERS_CONTINUE
 
 
 def immediate(
@@ -159,10 +193,10 @@ def immediate(
 
 
 def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in msg.headers.headers:
-        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-    return out
+    return {
+        h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        for h in msg.headers.headers
+    }
 
 
 def subset_hint(msg: pb.ProcessingRequest) -> frozenset[str] | None:

@@ -54,6 +54,7 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # (absent from grpc-s
 # Response headers the gateway adds (manifests/gateway): upstream attempts, who answered.
 _ATTEMPTS = "x-envoy-attempt-count"
 _SERVED = DESTINATION_SERVED
+_READ_RESPONSE_HEADERS = frozenset((":status", _SERVED, _ATTEMPTS, PD_MODE))
 
 _USAGE_RE = {
     "prompt": re.compile(rb'"prompt_tokens"\s*:\s*(\d+)'),
@@ -111,6 +112,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.prefill_header = h.prefiller
         self.remove_always = h.control_headers()
         self.remove_no_prefill = (*h.control_headers(), h.prefiller)
+        self.routing_answers = m.RoutingAnswers(self.dest_header, self.remove_no_prefill)
         self._warned_no_sidecar: set[str] = set()
         self.flow_waiter = AsyncFlowWaiter()
 
@@ -304,7 +306,18 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         trailers: bool,
     ) -> list[pb.ProcessingResponse]:
         res = d.result
-        dest = ",".join(ep.key for ep in res.primary)
+        primary = res.primary
+        dest = primary[0].key if len(primary) == 1 else ",".join(ep.key for ep in primary)
+        if (
+            st.mode == FULL_DUPLEX
+            and res.prefill is None
+            and new_body is None
+            and REQUEST_ID in st.headers
+        ):  # the usual answer: only the destination is request-specific
+            return [
+                self.routing_answers.to(dest),
+                *m.streamed_body(body, not trailers),
+            ]
         set_headers = {self.dest_header: dest}
         if res.prefill is not None:
             set_headers[self.prefill_header] = res.prefill.key
@@ -386,16 +399,17 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         pd_mode = ""
         for h in msg.response_headers.headers.headers:
             key = h.key
-            if key == PD_MODE:
-                pd_mode = (h.raw_value or h.value.encode()).decode(errors="replace")
-            elif key == ":status":
-                raw = h.raw_value or h.value.encode()
+            if key not in _READ_RESPONSE_HEADERS:
+                continue
+            raw = h.raw_value or h.value.encode()
+            if key == ":status":
                 status = int(raw) if raw.isdigit() else 0
-            elif key == _ATTEMPTS:
-                raw = h.raw_value or h.value.encode()
-                d.attempts = int(raw) if raw.isdigit() else 0
             elif key == _SERVED:
-                d.served = (h.raw_value or h.value.encode()).decode(errors="replace")
+                d.served = raw.decode(errors="replace")
+            elif key == _ATTEMPTS:
+                d.attempts = int(raw) if raw.isdigit() else 0
+            else:
+                pd_mode = raw.decode(errors="replace")
         if not d.served:  # the protocol's way: envoy.lb metadata set by the gateway's LB
             d.served = m.served_endpoint(msg)
         if d.result.prefill is not None:

@@ -121,21 +121,21 @@ class EppMetrics:
             ["endpoint"],
             registry=r,
         )
-        self.pd_decisions = Counter(
+        self.pd_decisions = FastCounter(
             "epp_pd_decisions_total",
             "Prefill/decode decisions on pools with prefill pods: disaggregated or local, "
             "and why (remote-faster, local-faster, below-threshold, no-prefill-endpoint...).",
             ["decision", "reason"],
             registry=r,
         )
-        self.flow_requests = Counter(
+        self.flow_requests = FastCounter(
             "epp_flow_control_requests_total",
             "Requests through flow control by outcome (dispatched, rejected, cancelled) and "
             "reason (immediate, queued; band_full, queue_full, ttl, unschedulable; client).",
             ["priority", "business", "outcome", "reason"],
             registry=r,
         )
-        self.flow_wait = Histogram(
+        self.flow_wait = FastHistogram(
             "epp_flow_control_queue_wait_seconds",
             "Time requests waited in the EPP's flow-control queue, by how they left it.",
             ["priority", "business", "outcome"],
@@ -189,6 +189,7 @@ class EppMetrics:
         self._pd_outcome_children: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[object, ...], Any] = {}
+        self._immediate: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._pred_children: dict[tuple[str, str], Any] = {}
 
     def phase(self, name: str, seconds: float) -> None:
@@ -262,8 +263,17 @@ class EppMetrics:
 
     # ---- flow control (a FlowObserver) --------------------------------------------------------
     def dispatched(self, priority: int, business: str, wait_s: float, queued: bool) -> None:
-        reason = "queued" if queued else "immediate"
-        self._child(self.flow_requests, priority, business, "dispatched", reason).inc()
+        if not queued:  # most requests: one lookup for both children
+            pair = self._immediate.get((priority, business))
+            if pair is None:
+                pair = self._immediate[(priority, business)] = (
+                    self._child(self.flow_requests, priority, business, "dispatched", "immediate"),
+                    self._child(self.flow_wait, priority, business, "dispatched"),
+                )
+            pair[0].inc()
+            pair[1].observe(wait_s)
+            return
+        self._child(self.flow_requests, priority, business, "dispatched", "queued").inc()
         self._child(self.flow_wait, priority, business, "dispatched").observe(wait_s)
 
     def rejected(self, priority: int, business: str, reason: str, wait_s: float) -> None:
