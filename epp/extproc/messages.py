@@ -1,15 +1,20 @@
-"""Builders for ext_proc protobuf responses. Knows Envoy; knows nothing about scheduling."""
+"""Builders for ext_proc protobuf responses. Knows Envoy; knows nothing about scheduling.
+
+Nested messages are filled in place (`r.request_body.response...`), not passed to the
+constructors: the upb runtime copies a sub-message given as a keyword argument, which
+made the body echo ~6x and a header mutation ~2.5x slower to build (bench.extproc_cpu).
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from epp.api import headers
@@ -24,17 +29,29 @@ ECHO_CHUNK = 1 << 20
 
 
 def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
-        append_action=OVERWRITE,
-    )
+    option = base_pb2.HeaderValueOption(append_action=OVERWRITE)
+    header = option.header
+    header.key = key
+    header.raw_value = value.encode()
+    return option
 
 
-def header_mutation(set_headers: dict[str, str], remove: Iterable[str]) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[header_option(k, v) for k, v in set_headers.items()],
-        remove_headers=list(remove),
-    )
+def _set_headers(options: Any, set_headers: Mapping[str, str]) -> None:
+    """Append overwrite-or-add options for `set_headers` to a repeated HeaderValueOption."""
+    add = options.add
+    for key, value in set_headers.items():
+        option = add()
+        option.append_action = OVERWRITE
+        header = option.header
+        header.key = key
+        header.raw_value = value.encode()
+
+
+def header_mutation(set_headers: Mapping[str, str], remove: Iterable[str]) -> pb.HeaderMutation:
+    mutation = pb.HeaderMutation()
+    _set_headers(mutation.set_headers, set_headers)
+    mutation.remove_headers.extend(remove)
+    return mutation
 
 
 def destination_metadata(key: str, value: str) -> struct_pb2.Struct:
@@ -50,10 +67,15 @@ def headers_continue() -> pb.ProcessingResponse:
 def headers_response(
     mutation: pb.HeaderMutation | None, metadata: struct_pb2.Struct | None
 ) -> pb.ProcessingResponse:
-    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=mutation is not None)
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
-    )
+    out = pb.ProcessingResponse()
+    common = out.request_headers.response
+    common.SetInParent()  # (reading a sub-message does not set it; an answer must say which)
+    if mutation is not None:
+        common.header_mutation.CopyFrom(mutation)
+        common.clear_route_cache = True
+    if metadata is not None:
+        out.dynamic_metadata.CopyFrom(metadata)
+    return out
 
 
 class RoutingAnswers:
@@ -88,13 +110,16 @@ def buffered_body_response(
     new_body: bytes | None,
 ) -> pb.ProcessingResponse:
     """BUFFERED mode: headers are still held, so the mutation rides on the body response."""
-    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+    out = pb.ProcessingResponse()
+    common = out.request_body.response
+    common.SetInParent()
+    common.header_mutation.CopyFrom(mutation)
+    common.clear_route_cache = True
     if new_body is not None:
         common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
         common.body_mutation.body = new_body
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata
-    )
+    out.dynamic_metadata.CopyFrom(metadata)
+    return out
 
 
 def streamed_body(body: bytes, end_of_stream: bool = True) -> Iterator[pb.ProcessingResponse]:
@@ -110,12 +135,12 @@ def streamed_body(body: bytes, end_of_stream: bool = True) -> Iterator[pb.Proces
 
 
 def _streamed_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    mutation = pb.BodyMutation(
-        streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
-    )
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
-    )
+    out = pb.ProcessingResponse()
+    streamed = out.request_body.response.body_mutation.streamed_response
+    streamed.SetInParent()  # an empty last chunk is still an answer
+    streamed.body = body
+    streamed.end_of_stream = end_of_stream
+    return out
 
 
 # The "continue" answers carry nothing request-specific: built once and shared (nothing
@@ -145,11 +170,10 @@ def response_headers_with_body(*, buffered: bool) -> pb.ProcessingResponse:
     """Ask Envoy for the response body too (needs `allow_mode_override`), whole when
     `buffered` (one JSON answer) or chunk by chunk (SSE). The length will change, so the
     content-length header goes."""
-    mode = _MODE(response_body_mode=_MODE.BUFFERED if buffered else _MODE.STREAMED)
-    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))
-    return pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(response=common), mode_override=mode
-    )
+    out = pb.ProcessingResponse()
+    out.response_headers.response.header_mutation.remove_headers.append("content-length")
+    out.mode_override.response_body_mode = _MODE.BUFFERED if buffered else _MODE.STREAMED
+    return out
 
 
 class ModelNameRestore:
@@ -168,8 +192,11 @@ class ModelNameRestore:
         new, n = self._pattern.subn(self._replacement, chunk)
         if not n:
             return response_body_continue()
-        common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=new))
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+        out = pb.ProcessingResponse()
+        mutation = out.response_body.response.body_mutation
+        mutation.SetInParent()
+        mutation.body = new
+        return out
 
 
 def response_trailers_continue() -> pb.ProcessingResponse:
@@ -179,17 +206,16 @@ def response_trailers_continue() -> pb.ProcessingResponse:
 def immediate(
     status: int, body: bytes, details: str, headers: dict[str, str] | None = None
 ) -> pb.ProcessingResponse:
-    set_headers = [header_option("content-type", "application/json")]
-    if headers:
-        set_headers.extend(header_option(k, v) for k, v in headers.items())
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
-            headers=pb.HeaderMutation(set_headers=set_headers),
-            body=body,
-            details=details,
-        )
+    out = pb.ProcessingResponse()
+    answer = out.immediate_response
+    answer.SetInParent()
+    answer.status.code = status  # type: ignore[assignment]
+    _set_headers(
+        answer.headers.set_headers, {"content-type": "application/json", **(headers or {})}
     )
+    answer.body = body
+    answer.details = details
+    return out
 
 
 def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
