@@ -73,6 +73,7 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/pip install -q -e '.[peers]' --config-settings editable_mode=compat
 	$(BIN)/python -m bench.pick --json
+	$(BIN)/python -m bench.extproc_cpu --json
 	$(BIN)/python -m bench.proxy --json
 	$(BIN)/python -m bench.run shared_prefix
 
