@@ -79,11 +79,14 @@ def headers_response(
 
 
 class RoutingAnswers:
-    """The headers answer that routes a request (FULL_DUPLEX_STREAMED), per destination.
+    """The headers answer that routes a request (FULL_DUPLEX_STREAMED), per destination
+    header value (the target and its fallbacks).
 
     Most requests differ only in where they go (the same control headers removed, no
-    prefill hop, no new request id): those answers are built once per destination and
-    shared. Bounded: a pool that churns through many endpoints starts over."""
+    prefill hop, no new request id): those answers are built once per value and shared.
+    On a small pool nearly every request finds its answer built; on a large one the
+    target-and-fallbacks lists rarely repeat and a miss costs one dict insert. Bounded:
+    past `MAX` values it starts over."""
 
     MAX = 4096
 

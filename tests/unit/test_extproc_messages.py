@@ -178,3 +178,37 @@ def test_continue_builders_name_their_phase() -> None:
     assert m.response_headers_continue().WhichOneof("response") == "response_headers"
     assert m.response_body_continue().WhichOneof("response") == "response_body"
     assert m.response_trailers_continue().WhichOneof("response") == "response_trailers"
+
+
+def test_routing_answers_equal_a_fresh_answer_and_stay_bounded() -> None:
+    dest, remove = "x-gateway-destination-endpoint", ("x-business", "x-slo-ttft-ms")
+    answers = m.RoutingAnswers(dest, remove)
+    one = answers.to("10.0.0.1:8000,10.0.0.2:8000")
+    fresh = m.headers_response(
+        m.header_mutation({dest: "10.0.0.1:8000,10.0.0.2:8000"}, remove),
+        m.destination_metadata(dest, "10.0.0.1:8000,10.0.0.2:8000"),
+    )
+    assert one == fresh
+    assert one.request_headers.response.clear_route_cache
+    assert answers.to("10.0.0.1:8000,10.0.0.2:8000") is one  # built once, shared
+    assert answers.to("10.0.0.2:8000") != one
+    for i in range(m.RoutingAnswers.MAX + 10):
+        answers.to(f"10.1.{i // 256}.{i % 256}:8000")
+    assert len(answers._cache) <= m.RoutingAnswers.MAX
+
+
+def test_answers_say_which_phase_they_answer_even_when_empty() -> None:
+    """A sub-message only read, never set, is absent on the wire: Envoy would get an answer
+    to no phase. Empty answers must still name theirs."""
+    assert m._streamed_chunk(b"", False).WhichOneof("response") == "request_body"
+    assert m._streamed_chunk(b"", False).request_body.response.body_mutation.HasField(
+        "streamed_response"
+    )
+    assert m.headers_response(None, None).request_headers.HasField("response")
+    for answer in (
+        m.response_headers_continue(),
+        m.response_body_continue(),
+        m.request_trailers_continue(),
+        m.response_trailers_continue(),
+    ):
+        assert answer.WhichOneof("response") is not None
