@@ -140,7 +140,7 @@ def streamed_body(body: bytes, end_of_stream: bool = True) -> Iterator[pb.Proces
 def _streamed_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
     out = pb.ProcessingResponse()
     streamed = out.request_body.response.body_mutation.streamed_response
-    streamed.SetInParent()  # an empty last chunk is still an answer
+    streamed.SetInParent()  # an empty chunk is still an answer (explicit, not by side effect)
     streamed.body = body
     streamed.end_of_stream = end_of_stream
     return out
