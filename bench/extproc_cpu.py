@@ -16,7 +16,8 @@ expected end, runs on the loop as in production.
 
 Output: CPU µs per request after a warm-up, N requests in `--rounds` rounds: the fastest
 round (the least disturbed by the rest of the machine) and the median; and with `--profile` the cProfile
-table of the same run by own time.
+table of the same run by own time; `machine_loop_ms` (`bench.machine`) says how fast this
+machine runs plain Python.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from bench.machine import python_loop_ms
 from epp.api.headers import DESTINATION, DESTINATION_SERVED, LB_METADATA_NAMESPACE
 from epp.devstack.procs import free_port
 from epp.extproc.server import ExtProcServicer, ExtProcSettings
@@ -184,6 +186,7 @@ async def measure(
                 cpu_us.append(1e6 * (time.process_time() - t0) / len(batch))
                 wall_us.append(1e6 * (time.perf_counter() - w0) / len(batch))
             out: dict[str, Any] = {
+                "machine_loop_ms": python_loop_ms(),
                 "requests": requests,
                 "concurrency": concurrency,
                 "rounds": len(cpu_us),

@@ -26,6 +26,9 @@ prompt comes from the chunk cache; of the question, only as much as can change t
 every scorer). `after_answer_*_us`: what runs after the answer has gone out, as the
 approximate insert does: tokenizing the rest of the prompt for the chosen pod's
 speculative entries.
+
+Every line also carries `machine_loop_ms` (`bench.machine`): how fast this machine runs
+plain Python, the reference for reading the absolute figures against other machines'.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from bench.machine import python_loop_ms
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.endpoint import Endpoint
 from epp.requestcontrol.config import build_request_control
@@ -309,12 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     cases = [tuple(int(x) for x in c.split("x")) for c in a.case] or CASES
+    machine_ms = python_loop_ms()
     for n, tokens in cases:
         iters = a.iterations if tokens < 50_000 else max(50, a.iterations // 3)
         if a.precise:
             res = run_precise_case(n, tokens, iters, a.tokenizer_dir)
         else:
             res = run_case(n, tokens, iters)
+        res["machine_loop_ms"] = machine_ms
         if a.json:
             sys.stdout.write(orjson.dumps(res).decode() + "\n")
         elif a.precise:

@@ -12,6 +12,8 @@ setup later), so that a slow spell of a shared machine lands on all of them; fig
 medians over the rounds, with 95% bootstrap intervals of the median (3 rounds or more).
 Prints one JSON object:
 
+* machine_loop_ms: how fast this machine runs plain Python (`bench.machine`), to tell
+  whether two runs' absolute figures are comparable;
 * plain_envoy_rps / epp_rps / ratio: throughput at `--connections` concurrency (ratio:
   the median of the per-round EPP / plain ratios); `*_rps_rounds`: every round's figure;
 * added_p50_ms_c1: p50 latency added by the EPP with one connection (small body);
@@ -49,6 +51,7 @@ from typing import Any
 import orjson
 
 from bench import terminable
+from bench.machine import python_loop_ms
 from bench.report import bootstrap_ci
 from bench.routers import RouterSpec, RouterUnavailable, launch
 from epp.datalayer.eds_file import write_eds
@@ -288,6 +291,7 @@ def _measure_all(
 
     epp = setup(EPP)
     return {
+        "machine_loop_ms": python_loop_ms(),
         "plain_envoy_rps": _med(rps[PLAIN]),
         "epp_rps": epp["rps"],
         "epp_rps_ci95": epp["rps_ci95"],

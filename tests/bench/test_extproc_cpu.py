@@ -12,3 +12,4 @@ async def test_every_request_is_routed() -> None:
     assert out["answers_per_request"] == 3.0
     assert out["rounds"] == 2
     assert 0.0 < out["us_per_request_min"] <= out["us_per_request_median"]
+    assert out["machine_loop_ms"] > 0.0

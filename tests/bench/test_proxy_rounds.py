@@ -46,6 +46,7 @@ def test_rounds_interleave_and_summarise(monkeypatch: pytest.MonkeyPatch, tmp_pa
     names = list(targets)
     assert full == [n for r in range(4) for n in names[r:] + names[:r]]
     assert out["rounds"] == 4
+    assert out["machine_loop_ms"] > 0.0
     assert out["epp_rps"] == 600.0  # median of 600, 600, 300, 600
     assert out["epp_rps_rounds"] == [600.0, 600.0, 300.0, 600.0]
     assert out["ratio"] == 0.6
