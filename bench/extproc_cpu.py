@@ -201,7 +201,6 @@ async def measure(
                 text = io.StringIO()
                 pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
                 out["profile"] = text.getvalue()
-            await asyncio.sleep(0)
             return out
         finally:
             await app.stop()

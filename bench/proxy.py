@@ -255,19 +255,19 @@ def _measure_all(
     for url in targets.values():
         wrk(url, small, script, 4, 1)  # warm-up
     names = list(targets)
-    rps: dict[str, list[float]] = {n: [] for n in names}
-    p50: dict[str, list[float]] = {n: [] for n in names}
     non2xx = dict.fromkeys(names, 0.0)
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            out = wrk(targets[n], small, script, c, d)
-            rps[n].append(out["rps"])
-            non2xx[n] += out["non2xx"]
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            out = wrk(targets[n], small, script, 1, d / 2)
-            p50[n].append(out["p50_ms"])
-            non2xx[n] += out["non2xx"]
+
+    def rounds_of(key: str, connections: int, duration: float) -> dict[str, list[float]]:
+        got: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in names[r % len(names) :] + names[: r % len(names)]:
+                out = wrk(targets[n], small, script, connections, duration)
+                got[n].append(out[key])
+                non2xx[n] += out["non2xx"]
+        return got
+
+    rps = rounds_of("rps", c, d)
+    p50 = rounds_of("p50_ms", 1, d / 2)
     plain_large = wrk(targets[PLAIN], large, script, 1, d / 2)
     epp_large = wrk(targets[EPP], large, script, 1, d / 2)
 

@@ -28,14 +28,6 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 ECHO_CHUNK = 1 << 20
 
 
-def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
-    option = base_pb2.HeaderValueOption(append_action=OVERWRITE)
-    header = option.header
-    header.key = key
-    header.raw_value = value.encode()
-    return option
-
-
 def _set_headers(options: Any, set_headers: Mapping[str, str]) -> None:
     """Append overwrite-or-add options for `set_headers` to a repeated HeaderValueOption."""
     add = options.add

@@ -306,18 +306,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         trailers: bool,
     ) -> list[pb.ProcessingResponse]:
         res = d.result
-        primary = res.primary
-        dest = primary[0].key if len(primary) == 1 else ",".join(ep.key for ep in primary)
-        if (
-            st.mode == FULL_DUPLEX
-            and res.prefill is None
-            and new_body is None
-            and REQUEST_ID in st.headers
-        ):  # the usual answer: only the destination is request-specific
-            return [
-                self.routing_answers.to(dest),
-                *m.streamed_body(body, not trailers),
-            ]
+        dest = ",".join(ep.key for ep in res.primary)
         set_headers = {self.dest_header: dest}
         if res.prefill is not None:
             set_headers[self.prefill_header] = res.prefill.key
@@ -329,11 +318,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if REQUEST_ID not in st.headers:
             # The id the decision is logged under, for the sidecar's and engine's logs too.
             set_headers[REQUEST_ID] = d.request.request_id
-        mutation = m.header_mutation(set_headers, remove)
-        metadata = m.destination_metadata(self.dest_header, dest)
         if st.mode == BUFFERED:
+            mutation = m.header_mutation(set_headers, remove)
+            metadata = m.destination_metadata(self.dest_header, dest)
             return [m.buffered_body_response(mutation, metadata, new_body)]
-        out = [m.headers_response(mutation, metadata)]
+        if len(set_headers) == 1:  # only the destination (no prefill hop): a shared answer
+            out = [self.routing_answers.to(dest)]
+        else:
+            mutation = m.header_mutation(set_headers, remove)
+            out = [m.headers_response(mutation, m.destination_metadata(self.dest_header, dest))]
         out.extend(m.streamed_body(new_body if new_body is not None else body, not trailers))
         return out
 

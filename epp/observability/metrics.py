@@ -189,7 +189,6 @@ class EppMetrics:
         self._pd_outcome_children: dict[str, Any] = {}
         self._plugin_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[object, ...], Any] = {}
-        self._immediate: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._pred_children: dict[tuple[str, str], Any] = {}
 
     def phase(self, name: str, seconds: float) -> None:
@@ -263,17 +262,8 @@ class EppMetrics:
 
     # ---- flow control (a FlowObserver) --------------------------------------------------------
     def dispatched(self, priority: int, business: str, wait_s: float, queued: bool) -> None:
-        if not queued:  # most requests: one lookup for both children
-            pair = self._immediate.get((priority, business))
-            if pair is None:
-                pair = self._immediate[(priority, business)] = (
-                    self._child(self.flow_requests, priority, business, "dispatched", "immediate"),
-                    self._child(self.flow_wait, priority, business, "dispatched"),
-                )
-            pair[0].inc()
-            pair[1].observe(wait_s)
-            return
-        self._child(self.flow_requests, priority, business, "dispatched", "queued").inc()
+        reason = "queued" if queued else "immediate"
+        self._child(self.flow_requests, priority, business, "dispatched", reason).inc()
         self._child(self.flow_wait, priority, business, "dispatched").observe(wait_s)
 
     def rejected(self, priority: int, business: str, reason: str, wait_s: float) -> None:
