@@ -2,9 +2,10 @@
 
     python -m bench.null_extproc --port P --endpoints 127.0.4.2:8000,127.0.4.3:8000
 
-Not a router: it speaks the same ext_proc exchange as `epp serve` in FULL_DUPLEX_STREAMED
-mode (the headers response held until the body's end, then the body echoed; response
-headers answered when Envoy sends them) on the same grpc.aio server and event loop, but
+Not a router: it speaks the same ext_proc exchange as `epp serve` (FULL_DUPLEX_STREAMED:
+the headers response held until the body's end, then the body echoed; BUFFERED: the headers
+answered at once, the routing mutation on the body's answer; response headers answered when
+Envoy sends them) on the same grpc.aio server and event loop, but
 picks endpoints round-robin and keeps no state. What Envoy + this server sustains on a box
 is what the EPP's own work (parse, admission, scheduling, bookkeeping) is measured against.
 """
@@ -17,6 +18,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -24,6 +26,7 @@ from epp.api.headers import DESTINATION
 from epp.extproc import messages as m
 
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # (absent from grpc-stubs)
+_BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 
 
 class NullProcessor(pb_grpc.ExternalProcessorServicer):
@@ -37,6 +40,7 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
     ) -> None:
         read, write = context.read, context.write
         chunks: list[bytes] = []
+        buffered = False
         while True:
             msg = await read()
             if msg is _EOF:
@@ -49,9 +53,16 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
                     dest = self._next()
                     mutation = m.header_mutation({DESTINATION: dest}, ())
                     metadata = m.destination_metadata(DESTINATION, dest)
+                    if buffered:
+                        await write(m.buffered_body_response(mutation, metadata, None))
+                        continue
                     await write(m.headers_response(mutation, metadata))
                     for out in m.streamed_body(b"".join(chunks)):
                         await write(out)
+            elif kind == "request_headers":
+                buffered = msg.protocol_config.request_body_mode == _BUFFERED
+                if buffered:
+                    await write(m.headers_continue())
             elif kind == "response_headers":
                 await write(m.response_headers_continue())
             elif kind == "request_trailers":

@@ -220,6 +220,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 sync=args.sync,
                 scrape_interval=0,  # the backends have no /metrics; EPP-local load signals only
                 response_headers=args.response_headers,
+                body_mode=args.body_mode,
+                access_log=args.access_log,
                 workdir=str(work / "gw"),
             )
             stack.callback(gw.close)
@@ -230,7 +232,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if args.ceiling:
                 targets[NULL] = await stack.enter_async_context(
-                    null_gateway(port, work / "null", response_headers=args.response_headers)
+                    null_gateway(
+                        port,
+                        work / "null",
+                        response_headers=args.response_headers and not args.access_log,
+                        body_mode=args.body_mode,
+                    )
                 )
             skipped = await _start_peers(args, stack, port, work, targets)
             return _measure_all(args, targets, skipped, small, large, script)
@@ -306,6 +313,8 @@ def _measure_all(
         "epp_workers": args.workers,
         "sync": args.sync,
         "response_headers": args.response_headers,
+        "body_mode": args.body_mode,
+        "access_log": args.access_log,
         "non2xx": non2xx[PLAIN] + non2xx[EPP] + plain_large["non2xx"] + epp_large["non2xx"],
         "plain_rps_rounds": rps[PLAIN],
         "epp_rps_rounds": rps[EPP],
@@ -331,7 +340,11 @@ def _ci(values: list[float], digits: int = 1) -> list[float] | None:
 
 @contextlib.asynccontextmanager
 async def null_gateway(
-    backend_port: int, work: Path, *, response_headers: bool = True
+    backend_port: int,
+    work: Path,
+    *,
+    response_headers: bool = True,
+    body_mode: str = "FULL_DUPLEX_STREAMED",
 ) -> AsyncIterator[str]:
     """Envoy (the EPP path's gateway config) in front of `bench.null_extproc`, routing to
     the backends on BACKEND_IPS:`backend_port`; yields the completions URL."""
@@ -363,6 +376,7 @@ async def null_gateway(
                 admin_port=admin_port,
                 epp_ports=[grpc_port],
                 response_headers=response_headers,
+                body_mode=body_mode,
                 eds_path=str(eds),
             )
             envoy = start_envoy(render_envoy_config(opts), work, concurrency=1)
@@ -454,6 +468,18 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="also send response headers to the EPP (status, TTFT metrics)",
+    )
+    p.add_argument(
+        "--body-mode",
+        choices=["FULL_DUPLEX_STREAMED", "BUFFERED"],
+        default="FULL_DUPLEX_STREAMED",
+        help="the gateway's ext_proc request body mode (default: FULL_DUPLEX_STREAMED)",
+    )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="the EPP learns the response from Envoy's gRPC access log, not response "
+        "headers (epp serve --response-from-access-log); the null server gets neither",
     )
     a = p.parse_args(argv)
     if a.rounds < 1:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import grpc
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp import replicas
@@ -28,6 +29,7 @@ from epp.config import ConfigFileError, load_models_file, load_picker_config_tex
 from epp.config_reload import ConfigFileWatcher
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.labels import LabelKeys
+from epp.extproc.accesslog import AccessLogReceiver
 from epp.extproc.server import ExtProcServicer, ExtProcSettings
 from epp.observability.health import Health, metrics_app
 from epp.observability.logging import setup_logging
@@ -204,6 +206,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413"
     )
     g.add_argument(
+        "--response-from-access-log",
+        action="store_true",
+        help="the gateway skips response headers and sends its gRPC access log to the EPP "
+        "port instead (docs/replicas.md): the response's status and end come from there",
+    )
+    g.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -368,7 +376,9 @@ class App:
         servicer = ExtProcServicer(
             self.director,
             self.metrics,
-            ExtProcSettings(a.body_mode, a.max_body_bytes, a.debug_decisions),
+            ExtProcSettings(
+                a.body_mode, a.max_body_bytes, a.debug_decisions, a.response_from_access_log
+            ),
         )
         # Worker processes share the ports; a lone process must not share them by accident.
         reuse = 1 if replicas.is_worker(a) else 0
@@ -384,6 +394,9 @@ class App:
         ]
         self.grpc_server = grpc.aio.server(options=opts)
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self.grpc_server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            AccessLogReceiver(servicer.response_logged), self.grpc_server
+        )
         # Health on the ext_proc port too: Envoy health-checks the EPP cluster there.
         self.health.add_to(self.grpc_server)
         if a.secure_serving:

@@ -69,6 +69,10 @@ class EnvoyOptions:
     body_mode: str = "FULL_DUPLEX_STREAMED"  # or BUFFERED
     response_headers: bool = True
     response_body: bool = False  # STREAMED response body (usage, stream end) when True
+    # The response phase through Envoy's gRPC access log to the EPP port instead of
+    # response headers (`epp serve --response-from-access-log`, epp/extproc/accesslog.py).
+    access_log: bool = False
+    access_log_flush_ms: int = 20
     fail_open: bool = False
     buffer_limit_bytes: int = 32 << 20
     route_timeout_s: int = 600
@@ -91,12 +95,32 @@ def _socket(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
+def _epp_access_log(o: EnvoyOptions) -> dict[str, Any]:
+    # Entries batched per Envoy worker and flushed every few ms: many requests per gRPC
+    # message, where response-header processing costs two messages per request.
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+            "HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "epp",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": f"{o.access_log_flush_ms / 1000:.3f}s",
+                "buffer_size_bytes": 16384,
+            },
+            "additional_response_headers_to_log": [headers.PD_MODE],  # the P/D outcome
+        },
+    }
+
+
 def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
     processing_mode = {
         "request_header_mode": "SEND",
         "request_body_mode": o.body_mode,
         "request_trailer_mode": "SEND" if o.body_mode == "FULL_DUPLEX_STREAMED" else "SKIP",
-        "response_header_mode": "SEND" if o.response_headers else "SKIP",
+        "response_header_mode": "SEND" if o.response_headers and not o.access_log else "SKIP",
         "response_body_mode": "STREAMED" if o.response_body else "NONE",
         "response_trailer_mode": "SKIP",
     }
@@ -152,6 +176,8 @@ def render_envoy_config(o: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    if o.access_log:
+        hcm["access_log"] = [_epp_access_log(o)]
     epp_cluster = {
         "name": "epp",
         "type": "STATIC",

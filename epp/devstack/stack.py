@@ -133,6 +133,7 @@ async def start_gateway(
     body_mode: str = "FULL_DUPLEX_STREAMED",
     response_headers: bool = True,
     response_body: bool = False,
+    access_log: bool = False,
     epp_args: Sequence[str] = (),
     epp_processes: int = 1,
     sync: bool = True,
@@ -146,7 +147,9 @@ async def start_gateway(
 
     `epp_processes` EPP replicas, each on its own ports, all in Envoy's ext_proc cluster;
     with `sync` they share state (`--peers`), else they are independent. `epp_workers` > 1
-    runs each as `epp serve --workers N` (one port, SO_REUSEPORT)."""
+    runs each as `epp serve --workers N` (one port, SO_REUSEPORT). `access_log`: the
+    response phase through Envoy's gRPC access log (`--response-from-access-log`), not
+    response headers."""
     # Debugging hooks for runs driven by other tools (bench.run): keep the logs in a fixed
     # folder and pass extra flags to `epp serve`.
     workdir = workdir or os.environ.get("EPP_DEVSTACK_WORKDIR") or None
@@ -195,6 +198,8 @@ async def start_gateway(
             ]
             if config_text is not None:
                 cmd += ["--config-text", config_text]
+            if access_log:
+                cmd.append("--response-from-access-log")
             if i == 0:
                 cmd += ["--envoy-eds-file", envoy_extra["eds_path"]]
             if epp_processes > 1 and sync:
@@ -221,6 +226,7 @@ async def start_gateway(
             body_mode=body_mode,
             response_headers=response_headers,
             response_body=response_body,
+            access_log=access_log,
             **envoy_extra,
         )
         gw.envoy = start_envoy(render_envoy_config(opts), wd, concurrency=envoy_concurrency)

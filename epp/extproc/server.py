@@ -37,6 +37,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from epp import clock
 from epp.api.headers import DESTINATION_SERVED, PD_MODE, REQUEST_ID
 from epp.extproc import messages as m
+from epp.extproc.accesslog import LoggedResponse
 from epp.observability.metrics import EppMetrics
 from epp.requestcontrol.director import Decision, Director, Ticket
 from epp.requestcontrol.errors import RequestError, too_large
@@ -54,6 +55,9 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # (absent from grpc-s
 # Response headers the gateway adds (manifests/gateway): upstream attempts, who answered.
 _ATTEMPTS = "x-envoy-attempt-count"
 _SERVED = DESTINATION_SERVED
+# How long after a request's predicted end its access-log entry may still come (Envoy
+# flushes batches every buffer_flush_interval) before the EPP releases it without one.
+_ACCESS_LOG_GRACE_S = 5.0
 _READ_RESPONSE_HEADERS = frozenset((":status", _SERVED, _ATTEMPTS, PD_MODE))
 
 _USAGE_RE = {
@@ -68,6 +72,10 @@ class ExtProcSettings:
     default_body_mode: str = "FULL_DUPLEX_STREAMED"  # used when Envoy sends no protocol_config
     max_body_bytes: int = 16 << 20
     debug_decisions: bool = False
+    # The response phase comes from the gateway's access log (epp/extproc/accesslog.py),
+    # not from response headers: a stream that closes after the routing answer keeps its
+    # charge until the entry comes.
+    response_from_access_log: bool = False
 
     def mode(self) -> int:
         return int(_MODE_NAMES[self.default_body_mode])
@@ -115,6 +123,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.routing_answers = m.RoutingAnswers(self.dest_header, self.remove_no_prefill)
         self._warned_no_sidecar: set[str] = set()
         self.flow_waiter = AsyncFlowWaiter()
+        self._awaiting_log: dict[str, Decision] = {}  # by request id
 
     async def Process(
         self,
@@ -433,6 +442,47 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 )
         self.metrics.pd_outcome(pd_mode)
 
+    # ---- response path from the access log ------------------------------------------------
+    def _await_log(self, st: _Stream, d: Decision) -> None:
+        delay = self.director.awaiting_log(d, _ACCESS_LOG_GRACE_S)
+        # A client that reuses a request id while its first request runs: the newer one
+        # takes the entry; the older one is released by its timer or by `reconcile`.
+        self._awaiting_log[d.request.request_id] = d
+        st.release_scheduled = True
+        asyncio.get_running_loop().call_later(delay, self._log_missing, d)
+
+    def _log_missing(self, d: Decision) -> None:
+        rid = d.request.request_id
+        if self._awaiting_log.get(rid) is d:
+            del self._awaiting_log[rid]
+            self.metrics.access_log["missing"].inc()
+        self.director.release(d)
+
+    def response_logged(self, r: LoggedResponse) -> None:
+        """The gateway's access-log entry of a request: what the response headers would
+        have said, and its end."""
+        d = self._awaiting_log.pop(r.request_id, None)
+        if d is None:
+            self.metrics.access_log["unmatched"].inc()
+            return
+        self.metrics.access_log["matched"].inc()
+        model = d.request.model
+        if r.first_byte_s is not None:
+            self.metrics.ttft.labels(model).observe(r.first_byte_s)
+        if not d.request.stream:
+            self.director.first_byte(d, learn=False)
+        if r.served:
+            d.served = r.served
+        d.attempts = r.attempts
+        if d.result.prefill is not None:
+            self._pd_outcome(d, r.pd_mode, r.status)
+        self.director.response_headers(d, r.status)
+        self.director.release(d)
+        if r.duration_s is not None:
+            self.metrics.request_duration.labels(model, d.request.routed_model).observe(
+                r.duration_s
+            )
+
     def _on_response_body(self, st: _Stream, body: pb.HttpBody) -> pb.ProcessingResponse:
         d = st.decision
         if d is None:
@@ -500,9 +550,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             st.prefill_timer = None
 
     def _finish(self, st: _Stream) -> None:
-        self._cancel_timer(st)
+        # A charge that outlives the stream keeps its prefill timer: nothing else will say
+        # when the prefill is done (the stream's headers come before its first token).
         d = st.decision
-        if d is None or d.released or st.release_scheduled:
+        if st.release_scheduled:
+            return
+        if d is None or d.released:
+            self._cancel_timer(st)
+            return
+        if self.settings.response_from_access_log and not st.response_status:
+            self._await_log(st, d)
             return
         started = 200 <= st.response_status < 300 and not st.response_ended
         delay = self.director.stream_closed(d, started)
@@ -511,6 +568,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             # EPP nothing after its headers): the pod keeps working on it for a while.
             st.release_scheduled = True
             asyncio.get_running_loop().call_later(delay, self.director.release, d)
+        else:
+            self._cancel_timer(st)
         self.metrics.request_duration.labels(d.request.model, d.request.routed_model).observe(
             clock.now() - d.started
         )

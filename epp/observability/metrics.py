@@ -184,6 +184,16 @@ class EppMetrics:
             ["outcome"],
             registry=r,
         )
+        access_log = Counter(
+            "epp_access_log_responses_total",
+            "With --response-from-access-log: the gateway's access-log entries matched to a "
+            "request this EPP decided (matched), not decided here (unmatched: another "
+            "replica's, an immediate error's), and requests released with no entry after "
+            "their predicted end (missing).",
+            ["outcome"],
+            registry=r,
+        )
+        self.access_log = {o: access_log.labels(o) for o in ("matched", "unmatched", "missing")}
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
         self._pd_children: dict[tuple[str, str], Any] = {}
         self._pd_outcome_children: dict[str, Any] = {}

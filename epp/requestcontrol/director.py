@@ -344,17 +344,19 @@ class Director:
         can end it sooner (see `reconcile`)."""
         if d.released or not response_started or not d.request.stream:
             return 0.0  # a non-streamed answer's headers come with its end
-        res = d.result
-        if res.target.metrics.updated_at == 0.0:
+        if d.result.target.metrics.updated_at == 0.0:
             return 0.0  # no engine counts to correct a guess with: do not guess
         now = clock.now()
+        return self._predicted_end(d, now) - now
+
+    def _predicted_end(self, d: Decision, now: float) -> float:
+        res = d.result
         ttft_s = (res.predicted_ttft_ms or 0.0) / 1000.0
         model = self.scheduler.services.latency
         decode_s = model.decode_time_s(
             res.target, min(d.request.expected_decode_tokens, MAX_DEFERRED_DECODE_TOKENS), now
         )
-        end = max(d.first_byte_at or (d.started + ttft_s), now) + decode_s
-        return end - now
+        return max(d.first_byte_at or (d.started + ttft_s), now) + decode_s
 
     def stream_closed(self, d: Decision, response_started: bool) -> float:
         """The gateway's stream for `d` ended: release now, or return the delay after which
@@ -368,6 +370,19 @@ class Director:
         d.deferred_at = clock.now()
         self._deferred.setdefault(d.target.key, deque()).append(d)
         return delay
+
+    def awaiting_log(self, d: Decision, grace_s: float) -> float:
+        """The gateway closed `d`'s stream after the routing answer and reports the
+        response's end in its access log: keep the charge until that entry comes. Returns
+        the delay after which the caller releases anyway (a lost entry): the predicted end
+        plus `grace_s`. `reconcile` may end the charge sooner from the engine's counts."""
+        if d.released:
+            return 0.0
+        now = clock.now()
+        d.deferred_at = now
+        if d.target.metrics.updated_at:
+            self._deferred.setdefault(d.target.key, deque()).append(d)
+        return self._predicted_end(d, now) - now + grace_s
 
     def reconcile(self, ep: Endpoint) -> None:
         """Release deferred charges on `ep` the engine cannot still be running: if a scrape
