@@ -230,6 +230,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 PLAIN: f"http://127.0.0.1:{rr_port}/v1/completions",
                 EPP: f"{gw.url}/v1/completions",
             }
+            if args.compare_access_log:
+                gw_al = await start_gateway(
+                    endpoints,
+                    scrape_interval=0,
+                    body_mode=args.body_mode,
+                    access_log=True,
+                    workdir=str(work / "gw-access-log"),
+                )
+                stack.callback(gw_al.close)
+                targets[EPP_ACCESS_LOG] = f"{gw_al.url}/v1/completions"
             if args.ceiling:
                 targets[NULL] = await stack.enter_async_context(
                     null_gateway(
@@ -246,6 +256,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PLAIN, EPP, NULL = "plain", "epp", "null_extproc"
+EPP_ACCESS_LOG = "epp --response-from-access-log"
 
 
 def _measure_all(
@@ -480,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the EPP learns the response from Envoy's gRPC access log, not response "
         "headers (epp serve --response-from-access-log); the null server gets neither",
+    )
+    p.add_argument(
+        "--compare-access-log",
+        action="store_true",
+        help="also measure a second EPP path that learns the response from the access log "
+        f"(reported with the peers as {EPP_ACCESS_LOG!r})",
     )
     a = p.parse_args(argv)
     if a.rounds < 1:

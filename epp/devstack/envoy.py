@@ -456,8 +456,15 @@ def main(argv: list[str] | None = None) -> None:
         default="FULL_DUPLEX_STREAMED",
         help="request body mode (default: FULL_DUPLEX_STREAMED)",
     )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="skip response headers; send the gRPC access log to the EPP instead (for "
+        "`epp serve --response-from-access-log`, one EPP process; default: off)",
+    )
     a = p.parse_args(argv)
     opts = EnvoyOptions(
+        access_log=a.access_log,
         eds_path=a.eds_path,
         epp_tls=a.epp_tls,
         epp_ca_file=a.epp_ca_file,

@@ -124,6 +124,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._warned_no_sidecar: set[str] = set()
         self.flow_waiter = AsyncFlowWaiter()
         self._awaiting_log: dict[str, Decision] = {}  # by request id
+        self._warned_no_log = False
 
     async def Process(
         self,
@@ -456,6 +457,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if self._awaiting_log.get(rid) is d:
             del self._awaiting_log[rid]
             self.metrics.access_log["missing"].inc()
+            if not self._warned_no_log:
+                self._warned_no_log = True
+                log.warning(
+                    "--response-from-access-log: no access-log entry came for a request by "
+                    "its predicted end; is the gateway's http_grpc access log sent to this "
+                    "EPP? (epp_access_log_responses_total counts them)",
+                    extra={"request_id": rid},
+                )
         self.director.release(d)
 
     def response_logged(self, r: LoggedResponse) -> None:

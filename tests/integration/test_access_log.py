@@ -17,8 +17,7 @@ from tests.integration.helpers import inflight_total, metric_samples, post, wait
 async def _access_log_counts(gw: object) -> dict[str, float]:
     text = await gw.metrics_text()  # type: ignore[attr-defined]
     return {
-        labels["outcome"]: v
-        for labels, v in metric_samples(text, "epp_access_log_responses_total")
+        labels["outcome"]: v for labels, v in metric_samples(text, "epp_access_log_responses_total")
     }
 
 
