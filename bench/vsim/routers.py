@@ -47,6 +47,9 @@ from epp.requestcontrol.kv_sync import PrefixIndexKVSync
 from epp.requestcontrol.parse import build_request
 from epp.scheduling.services import Services
 
+ACCESS_LOG_SUFFIX = "+access-log"  # as bench.run's router names
+ACCESS_LOG_FLUSH_S = 0.02  # the gateway's buffer_flush_interval (epp.devstack.envoy)
+
 if TYPE_CHECKING:
     from bench.vsim.core import Pod, Simulation
 
@@ -230,9 +233,14 @@ class EppRouter(Router):
     uses_metrics = True
     overhead_s = 0.0008
 
-    def __init__(self, config_text: str | None = None, name: str = "epp") -> None:
+    def __init__(
+        self, config_text: str | None = None, name: str = "epp", access_log: bool = False
+    ) -> None:
         self.config_text = config_text
         self.name = name
+        # `epp serve --response-from-access-log`: nothing after the routing answer; the
+        # gateway's access-log entry brings the status and the end, one flush later.
+        self.access_log = access_log
         self.errors: dict[int, int] = {}
         self.picks_with_prefill = 0
         self.queued_total = 0
@@ -303,6 +311,8 @@ class EppRouter(Router):
         # The protocol layer's prefill timer: the prefill is assumed done when predicted.
         ttft_s = (res.predicted_ttft_ms or 0.0) / 1000.0 / self.sim.time_scale
         self.sim.call_at(now + ttft_s, self._prefill_elapsed, d)
+        if self.access_log:  # the ext_proc stream closes after the answer
+            self.director.awaiting_log(d, 0.0)
         return Pick(pod, prefill)
 
     # ---- flow control (the asyncio waiter's job, in virtual time) ---------------------------
@@ -339,7 +349,7 @@ class EppRouter(Router):
 
     def on_headers(self, vr: VRequest, now: float, status: int) -> None:
         d = vr.decision
-        if d is None:
+        if d is None or self.access_log:
             return
         self.director.response_headers(d, status)
         if not self.response_body:
@@ -364,6 +374,16 @@ class EppRouter(Router):
             return
         if ok and self.response_body:
             self.director.complete(d, vr.output_tokens, self.sim.epp_now(now))
+        if self.access_log:
+            status = 200 if ok else (vr.status or 502)
+            flush = ACCESS_LOG_FLUSH_S / self.sim.time_scale
+            self.sim.call_at(now + flush, self._logged, (d, status))
+            return
+        self.director.release(d)
+
+    def _logged(self, entry: tuple[Decision, int]) -> None:
+        d, status = entry
+        self.director.response_headers(d, status)
         self.director.release(d)
 
     def stats(self) -> dict[str, Any]:
@@ -405,14 +425,15 @@ ROUTERS = ("epp", "round_robin", "least_loaded", "power_of_two", "cache_aware",
 
 
 def make_router(name: str, epp_config_text: str | None = None) -> Router:
-    kind, _, variant = name.partition(":")
+    base = name.removesuffix(ACCESS_LOG_SUFFIX)
+    kind, _, variant = base.partition(":")
     if kind == "epp":
         text = epp_config_text
         if variant and variant != "default" and text is None:
             from bench.routers import EPP_CONFIGS
 
             text = (EPP_CONFIGS / f"{variant}.yaml").read_text()
-        return EppRouter(text, name=name)
+        return EppRouter(text, name=name, access_log=base != name)
     if name == "round_robin":
         return RoundRobin()
     if name == "least_loaded":

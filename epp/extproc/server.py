@@ -447,7 +447,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def _await_log(self, st: _Stream, d: Decision) -> None:
         delay = self.director.awaiting_log(d, _ACCESS_LOG_GRACE_S)
         # A client that reuses a request id while its first request runs: the newer one
-        # takes the entry; the older one is released by its timer or by `reconcile`.
+        # takes the entry; the older one is released by its timer.
         self._awaiting_log[d.request.request_id] = d
         st.release_scheduled = True
         asyncio.get_running_loop().call_later(delay, self._log_missing, d)

@@ -375,13 +375,11 @@ class Director:
         """The gateway closed `d`'s stream after the routing answer and reports the
         response's end in its access log: keep the charge until that entry comes. Returns
         the delay after which the caller releases anyway (a lost entry): the predicted end
-        plus `grace_s`. `reconcile` may end the charge sooner from the engine's counts."""
+        plus `grace_s`. Not left to `reconcile`: the engine may not count the request yet
+        (still on its way, or prefilled on another pod first) and would end it early."""
         if d.released:
             return 0.0
         now = clock.now()
-        d.deferred_at = now
-        if d.target.metrics.updated_at:
-            self._deferred.setdefault(d.target.key, deque()).append(d)
         return self._predicted_end(d, now) - now + grace_s
 
     def reconcile(self, ep: Endpoint) -> None:
