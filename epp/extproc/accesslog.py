@@ -27,6 +27,7 @@ from epp.api.headers import PD_MODE
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class LoggedResponse:
     request_id: str
@@ -38,9 +39,12 @@ class LoggedResponse:
     duration_s: float | None  # from the request's start to its last byte sent
 
 
-def _seconds(d: object) -> float | None:
-    # google.protobuf.Duration; unset when the request never got that far.
-    return d.seconds + d.nanos / 1e9 if d.ByteSize() else None  # type: ignore[attr-defined]
+def _seconds(c: accesslog_pb2.AccessLogCommon, field: str) -> float | None:
+    """A Duration of the entry's timings; None when the request never got that far."""
+    if not c.HasField(field):
+        return None
+    d = getattr(c, field)
+    return float(d.seconds + d.nanos / 1e9)
 
 
 def parse_entry(e: accesslog_pb2.HTTPAccessLogEntry) -> LoggedResponse:
@@ -54,8 +58,8 @@ def parse_entry(e: accesslog_pb2.HTTPAccessLogEntry) -> LoggedResponse:
         served=served,
         attempts=c.upstream_request_attempt_count,
         pd_mode=pd_mode,
-        first_byte_s=_seconds(c.time_to_first_upstream_rx_byte),
-        duration_s=_seconds(c.duration),
+        first_byte_s=_seconds(c, "time_to_first_upstream_rx_byte"),
+        duration_s=_seconds(c, "duration"),
     )
 
 
