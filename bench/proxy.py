@@ -56,6 +56,7 @@ from bench.report import bootstrap_ci
 from bench.routers import RouterSpec, RouterUnavailable, launch
 from epp.datalayer.eds_file import write_eds
 from epp.devstack.envoy import (
+    BODY_MODES,
     EnvoyOptions,
     render_envoy_config,
     render_round_robin_config,
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--body-mode",
-        choices=["FULL_DUPLEX_STREAMED", "BUFFERED"],
+        choices=BODY_MODES,
         default="FULL_DUPLEX_STREAMED",
         help="the gateway's ext_proc request body mode (default: FULL_DUPLEX_STREAMED)",
     )

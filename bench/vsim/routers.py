@@ -36,6 +36,7 @@ from bench.vsim.radix import ApproxTree
 from bench.vsim.workload import VRequest
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.labels import endpoint_from_labels
+from epp.devstack.envoy import EnvoyOptions
 from epp.requestcontrol.admission import SaturationPolicy
 from epp.requestcontrol.config import build_request_control
 from epp.requestcontrol.decision import Decision
@@ -47,8 +48,8 @@ from epp.requestcontrol.kv_sync import PrefixIndexKVSync
 from epp.requestcontrol.parse import build_request
 from epp.scheduling.services import Services
 
-ACCESS_LOG_SUFFIX = "+access-log"  # as bench.run's router names
-ACCESS_LOG_FLUSH_S = 0.02  # the gateway's buffer_flush_interval (epp.devstack.envoy)
+# The gateway's access-log flush interval (buffer_flush_interval), in EPP seconds.
+ACCESS_LOG_FLUSH_S = EnvoyOptions.access_log_flush_ms / 1000.0
 
 if TYPE_CHECKING:
     from bench.vsim.core import Pod, Simulation
@@ -425,13 +426,13 @@ ROUTERS = ("epp", "round_robin", "least_loaded", "power_of_two", "cache_aware",
 
 
 def make_router(name: str, epp_config_text: str | None = None) -> Router:
+    from bench.routers import ACCESS_LOG_SUFFIX, EPP_CONFIGS
+
     base = name.removesuffix(ACCESS_LOG_SUFFIX)
     kind, _, variant = base.partition(":")
     if kind == "epp":
         text = epp_config_text
         if variant and variant != "default" and text is None:
-            from bench.routers import EPP_CONFIGS
-
             text = (EPP_CONFIGS / f"{variant}.yaml").read_text()
         return EppRouter(text, name=name, access_log=base != name)
     if name == "round_robin":

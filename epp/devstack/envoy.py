@@ -59,6 +59,9 @@ def envoy_binary() -> str:
     )
 
 
+BODY_MODES = ("FULL_DUPLEX_STREAMED", "BUFFERED")  # ext_proc request body modes the EPP speaks
+
+
 @dataclass
 class EnvoyOptions:
     listen_port: int = 8080
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--body-mode",
-        choices=["FULL_DUPLEX_STREAMED", "BUFFERED"],
+        choices=BODY_MODES,
         default="FULL_DUPLEX_STREAMED",
         help="request body mode (default: FULL_DUPLEX_STREAMED)",
     )

@@ -415,10 +415,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 pd_mode = raw.decode(errors="replace")
         if not d.served:  # the protocol's way: envoy.lb metadata set by the gateway's LB
             d.served = m.served_endpoint(msg)
-        if d.result.prefill is not None:
-            self._pd_outcome(d, pd_mode, status)
         st.response_status = status
-        self.director.response_headers(d, status)
+        self._response_status(d, status, pd_mode)
         if msg.response_headers.end_of_stream:
             st.response_ended = True
             self._finish(st)
@@ -427,6 +425,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             st.model_restore = m.ModelNameRestore(d.rewritten_model, d.request.model)
             return m.response_headers_with_body(buffered=not d.request.stream)
         return m.response_headers_continue()
+
+    def _response_status(self, d: Decision, status: int, pd_mode: str) -> None:
+        """The model server's answer status (from its response headers or the access log)
+        to the P/D outcome metric and the request-control hooks."""
+        if d.result.prefill is not None:
+            self._pd_outcome(d, pd_mode, status)
+        self.director.response_headers(d, status)
 
     def _pd_outcome(self, d: Decision, pd_mode: str, status: int) -> None:
         """What the decode pod's P/D sidecar did with a prefill pod the EPP named (its
@@ -483,9 +488,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if r.served:
             d.served = r.served
         d.attempts = r.attempts
-        if d.result.prefill is not None:
-            self._pd_outcome(d, r.pd_mode, r.status)
-        self.director.response_headers(d, r.status)
+        self._response_status(d, r.status, r.pd_mode)
         self.director.release(d)
         if r.duration_s is not None:
             self.metrics.request_duration.labels(model, d.request.routed_model).observe(
